@@ -1,0 +1,105 @@
+"""Finding and checking a bundle: the two graphs, their metadata, and the sibling hashes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from .contract import (
+    FEATURES_FILE,
+    INT8_FILE,
+    MODEL_FILE,
+    BundleError,
+    BundleMeta,
+    graph_sha256,
+    read_props,
+)
+
+MODELS_DIR_ENV = "SCORECAM_MODELS"
+
+
+def models_dir() -> Path:
+    """The model store: ``$SCORECAM_MODELS``, else ``models/`` of the project (or of the cwd)."""
+    env = os.environ.get(MODELS_DIR_ENV)
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent.parent / "models"
+    return here if here.is_dir() else Path("models")
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A bundle dir, a ``model.onnx`` (or any .onnx) path, or a name under ``models/``."""
+    p = Path(model)
+    if p.exists():
+        return p
+    named = models_dir() / str(model)
+    if not p.is_absolute() and os.sep not in str(model) and named.exists():
+        return named
+    raise BundleError(f"model not found: {model} (not a file, a directory, nor a name under {models_dir()}/)")
+
+
+def load_onnx(path: Path, what: str) -> onnx.ModelProto:
+    """Load an ONNX file, or fail with a one-line reason."""
+    if not path.is_file():
+        raise BundleError(f"{what} not found: {path}")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and friends
+        raise BundleError(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: both graphs (protos) and the classifier's metadata."""
+
+    directory: Path
+    model_path: Path
+    features_path: Path
+    model: onnx.ModelProto
+    features: onnx.ModelProto
+    meta: BundleMeta
+
+    @property
+    def int8_path(self) -> Path:
+        return self.directory / INT8_FILE
+
+    def has_int8(self) -> bool:
+        return self.int8_path.is_file()
+
+    def load_int8(self) -> onnx.ModelProto:
+        """The int8 (QDQ) classifier written by ``exporter --int8``; checked against the feature graph."""
+        if not self.has_int8():
+            raise BundleError(f"{self.directory} has no {INT8_FILE}: export the bundle with --int8 CALIB_DIR "
+                              "to use precision 'int8'")
+        proto = load_onnx(self.int8_path, "int8 classifier")
+        meta = BundleMeta.from_props(read_props(proto), source=str(self.int8_path))
+        if meta.role != "classifier" or meta.sibling_sha256 != graph_sha256(self.features):
+            raise BundleError(f"{self.int8_path} does not belong to this bundle's {FEATURES_FILE}; export again")
+        return proto
+
+
+def load_bundle(model: str | os.PathLike) -> Bundle:
+    """Open a bundle from its directory or its ``model.onnx``; refuse a mismatched pair."""
+    path = resolve_model_path(model)
+    if path.is_dir():
+        directory, model_path = path, path / MODEL_FILE
+    else:
+        directory, model_path = path.parent, path
+    proto = load_onnx(model_path, "classifier graph")
+    meta = BundleMeta.from_props(read_props(proto), source=str(model_path))
+    if meta.role != "classifier":
+        raise BundleError(f"{model_path} is the {meta.role} graph of a bundle; pass the bundle's {MODEL_FILE}")
+    features_path = directory / FEATURES_FILE
+    if not features_path.is_file():
+        raise BundleError(f"{features_path} is missing: a bundle needs {MODEL_FILE} and {FEATURES_FILE} side by side")
+    fproto = load_onnx(features_path, "feature graph")
+    fmeta = BundleMeta.from_props(read_props(fproto), source=str(features_path))
+    if fmeta.role != "features":
+        raise BundleError(f"{features_path} is not a feature graph (role {fmeta.role!r})")
+    if meta.sibling_sha256 != graph_sha256(fproto) or fmeta.sibling_sha256 != graph_sha256(proto):
+        raise BundleError(f"{model_path.name} and {features_path.name} in {directory} do not come from the same "
+                          "export (sibling hashes differ); export the bundle again")
+    return Bundle(directory, model_path, features_path, proto, fproto, meta)

@@ -1,0 +1,190 @@
+"""ONNX Runtime sessions: providers, the three graphs (features, classifier, scorer) and chunked scoring.
+
+Sessions are created once and reused. The scorer (mask nodes + classifier, see ``maskgraph``) is
+built lazily per mask kind. Scoring runs chunk by chunk, so memory grows with the batch size and
+never with the channel count K. On CUDA the image is bound on the device once (IO binding), every
+chunk has the same size (the last one padded with all-zero maps) so cuDNN's algorithm search runs
+once, and only the [B,1,h,w] maps and the [B,C] scores cross the bus.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .maskgraph import EPS, IMAGE, MAPS, build_scorer
+from .scorecam import MaskSpec
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "int8", "fp16")
+DEFAULT_BATCH = {CPU: 32, CUDA: 128}
+
+Progress = Callable[[int, int], None]
+
+
+class EngineError(RuntimeError):
+    """The engine cannot run as asked (device unavailable, graph ONNX Runtime refuses, ...)."""
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    return opts
+
+
+def providers_for(device: str) -> list[str]:
+    """The provider list to ask for; ``cuda`` fails at once when onnxruntime has no CUDA provider."""
+    if device not in DEVICES:
+        raise EngineError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        raise EngineError("device 'cuda' is not available: this onnxruntime has no CUDA provider "
+                          "(install the [gpu] extra, onnxruntime-gpu, on a machine with an NVIDIA GPU)")
+    _warn("no CUDA provider in this onnxruntime; running on CPU")
+    return [CPU]
+
+
+class Engine:
+    """The sessions of one bundle on one device."""
+
+    def __init__(self, classifier: onnx.ModelProto, features: onnx.ModelProto, device: str = "auto",
+                 threads: int | None = None, input_size: tuple[int, int] = (224, 224),
+                 precision: str = "fp32", int8_classifier: Callable[[], onnx.ModelProto] | None = None) -> None:
+        if precision not in PRECISIONS:
+            raise EngineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.device = device
+        self.threads = threads
+        self.input_size = input_size
+        self.precision = precision
+        self._classifier_proto = classifier
+        self._int8_classifier = int8_classifier
+        self.providers = providers_for(device)
+        if precision == "fp16" and self.providers[0] != CUDA:
+            raise EngineError("precision 'fp16' needs the CUDA provider; on CPU use 'fp32' or 'int8'")
+        self.classifier = self._session(classifier, "classifier")
+        self.features = self._session(features, "feature graph")
+        self._scorers: dict[str, ort.InferenceSession] = {}
+        self.class_output = self.classifier.get_outputs()[0].name
+        self.features_output = self.features.get_outputs()[0].name
+
+    # -------------------------------------------------------------------------------- sessions
+    def _session(self, proto: onnx.ModelProto, what: str) -> ort.InferenceSession:
+        try:
+            sess = ort.InferenceSession(proto.SerializeToString(), session_options(self.threads),
+                                        providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise EngineError(f"ONNX Runtime cannot load the {what}: {str(e).splitlines()[0]}") from None
+        if self.providers[0] == CUDA and sess.get_providers()[0] != CUDA:
+            if self.device == "cuda":
+                raise EngineError("device 'cuda' is not available: the CUDA provider failed to load "
+                                  "(check the CUDA/cuDNN libraries onnxruntime-gpu needs)")
+            _warn("the CUDA provider failed to load; running on CPU")
+            self.providers = [CPU]
+            return self._session(proto, what)
+        return sess
+
+    @property
+    def provider(self) -> str:
+        return self.providers[0]
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.provider == CUDA
+
+    def default_batch_size(self) -> int:
+        return DEFAULT_BATCH[self.provider]
+
+    def scoring_classifier(self) -> onnx.ModelProto:
+        """The classifier graph the masked batches go through, at the engine's precision."""
+        if self.precision == "int8":
+            if self._int8_classifier is None:
+                raise EngineError("precision 'int8' needs a quantized classifier in the bundle "
+                                  "(export it with: python -m exporter ... --int8 CALIB_DIR)")
+            return self._int8_classifier()
+        if self.precision == "fp16":
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            return convert_float_to_float16(self._classifier_proto, keep_io_types=True)
+        return self._classifier_proto
+
+    def scorer(self, spec: MaskSpec) -> ort.InferenceSession:
+        """The session of the mask graph + classifier for this kind of mask (built once)."""
+        key = spec.key
+        if key not in self._scorers:
+            proto = build_scorer(self.scoring_classifier(), spec, self.input_size,
+                                 input_name=self.classifier.get_inputs()[0].name)
+            self._scorers[key] = self._session(proto, "scoring graph")
+        return self._scorers[key]
+
+    # ----------------------------------------------------------------------------------- running
+    def classify(self, x: np.ndarray) -> np.ndarray:
+        """Classifier outputs [N,C] for preprocessed [N,3,H,W]."""
+        name = self.classifier.get_inputs()[0].name
+        return self.classifier.run([self.class_output], {name: x.astype(np.float32, copy=False)})[0]
+
+    def activations(self, x: np.ndarray) -> np.ndarray:
+        """Target-layer activations [K,h,w] of one preprocessed image [1,3,H,W]."""
+        name = self.features.get_inputs()[0].name
+        out = self.features.run([self.features_output], {name: x.astype(np.float32, copy=False)})[0]
+        if out.ndim != 4:
+            raise EngineError(f"the feature graph returned a {out.ndim}-D tensor; a [N,K,h,w] map is needed")
+        return out[0]
+
+    def score(self, x: np.ndarray, maps: np.ndarray, spec: MaskSpec, batch_size: int | None = None,
+              progress: Progress | None = None) -> np.ndarray:
+        """Classifier outputs [K,C] of ``x * H_k`` for every map in ``maps`` [K,h,w], chunk by chunk."""
+        sess = self.scorer(spec)
+        out_name = sess.get_outputs()[0].name
+        bs = int(batch_size or self.default_batch_size())
+        k = maps.shape[0]
+        maps4 = np.ascontiguousarray(maps[:, None], dtype=np.float32)
+        eps = np.asarray(spec.eps, np.float32)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        results: list[np.ndarray] = []
+        if self.on_cuda:
+            binding = sess.io_binding()
+            binding.bind_ortvalue_input(IMAGE, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+            binding.bind_cpu_input(EPS, eps)
+            pad = np.zeros((bs, 1, *maps.shape[1:]), np.float32)
+            for start in range(0, k, bs):
+                chunk = maps4[start:start + bs]
+                n = chunk.shape[0]
+                if n < bs:
+                    pad[:n] = chunk
+                    pad[n:] = 0
+                    chunk = pad
+                binding.bind_cpu_input(MAPS, chunk)
+                binding.bind_output(out_name, "cpu")
+                sess.run_with_iobinding(binding)
+                results.append(binding.copy_outputs_to_cpu()[0][:n])
+                if progress:
+                    progress(min(start + bs, k), k)
+        else:
+            for start in range(0, k, bs):
+                chunk = maps4[start:start + bs]
+                results.append(sess.run([out_name], {IMAGE: x, MAPS: chunk, EPS: eps})[0])
+                if progress:
+                    progress(min(start + bs, k), k)
+        return np.concatenate(results, axis=0) if results else np.zeros((0, 0), np.float32)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,121 @@
+"""The scoring graph: Score-CAM's masking as ONNX nodes in front of the classifier.
+
+``scorer(image [1,3,H,W], maps [B,1,h,w], eps []) -> logits [B,C]`` computes, inside ONNX Runtime,
+
+    H_b = norm(up(maps_b))   (or up(norm(maps_b)) for ``norm_first``)
+    logits_b = f(image * H_b)
+
+with ``up`` = ``Resize`` linear (half_pixel or align_corners, the same grids as torch's bilinear
+``F.interpolate``) and ``norm(m) = (m - min m) / (max m - min m + eps)`` per map. Only the
+low-resolution maps go in and the scores come out, so on CUDA the B x 3 x H x W masked batch is
+made on the device and never crosses the bus.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .scorecam import MaskSpec
+
+IMAGE = "scorecam_image"
+MAPS = "scorecam_maps"
+EPS = "scorecam_eps"
+_P = "scorecam_mask/"
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise ValueError("the classifier graph imports no default-domain opset")
+
+
+def _const(name: str, values, dtype=None):
+    import numpy as np
+
+    arr = np.asarray(values, dtype=dtype)
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(arr, name))
+
+
+def mask_nodes(spec: MaskSpec, size: tuple[int, int], opset: int, out: str) -> list[onnx.NodeProto]:
+    """Nodes turning ``MAPS`` [B,1,h,w] (and ``IMAGE``, ``EPS``) into the masked batch ``out``."""
+    import numpy as np
+
+    mode = "align_corners" if spec.align_corners else "half_pixel"
+    nodes = [
+        helper.make_node("Shape", [MAPS], [_P + "shape"]),
+        _const(_P + "zero", [0], np.int64),
+        _const(_P + "two", [2], np.int64),
+        helper.make_node("Slice", [_P + "shape", _P + "zero", _P + "two"], [_P + "bc"]),
+        _const(_P + "hw", list(size), np.int64),
+        helper.make_node("Concat", [_P + "bc", _P + "hw"], [_P + "sizes"], axis=0),
+    ]
+    if opset < 13:
+        nodes.append(_const(_P + "roi", np.zeros(0, np.float32)))
+        nodes.append(_const(_P + "scales", np.zeros(0, np.float32)))
+        resize_inputs = [_P + "roi", _P + "scales", _P + "sizes"]
+    else:
+        resize_inputs = ["", "", _P + "sizes"]
+
+    def resize(src: str, dst: str) -> onnx.NodeProto:
+        return helper.make_node("Resize", [src, *resize_inputs], [dst], mode="linear",
+                                coordinate_transformation_mode=mode)
+
+    def normalise(src: str, dst: str) -> list[onnx.NodeProto]:
+        if opset >= 18:
+            axes = [_const(_P + dst + "_axes", [2, 3], np.int64)]
+            rmin = helper.make_node("ReduceMin", [src, _P + dst + "_axes"], [_P + dst + "_min"], keepdims=1)
+            rmax = helper.make_node("ReduceMax", [src, _P + dst + "_axes"], [_P + dst + "_max"], keepdims=1)
+        else:
+            axes = []
+            rmin = helper.make_node("ReduceMin", [src], [_P + dst + "_min"], axes=[2, 3], keepdims=1)
+            rmax = helper.make_node("ReduceMax", [src], [_P + dst + "_max"], axes=[2, 3], keepdims=1)
+        return [*axes, rmin, rmax,
+                helper.make_node("Sub", [src, _P + dst + "_min"], [_P + dst + "_num"]),
+                helper.make_node("Sub", [_P + dst + "_max", _P + dst + "_min"], [_P + dst + "_rng"]),
+                helper.make_node("Add", [_P + dst + "_rng", EPS], [_P + dst + "_den"]),
+                helper.make_node("Div", [_P + dst + "_num", _P + dst + "_den"], [dst])]
+
+    if spec.norm_first:
+        nodes += normalise(MAPS, _P + "normed")
+        nodes.append(resize(_P + "normed", _P + "masks"))
+    else:
+        nodes.append(resize(MAPS, _P + "up"))
+        nodes += normalise(_P + "up", _P + "masks")
+    nodes.append(helper.make_node("Mul", [IMAGE, _P + "masks"], [out]))
+    return nodes
+
+
+def build_scorer(classifier: onnx.ModelProto, spec: MaskSpec, size: tuple[int, int],
+                 input_name: str | None = None) -> onnx.ModelProto:
+    """The classifier with the mask nodes in front: inputs ``IMAGE``, ``MAPS``, ``EPS``; same outputs.
+
+    ``input_name`` is the classifier input the masked batch feeds (default: its only real input).
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(classifier)
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    real_inputs = [i for i in g.input if i.name not in inits]
+    if input_name is None:
+        if len(real_inputs) != 1:
+            raise ValueError(f"the classifier has {len(real_inputs)} inputs; name the image input")
+        input_name = real_inputs[0].name
+    target = next((i for i in real_inputs if i.name == input_name), None)
+    if target is None:
+        raise ValueError(f"the classifier has no input named {input_name!r}")
+    elem = target.type.tensor_type.elem_type
+    nodes = mask_nodes(spec, size, _opset(model), input_name)
+    kept_inputs = [i for i in g.input if i.name != input_name]
+    del g.input[:]
+    g.input.extend([
+        helper.make_tensor_value_info(IMAGE, elem, [1, 3, size[0], size[1]]),
+        helper.make_tensor_value_info(MAPS, elem, ["chunk", 1, None, None]),
+        helper.make_tensor_value_info(EPS, TensorProto.FLOAT, []),
+        *kept_inputs,
+    ])
+    old = list(g.node)
+    del g.node[:]
+    g.node.extend(nodes + old)
+    return model
