@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from .contract import (
     FEATURES_FILE,
     INT8_FILE,
     MODEL_FILE,
+    PREFIX,
     BundleError,
     BundleMeta,
     graph_sha256,
@@ -61,6 +63,8 @@ class Bundle:
     model: onnx.ModelProto
     features: onnx.ModelProto
     meta: BundleMeta
+    source: Path | None = None  # the third-party model this bundle was derived from (runtime.thirdparty)
+    max_batch: int | None = None  # the classifier's fixed batch size, when it could not be made dynamic
 
     @property
     def int8_path(self) -> Path:
@@ -81,14 +85,27 @@ class Bundle:
         return proto
 
 
-def load_bundle(model: str | os.PathLike) -> Bundle:
-    """Open a bundle from its directory or its ``model.onnx``; refuse a mismatched pair."""
+def load_bundle(model: str | os.PathLike, **derive) -> Bundle:
+    """Open a bundle from its directory or its ``model.onnx``; refuse a mismatched pair.
+
+    A model file with no ``scorecam.*`` metadata is a third-party classifier: its feature graph is
+    derived (and cached) by :func:`runtime.thirdparty.derive_bundle`, which takes ``derive``
+    (layer, output, input_size, mean, std, scale, bgr, labels).
+    """
     path = resolve_model_path(model)
     if path.is_dir():
         directory, model_path = path, path / MODEL_FILE
     else:
         directory, model_path = path.parent, path
     proto = load_onnx(model_path, "classifier graph")
+    if not any(k.startswith(PREFIX) for k in read_props(proto)):
+        from .thirdparty import derive_bundle
+
+        return derive_bundle(model_path, **derive)
+    given = sorted(k for k, v in derive.items() if v is not None and v is not False)
+    if given:
+        print(f"warning: {model_path} is a Score-CAM bundle; its layer and preprocessing are fixed at export, "
+              f"ignoring {', '.join(given)}", file=sys.stderr)
     meta = BundleMeta.from_props(read_props(proto), source=str(model_path))
     if meta.role != "classifier":
         raise BundleError(f"{model_path} is the {meta.role} graph of a bundle; pass the bundle's {MODEL_FILE}")

@@ -47,7 +47,11 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def providers_for(device: str) -> list[str]:
-    """The provider list to ask for; ``cuda`` fails at once when onnxruntime has no CUDA provider."""
+    """The provider list to ask for; ``cuda`` fails at once when onnxruntime has no CUDA provider.
+
+    ``auto`` asks for CUDA whenever onnxruntime-gpu offers it; if the provider then fails to load,
+    :class:`Engine` falls back to CPU with a one-line warning.
+    """
     if device not in DEVICES:
         raise EngineError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     available = ort.get_available_providers()
@@ -58,8 +62,7 @@ def providers_for(device: str) -> list[str]:
     if device == "cuda":
         raise EngineError("device 'cuda' is not available: this onnxruntime has no CUDA provider "
                           "(install the [gpu] extra, onnxruntime-gpu, on a machine with an NVIDIA GPU)")
-    _warn("no CUDA provider in this onnxruntime; running on CPU")
-    return [CPU]
+    return [CPU]  # a CPU-only onnxruntime: auto means CPU, nothing to warn about
 
 
 class Engine:

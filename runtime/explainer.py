@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,18 +79,25 @@ class Explainer:
         precision: ``fp32`` (exact), ``int8`` (the bundle's quantized classifier scores the masked
             inputs; export with ``--int8``) or ``fp16`` (CUDA only). The class decision, score and
             probability always come from the fp32 classifier.
+        layer, output, input_size, mean, std, scale, bgr, labels: only for a model file without
+            bundle metadata (any ONNX image classifier; see :mod:`runtime.thirdparty`): the target
+            tensor (None: automatic), the class-score output (None: the first 2-D one) and the
+            preprocessing (None: the sidecar ``<model>.json``'s, else 224, ImageNet mean/std, 1/255, RGB).
     """
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int | None = None,
                  preset: str = "paper", threads: int | None = None, max_channels: int | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", *, layer: str | None = None, output: str | None = None,
+                 input_size: tuple[int, int] | None = None, mean=None, std=None, scale: float | None = None,
+                 bgr: bool = False, labels=None) -> None:
         self.preset = get_preset(preset)
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         if max_channels is not None and int(max_channels) < 1:
             raise ValueError(f"max channels must be >= 1, got {max_channels}")
         self.max_channels = int(max_channels) if max_channels else None
-        self.bundle = load_bundle(model)
+        self.bundle = load_bundle(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
+                                  scale=scale, bgr=bgr or None, labels=labels)
         self.meta = self.bundle.meta
         self.pre = self.meta.preprocessing
         if precision == "int8":
@@ -98,6 +106,8 @@ class Explainer:
                              input_size=self.pre.input_size, precision=precision,
                              int8_classifier=self.bundle.load_int8)
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
+        if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
+            self.batch_size = self.bundle.max_batch
 
     # ---------------------------------------------------------------------------- properties
     @property
@@ -151,9 +161,15 @@ class Explainer:
                 return (exact or folded)[0]
             if not labels:
                 raise TargetError(f"target {t!r}: the model has no class labels; give a class index")
-            close = difflib.get_close_matches(t, labels, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise TargetError(f"unknown class label {t!r}{hint}")
+            key = t.strip().casefold()  # one of a label's comma-separated synonyms ('tabby' -> 'tabby, tabby cat')
+            synonym = [i for i, lab in enumerate(labels) if key in (w.strip().casefold() for w in lab.split(","))]
+            if len(synonym) == 1:
+                return synonym[0]
+            word = re.compile(rf"\b{re.escape(key)}\b") if key else None
+            close = synonym or [i for i, lab in enumerate(labels) if word and word.search(lab.casefold())][:4] or \
+                [labels.index(c) for c in difflib.get_close_matches(t, labels, n=3, cutoff=0.5)]
+            hint = f"; did you mean {', '.join(f'{labels[i]!r} ({i})' for i in close)}?" if close else ""
+            raise TargetError(f"{'ambiguous' if synonym else 'unknown'} class label {t!r}{hint}")
         else:
             raise TargetError(f"a target must be a class index or a label, got {t!r}")
         if not 0 <= idx < n:
