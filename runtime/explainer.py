@@ -201,9 +201,7 @@ class Explainer:
         acts = self.engine.activations(x)
         skipped = constant_channels(acts)
         scored = self.channels_to_score(acts, skipped)
-        masked = np.zeros((acts.shape[0], base.shape[0]), np.float32)
-        if scored.any():
-            masked[scored] = self.engine.score(x, acts[scored], self.preset.mask, self.batch_size, progress)
+        masked = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0], progress)
         maps = maps_from_scores(self.preset, acts, masked, base, classes, self.input_size, skipped=skipped,
                                 channel_mask=scored)
         probs = self._probabilities(base)
@@ -214,6 +212,25 @@ class Explainer:
                        provider=self.provider,
                        preset=self.preset.name, weights=m.weights)
                 for m in maps]
+
+    def score_channels(self, x: np.ndarray, acts: np.ndarray, varying: np.ndarray, constant: np.ndarray,
+                       n_classes: int, progress: Progress | None = None) -> np.ndarray:
+        """Logits [K,C] of ``x * H_k`` for the channels in ``varying | constant`` (other rows 0).
+
+        Every constant channel has the same all-zero mask, hence the same masked input ``x * 0``:
+        it is scored once and shared, which on real networks (many dead ReLU channels) saves
+        a large share of the K passes without changing any output.
+        """
+        masked = np.zeros((acts.shape[0], n_classes), np.float32)
+        maps = acts[varying]
+        if constant.any():
+            maps = np.concatenate([maps, np.zeros((1, *acts.shape[1:]), acts.dtype)])
+        if maps.shape[0]:
+            scores = self.engine.score(x, maps, self.preset.mask, self.batch_size, progress)
+            masked[varying] = scores[: int(varying.sum())]
+            if constant.any():
+                masked[constant] = scores[-1]
+        return masked
 
     def channels_to_score(self, acts: np.ndarray, skipped: np.ndarray) -> np.ndarray:
         """Boolean [K]: the channels whose masks are scored (all, less the preset's skips and,

@@ -21,6 +21,8 @@ from .scorecam import MaskSpec
 IMAGE = "scorecam_image"
 MAPS = "scorecam_maps"
 EPS = "scorecam_eps"
+NOISE = "scorecam_noise"  # optional [B,1,H,W], added to the masks (SS-CAM)
+GAIN = "scorecam_gain"  # optional [B,1,1,1], multiplies the masks (IS-CAM)
 _P = "scorecam_mask/"
 
 
@@ -38,8 +40,13 @@ def _const(name: str, values, dtype=None):
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(arr, name))
 
 
-def mask_nodes(spec: MaskSpec, size: tuple[int, int], opset: int, out: str) -> list[onnx.NodeProto]:
-    """Nodes turning ``MAPS`` [B,1,h,w] (and ``IMAGE``, ``EPS``) into the masked batch ``out``."""
+def mask_nodes(spec: MaskSpec, size: tuple[int, int], opset: int, out: str, noise: bool = False,
+               gain: bool = False) -> list[onnx.NodeProto]:
+    """Nodes turning ``MAPS`` [B,1,h,w] (and ``IMAGE``, ``EPS``) into the masked batch ``out``.
+
+    ``noise``: the masks become ``H_b + NOISE_b`` (SS-CAM); ``gain``: they become ``GAIN_b * H_b``
+    (IS-CAM). Both default off, which leaves the graph exactly as Score-CAM needs it.
+    """
     import numpy as np
 
     mode = "align_corners" if spec.align_corners else "half_pixel"
@@ -62,36 +69,58 @@ def mask_nodes(spec: MaskSpec, size: tuple[int, int], opset: int, out: str) -> l
         return helper.make_node("Resize", [src, *resize_inputs], [dst], mode="linear",
                                 coordinate_transformation_mode=mode)
 
-    def normalise(src: str, dst: str) -> list[onnx.NodeProto]:
+    def extremes(src: str, tag: str) -> tuple[list[onnx.NodeProto], str, str]:
+        """Nodes giving the per-map min and max of ``src`` [B,1,*,*] (keepdims)."""
+        lo, hi = _P + tag + "_min", _P + tag + "_max"
         if opset >= 18:
-            axes = [_const(_P + dst + "_axes", [2, 3], np.int64)]
-            rmin = helper.make_node("ReduceMin", [src, _P + dst + "_axes"], [_P + dst + "_min"], keepdims=1)
-            rmax = helper.make_node("ReduceMax", [src, _P + dst + "_axes"], [_P + dst + "_max"], keepdims=1)
-        else:
-            axes = []
-            rmin = helper.make_node("ReduceMin", [src], [_P + dst + "_min"], axes=[2, 3], keepdims=1)
-            rmax = helper.make_node("ReduceMax", [src], [_P + dst + "_max"], axes=[2, 3], keepdims=1)
-        return [*axes, rmin, rmax,
-                helper.make_node("Sub", [src, _P + dst + "_min"], [_P + dst + "_num"]),
-                helper.make_node("Sub", [_P + dst + "_max", _P + dst + "_min"], [_P + dst + "_rng"]),
-                helper.make_node("Add", [_P + dst + "_rng", EPS], [_P + dst + "_den"]),
-                helper.make_node("Div", [_P + dst + "_num", _P + dst + "_den"], [dst])]
+            axes = _P + tag + "_axes"
+            return [_const(axes, [2, 3], np.int64),
+                    helper.make_node("ReduceMin", [src, axes], [lo], keepdims=1),
+                    helper.make_node("ReduceMax", [src, axes], [hi], keepdims=1)], lo, hi
+        return [helper.make_node("ReduceMin", [src], [lo], axes=[2, 3], keepdims=1),
+                helper.make_node("ReduceMax", [src], [hi], axes=[2, 3], keepdims=1)], lo, hi
+
+    def normalise(src: str, dst: str) -> list[onnx.NodeProto]:
+        """``dst = (src - min) / (max - min + eps)`` per map."""
+        nodes, lo, hi = extremes(src, dst)
+        return [*nodes,
+                helper.make_node("Sub", [src, lo], [dst + "_num"]),
+                helper.make_node("Sub", [hi, lo], [dst + "_rng"]),
+                helper.make_node("Add", [dst + "_rng", EPS], [dst + "_den"]),
+                helper.make_node("Div", [dst + "_num", dst + "_den"], [dst])]
 
     if spec.norm_first:
         nodes += normalise(MAPS, _P + "normed")
         nodes.append(resize(_P + "normed", _P + "masks"))
     else:
+        # up(constant) wobbles by an ulp in float32 and norm() would blow that up into a mask:
+        # a channel that is constant at h x w gets the all-zero mask (DESIGN.md) through a 0/1 gate.
         nodes.append(resize(MAPS, _P + "up"))
-        nodes += normalise(_P + "up", _P + "masks")
-    nodes.append(helper.make_node("Mul", [IMAGE, _P + "masks"], [out]))
+        nodes += normalise(_P + "up", _P + "normed")
+        low, lo, hi = extremes(MAPS, "low")
+        nodes += [*low,
+                  helper.make_node("Sub", [hi, lo], [_P + "low_rng"]),
+                  _const(_P + "fzero", np.zeros((), np.float32)),
+                  helper.make_node("Greater", [_P + "low_rng", _P + "fzero"], [_P + "varies"]),
+                  helper.make_node("Cast", [_P + "varies"], [_P + "gate"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", [_P + "normed", _P + "gate"], [_P + "masks"])]
+    masks = _P + "masks"
+    if noise:
+        nodes.append(helper.make_node("Add", [masks, NOISE], [_P + "noisy"]))
+        masks = _P + "noisy"
+    if gain:
+        nodes.append(helper.make_node("Mul", [masks, GAIN], [_P + "gained"]))
+        masks = _P + "gained"
+    nodes.append(helper.make_node("Mul", [IMAGE, masks], [out]))
     return nodes
 
 
 def build_scorer(classifier: onnx.ModelProto, spec: MaskSpec, size: tuple[int, int],
-                 input_name: str | None = None) -> onnx.ModelProto:
+                 input_name: str | None = None, noise: bool = False, gain: bool = False) -> onnx.ModelProto:
     """The classifier with the mask nodes in front: inputs ``IMAGE``, ``MAPS``, ``EPS``; same outputs.
 
     ``input_name`` is the classifier input the masked batch feeds (default: its only real input).
+    ``noise`` / ``gain`` add the inputs ``NOISE`` [B,1,H,W] / ``GAIN`` [B,1,1,1] (see :func:`mask_nodes`).
     """
     model = onnx.ModelProto()
     model.CopyFrom(classifier)
@@ -106,13 +135,19 @@ def build_scorer(classifier: onnx.ModelProto, spec: MaskSpec, size: tuple[int, i
     if target is None:
         raise ValueError(f"the classifier has no input named {input_name!r}")
     elem = target.type.tensor_type.elem_type
-    nodes = mask_nodes(spec, size, _opset(model), input_name)
+    nodes = mask_nodes(spec, size, _opset(model), input_name, noise=noise, gain=gain)
+    extra = []
+    if noise:
+        extra.append(helper.make_tensor_value_info(NOISE, elem, ["chunk", 1, size[0], size[1]]))
+    if gain:
+        extra.append(helper.make_tensor_value_info(GAIN, elem, ["chunk", 1, 1, 1]))
     kept_inputs = [i for i in g.input if i.name != input_name]
     del g.input[:]
     g.input.extend([
         helper.make_tensor_value_info(IMAGE, elem, [1, 3, size[0], size[1]]),
         helper.make_tensor_value_info(MAPS, elem, ["chunk", 1, None, None]),
         helper.make_tensor_value_info(EPS, TensorProto.FLOAT, []),
+        *extra,
         *kept_inputs,
     ])
     old = list(g.node)

@@ -121,7 +121,9 @@ def make_masks(acts: np.ndarray, size: tuple[int, int], spec: MaskSpec) -> np.nd
     """Masks [K,H,W] of activations [K,h,w] per ``spec`` (the numpy twin of the ONNX mask graph)."""
     if spec.norm_first:
         return upsample(minmax(acts, spec.eps), size, spec.align_corners)
-    return minmax(upsample(acts, size, spec.align_corners), spec.eps)
+    # a channel constant at h x w gets the all-zero mask, not norm() of up()'s float32 rounding noise
+    varies = ~constant_channels(acts)
+    return minmax(upsample(acts, size, spec.align_corners), spec.eps) * varies[:, None, None]
 
 
 def constant_channels(acts: np.ndarray) -> np.ndarray:

@@ -1,0 +1,170 @@
+"""Bundles for the benchmark, exported once into a cache directory (``bench/.cache`` by default).
+
+``ensure_bundle(name, size, cache)`` returns ``<cache>/<name>-<size>/`` holding ``model.onnx`` +
+``features.onnx`` (and ``model.int8.onnx`` when ``int8=True``) plus ``torch.pt``, the state dict the
+torch reference loads, so every contender runs the very same weights. The export goes through the
+project's exporter (``exporter.export``) when it is there, else through :func:`export_by_hand`
+(``torch.onnx.export`` of a wrapper returning both outputs, then split), which writes the same
+bundle contract.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from runtime.contract import FEATURES_FILE, INT8_FILE, MODEL_FILE
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CACHE = HERE / ".cache"
+SAMPLES = HERE.parent / "samples"
+STAMP = "bench.json"
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def bundle_dir(name: str, size: int, cache: Path) -> Path:
+    return Path(cache) / f"{name}-{size}"
+
+
+def ensure_bundle(name: str, size: int, cache: Path = DEFAULT_CACHE, int8: bool = False,
+                  calib: list[Path] | None = None) -> Path:
+    """The cached bundle of benchmark model ``name`` at ``size``² (exported on first use)."""
+    out = bundle_dir(name, size, cache)
+    stale = (out / STAMP).is_file() and json.loads((out / STAMP).read_text()).get("export") != _export_how()
+    if stale:
+        _log(f"{out} was exported by hand; the project's exporter is there now: exporting again")
+    if stale or not (out / STAMP).is_file():
+        import torch
+
+        from . import models
+
+        spec = models.spec(name)
+        _log(f"exporting {name} at {size}x{size} into {out} ...")
+        net = models.build(name, size)
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{size}.", dir=cache))
+        try:
+            how = _export(net, spec, size, tmp)
+            torch.save(net.state_dict(), tmp / "torch.pt")
+            (tmp / STAMP).write_text(json.dumps({"model": name, "size": size, "layer": spec.layer,
+                                                 "channels": spec.channels, "export": how}))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    if int8 and not _int8_current(out):
+        from exporter.quantize import quantize_bundle
+
+        files = calib or sample_photos()
+        _log(f"quantizing {out.name} to int8 with {len(files)} calibration photos ...")
+        quantize_bundle(out, files)
+    return out
+
+
+def _int8_current(bundle: Path) -> bool:
+    """``model.int8.onnx`` is there and made with the exporter's current quantization recipe."""
+    if not (bundle / INT8_FILE).is_file():
+        return False
+    import onnx
+
+    from exporter.quantize import RECIPE
+    from runtime.contract import PREFIX, read_props
+
+    props = read_props(onnx.load(str(bundle / INT8_FILE), load_external_data=False))
+    return props.get(PREFIX + "version.quantization_recipe") == RECIPE
+
+
+def sample_photos() -> list[Path]:
+    names = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png")
+    return [SAMPLES / n for n in names]
+
+
+def _project_export():
+    try:
+        from exporter import export
+    except ImportError:
+        return None
+    return export if callable(export) else None
+
+
+def _export_how() -> str:
+    return "exporter.export" if _project_export() else "bench.bundles.export_by_hand"
+
+
+def _export(net, spec, size: int, out: Path) -> str:
+    """Export through ``exporter.export`` if the project's exporter provides it, else by hand."""
+    export = _project_export()
+    kwargs = dict(input_size=(size, size), mean=spec.mean, std=spec.std, scale=spec.scale, labels=spec.labels)
+    if export is not None:
+        export(net, spec.layer, out, **kwargs)
+        return "exporter.export"
+    export_by_hand(net, spec.layer, out, **kwargs)
+    return "bench.bundles.export_by_hand"
+
+
+def export_by_hand(net, layer: str, out_dir: Path, input_size=(224, 224), mean=(0.485, 0.456, 0.406),
+                   std=(0.229, 0.224, 0.225), scale=1 / 255, labels=None, opset: int = 17) -> Path:
+    """One ``torch.onnx.export`` of (logits, features), split into the two bundle graphs + metadata."""
+    import onnx
+    import torch
+
+    from runtime.contract import BundleMeta, Preprocessing, graph_sha256, write_metadata
+
+    module = dict(net.named_modules())[layer]
+
+    class Both(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self._feat = None
+            module.register_forward_hook(lambda _m, _i, o: setattr(self, "_feat", o))
+
+        def forward(self, x):
+            logits = self.net(x)
+            return logits, self._feat
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    both = out_dir / "both.onnx"
+    x = torch.randn(1, 3, *input_size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Both().eval(), (x,), str(both), input_names=["input"], output_names=["logits", "features"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}, "features": {0: "N"}},
+                          opset_version=opset, dynamo=False)
+    onnx.utils.extract_model(str(both), str(out_dir / MODEL_FILE), ["input"], ["logits"])
+    onnx.utils.extract_model(str(both), str(out_dir / FEATURES_FILE), ["input"], ["features"])
+    both.unlink()
+    m = onnx.load(str(out_dir / MODEL_FILE))
+    f = onnx.load(str(out_dir / FEATURES_FILE))
+    pre = Preprocessing(tuple(input_size), "RGB", float(scale), tuple(mean), tuple(std))
+    meta = BundleMeta("classifier", layer, pre, labels=tuple(labels) if labels else None,
+                      versions={"exporter": "bench.bundles.export_by_hand", "opset": str(opset),
+                                "torch": torch.__version__})
+    write_metadata(m, meta.with_role("classifier", graph_sha256(f)))
+    write_metadata(f, meta.with_role("features", graph_sha256(m)))
+    onnx.save(m, str(out_dir / MODEL_FILE))
+    onnx.save(f, str(out_dir / FEATURES_FILE))
+    return out_dir
+
+
+def load_torch(name: str, bundle: Path):
+    """The torch model of a cached bundle, with the bundle's exact weights (``torch.pt``)."""
+    import torch
+
+    from . import models
+
+    stamp = json.loads((Path(bundle) / STAMP).read_text())
+    net = models.build(name, int(stamp["size"]))
+    net.load_state_dict(torch.load(Path(bundle) / "torch.pt", map_location="cpu"))
+    return net.eval(), stamp["layer"]

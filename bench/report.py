@@ -1,0 +1,165 @@
+"""Ratios, the issue's targets (PASS/MISS) and the markdown table, from the results dict alone."""
+
+from __future__ import annotations
+
+import math
+
+PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png")
+
+# the targets of issue 4
+OURS_VS_FLOOR = 1.10
+VS_TORCH = 5.0
+TOP5_VS_ONE = 1.05
+RSS_LIMIT_MB = 600.0
+RSS_K_SPREAD = 0.10
+FAST_SPEEDUP = 10.0
+FAST_MIN_R = 0.95
+
+
+def median(job: dict, name: str) -> float | None:
+    c = job["contenders"].get(name)
+    return c.get("median_s") if c else None
+
+
+def ratios(job: dict) -> dict:
+    """``x_floor:NAME`` = NAME / floor, ``torch_over:NAME`` = torch reference / NAME, ``speedup:NAME`` =
+    exact (paper) / NAME for the fast modes, ``top5/paper`` = five classes / one class."""
+    out: dict[str, float] = {}
+    floor, paper, ref = median(job, "floor"), median(job, "paper"), median(job, "torch")
+    for name, c in job["contenders"].items():
+        t = c.get("median_s")
+        if t is None:
+            continue
+        if floor and name not in ("floor", "torch"):
+            out[f"x_floor:{name}"] = t / floor
+        if ref and name not in ("floor", "torch"):
+            out[f"torch_over:{name}"] = ref / t
+        if paper and c.get("fast"):
+            out[f"speedup:{name}"] = paper / t
+    if paper and median(job, "top5"):
+        out["top5/paper"] = median(job, "top5") / paper
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def min_r(job: dict, name: str) -> float | None:
+    f = job.get("fidelity", {}).get(name)
+    if not f:
+        return None
+    vals = [v for v in f.values() if v is not None]
+    if len(vals) < len(f) or any(isinstance(v, float) and math.isnan(v) for v in vals):
+        return float("nan")
+    return min(vals) if vals else None
+
+
+def _where(job: dict) -> str:
+    return f"{job['model']}@{job['size']}"
+
+
+def targets(res: dict) -> list[dict]:
+    """The issue's six targets, each PASS / MISS / n/a (not measured) with the numbers behind it."""
+    jobs = res["jobs"]
+    out = []
+
+    def add(name, checks, fmt):
+        if not checks:
+            out.append({"target": name, "status": "n/a", "detail": "not measured in this run"})
+            return
+        ok = all(c[1] for c in checks)
+        out.append({"target": name, "status": "PASS" if ok else "MISS",
+                    "detail": "; ".join(fmt(c) for c in checks)})
+
+    checks = [(_where(j), r["x_floor:paper"] <= OURS_VS_FLOOR, r["x_floor:paper"])
+              for j in jobs if "x_floor:paper" in (r := ratios(j))]
+    add(f"ours (paper) <= {OURS_VS_FLOOR:.2f} x floor", checks, lambda c: f"{c[0]}: {c[2]:.3f} x")
+
+    checks = [(_where(j), r["torch_over:paper"] >= VS_TORCH, r["torch_over:paper"])
+              for j in jobs if "torch_over:paper" in (r := ratios(j))]
+    add(f">= {VS_TORCH:g} x faster than the torch reference", checks, lambda c: f"{c[0]}: {c[2]:.2f} x")
+
+    checks = [(_where(j), r["top5/paper"] <= TOP5_VS_ONE, r["top5/paper"])
+              for j in jobs if "top5/paper" in (r := ratios(j))]
+    add(f"top-5 classes <= {TOP5_VS_ONE:.2f} x one class", checks, lambda c: f"{c[0]}: {c[2]:.3f} x")
+
+    checks = []
+    for j in jobs:
+        mb = j["contenders"].get("paper", {}).get("peak_rss_mb")
+        if mb is not None:
+            checks.append((_where(j), mb <= RSS_LIMIT_MB, mb))
+    add(f"peak RSS of ours <= {RSS_LIMIT_MB:g} MB", checks, lambda c: f"{c[0]}: {c[2]:.0f} MB")
+
+    checks = []
+    for j in jobs:
+        mb = j["contenders"].get("paper", {}).get("peak_rss_mb")
+        tw = j.get("twin") or {}
+        if mb is not None and tw.get("peak_rss_mb"):
+            spread = mb / tw["peak_rss_mb"] - 1.0
+            checks.append((_where(j), abs(spread) <= RSS_K_SPREAD, mb, tw, j["channels"], spread))
+    add(f"peak RSS of ours at large K within {RSS_K_SPREAD:.0%} of the small-K twin's", checks,
+        lambda c: f"{c[0]}: K={c[4]} {c[2]:.0f} MB vs K={c[3]['channels']} {c[3]['peak_rss_mb']:.0f} MB "
+                  f"({c[5]:+.1%})")
+
+    checks = []
+    for j in jobs:
+        r = ratios(j)
+        cands = []
+        for name, c in j["contenders"].items():
+            if not c.get("fast") or f"speedup:{name}" not in r:
+                continue
+            mr = min_r(j, name)
+            if mr is None:
+                continue
+            good = r[f"speedup:{name}"] >= FAST_SPEEDUP and mr >= FAST_MIN_R
+            cands.append((good, r[f"speedup:{name}"], mr, name))
+        if cands:
+            best = max(cands, key=lambda t: (t[0], t[2] if t[0] else t[1]))
+            checks.append((_where(j), best[0], best))
+    add(f"a fast mode >= {FAST_SPEEDUP:g} x faster than exact with r >= {FAST_MIN_R} on all 5 photos", checks,
+        lambda c: f"{c[0]}: {c[2][3]} {c[2][1]:.1f} x, min r {c[2][2]:.3f}")
+    return out
+
+
+def _fmt(v, spec: str = ".3f", none: str = "") -> str:
+    if v is None:
+        return none
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return format(v, spec)
+
+
+def markdown(res: dict) -> str:
+    """The README table: one section per model and size, then the targets."""
+    lines = [f"# Score-CAM benchmark: {res['machine']}", "",
+             f"{res['cpu']}, {res['cores']} cores, {res['threads']} threads, device {res['device']}; "
+             f"median of {res['settings']['runs']} runs, batch size {res['settings']['batch_size']}; "
+             f"image `{res['settings']['image']}`; {res['created']}.",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".", ""]
+    for j in res["jobs"]:
+        r = ratios(j)
+        lines += [f"## {j['model']} at {j['size']}x{j['size']} (K = {j['channels']})", "",
+                  "| contender | median s | x floor | torch / this | exact / this | min r (5 photos) | peak RSS MB |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, c in j["contenders"].items():
+            lines.append("| " + " | ".join([
+                f"{name}" + (f" ({c['note']})" if c.get("note") else ""),
+                _fmt(c.get("median_s")),
+                _fmt(r.get(f"x_floor:{name}"), ".2f"),
+                _fmt(r.get(f"torch_over:{name}"), ".1f"),
+                _fmt(r.get(f"speedup:{name}"), ".1f"),
+                _fmt(min_r(j, name), ".3f"),
+                _fmt(c.get("peak_rss_mb"), ".0f"),
+            ]) + " |")
+        tw = j.get("twin")
+        if tw and tw.get("peak_rss_mb"):
+            lines.append(f"| paper, twin K = {tw['channels']} ({tw['model']}) | | | | | | "
+                         f"{tw['peak_rss_mb']:.0f} |")
+        if j.get("fidelity"):
+            lines += ["", "Pearson r of each fast mode's map to the exact map: " + "; ".join(
+                f"{m}: " + ", ".join(f"{p.split('.')[0]} {_fmt(v, '.3f')}" for p, v in f.items())
+                for m, f in j["fidelity"].items())]
+        lines.append("")
+    lines += ["## Targets", "", "| target | status | measured |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['status']} | {t['detail']} |" for t in res.get("targets", [])]
+    notes = res.get("notes")
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,50 @@
+"""Session fixtures shared by the exporter and runtime tests: bundles exported once per session.
+
+``toy_bundle`` and ``lite0_bundle`` are bundle folders written by the real exporter (with its
+verification against torch); ``toy_data`` is a held-out synthetic set (images, labels, boxes).
+torch is imported only when one of the bundle fixtures is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+ROOT = TESTS_DIR.parent
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    """The CC0 sample photos (chelsea.png, coffee.png, astronaut.png, rocket.jpg, motorcycle_left.png)."""
+    return ROOT / "samples"
+
+
+@pytest.fixture(scope="session")
+def toy_bundle(tmp_path_factory) -> Path:
+    """A bundle of the ``toy`` recipe (trained here, deterministically): layer ``features`` 32x16x16."""
+    from exporter import export_recipe
+
+    out = tmp_path_factory.mktemp("bundles") / "toy"
+    export_recipe("toy", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lite0_bundle(tmp_path_factory) -> Path:
+    """A bundle of the ``efficientnet_lite0`` recipe (ImageNet): layer ``head_act`` 1280x7x7."""
+    from exporter import export_recipe
+
+    out = tmp_path_factory.mktemp("bundles") / "efficientnet_lite0"
+    export_recipe("efficientnet_lite0", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """64 held-out toy images: uint8 [64,64,64,3] RGB, labels [64], boxes [64,4] (x0, y0, x1, y1 exclusive)."""
+    from exporter.toy import make_dataset
+
+    return make_dataset(64, seed=123)

@@ -1,0 +1,133 @@
+"""The benchmark harness (``python -m bench``) end to end on the toy model, and its pieces.
+
+No timing is asserted: only that the harness runs, measures what it says and writes valid files.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from bench import report  # noqa: E402
+from bench.__main__ import machine_slug, main  # noqa: E402
+from bench.contenders import fast_options, known  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out, cache = tmp / "results", tmp / "cache"
+    argv = ["--models", "toy", "--sizes", "32", "--quick", "--twin-k", "4", "--machine", "test-box",
+            "--out", str(out), "--cache", str(cache), "--check-targets"]
+    assert main(argv) == 0
+    return out, cache
+
+
+def test_quick_run_writes_json_and_markdown(quick_run, capsys):
+    out, cache = quick_run
+    res = json.loads((out / "test-box.json").read_text())
+    assert res["machine"] == "test-box" and res["settings"]["runs"] == 3
+    assert {"numpy", "onnxruntime", "python"} <= set(res["versions"])
+    (job,) = res["jobs"]
+    assert (job["model"], job["size"], job["channels"]) == ("toy", 32, 16)
+    assert {"floor", "paper", "top5", "torch", "int8"} <= set(job["contenders"])
+    for c in job["contenders"].values():
+        assert len(c["runs_s"]) == 3 and c["median_s"] == pytest.approx(float(np.median(c["runs_s"])), abs=1e-4)
+    assert job["contenders"]["paper"]["peak_rss_mb"] > 0
+    assert job["twin"]["channels"] == 4 and job["twin"]["peak_rss_mb"] > 0
+    assert not job["twin"]["torch_imported"] and not job["contenders"]["paper"]["torch_imported"]
+    assert set(job["fidelity"]) == {c for c in job["contenders"] if job["contenders"][c].get("fast")}
+    for per_photo in job["fidelity"].values():
+        assert set(per_photo) == set(report.PHOTOS)
+        assert all(-1.0 <= r <= 1.0 for r in per_photo.values())
+    assert {"x_floor:paper", "torch_over:paper", "top5/paper"} <= set(job["ratios"])
+    assert len(res["targets"]) == 6
+    assert {t["status"] for t in res["targets"]} <= {"PASS", "MISS", "n/a"}
+    md = (out / "test-box.md").read_text()
+    assert "## toy at 32x32 (K = 16)" in md and "## Targets" in md
+    assert "| floor |" in md and "| paper |" in md
+    assert (cache / "toy-32" / "model.int8.onnx").is_file()
+
+
+def test_report_rerenders_existing_results(quick_run, tmp_path, capsys):
+    out, _ = quick_run
+    assert main(["--report", str(out / "test-box.json"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "test-box.md").read_text() == (out / "test-box.md").read_text()
+    assert "targets:" in capsys.readouterr().out
+
+
+def test_torch_reference_computes_the_same_map_as_ours(quick_run):
+    import torch
+
+    from bench.bundles import load_torch
+    from bench.contenders import torch_scorecam
+    from runtime import Explainer, images
+
+    _, cache = quick_run
+    bundle = cache / "toy-32"
+    net, layer = load_torch("toy", bundle)
+    ex = Explainer(bundle, device="cpu")
+    img = images.load_image(report_photo())
+    ours = ex.explain(img)[0]
+    x = torch.from_numpy(images.preprocess(img, ex.pre))
+    ref = torch_scorecam(net, dict(net.named_modules())[layer], x, class_idx=ours.class_index)
+    np.testing.assert_allclose(ref, ours.saliency, atol=1e-3)
+
+
+def report_photo():
+    from bench.bundles import sample_photos
+
+    return sample_photos()[0]
+
+
+def test_machine_slug():
+    assert machine_slug("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", 2) == "intel-xeon-platinum-8481c-2c"
+    assert machine_slug("AMD EPYC 7B13 64-Core Processor", 16) == "amd-epyc-7b13-16c"
+    assert machine_slug("", 4, "cuda") == "cpu-4c-cuda"
+
+
+def test_contender_names():
+    assert fast_options("int8+mc128") == {"precision": "int8", "max_channels": 128}
+    assert fast_options("mc64") == {"max_channels": 64}
+    assert fast_options("paper") is None and fast_options("mcx") is None
+    assert all(known(n) for n in ("floor", "paper", "official", "top5", "torch", "fp16+mc32"))
+    assert not known("bogus")
+
+
+def _job(model="m", size=224, k=2048, **medians):
+    return {"model": model, "size": size, "channels": k,
+            "contenders": {n: {"median_s": t, **({"fast": True} if n.startswith(("mc", "int8")) else {})}
+                           for n, t in medians.items()}}
+
+
+def test_targets_logic():
+    job = _job(floor=10.0, paper=10.5, top5=10.6, torch=60.0, mc64=0.9, int8=6.0)
+    job["contenders"]["paper"]["peak_rss_mb"] = 300.0
+    job["twin"] = {"model": "m_k256", "channels": 256, "peak_rss_mb": 290.0}
+    job["fidelity"] = {"mc64": dict.fromkeys(report.PHOTOS, 0.97), "int8": dict.fromkeys(report.PHOTOS, 0.99)}
+    res = {"jobs": [job]}
+    assert [t["status"] for t in report.targets(res)] == ["PASS"] * 6
+    job["fidelity"]["mc64"]["rocket.jpg"] = 0.5
+    job["contenders"]["paper"]["median_s"] = 12.0
+    assert [t["status"] for t in report.targets(res)] == ["MISS", "PASS", "PASS", "PASS", "PASS", "MISS"]
+    assert report.targets({"jobs": [_job(paper=1.0)]})[0]["status"] == "n/a"
+
+
+def test_default_plan_is_the_documented_one():
+    from bench.__main__ import make_plan, parse_args
+
+    plan = make_plan(parse_args([]))
+    assert [(j.model, j.size) for j in plan] == [("lite0", 224), ("lite0", 448), ("resnet50", 224)]
+    assert {"floor", "paper", "gradcam", "torchcam", "official", "top5", "torch", "int8", "mc64"} <= set(
+        plan[0].contenders)
+    assert plan[0].fidelity and "torch" in plan[0].rss
+    assert "torch" not in plan[1].contenders and plan[2].twin == "resnet50_k256" and "paper" in plan[2].rss
+    custom = make_plan(parse_args(["--models", "resnet50", "--sizes", "448", "--contenders", "floor,exact"]))
+    assert [(j.model, j.size, j.contenders) for j in custom] == [
+        ("resnet50", 448, ["floor", "paper", "gradcam", "torchcam", "official"])]
+    with pytest.raises(SystemExit):
+        make_plan(parse_args(["--contenders", "bogus"]))

@@ -1,0 +1,150 @@
+"""The fast modes: max_channels (Faster Score-CAM), the int8 classifier (exporter.quantize), fp16 on CPU.
+
+Correctness only: speed belongs to ``python -m bench``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from exporter.quantize import QuantizeError, calibration_files, main, quantize_bundle
+from runtime import BundleError, EngineError, Explainer
+from runtime.contract import FEATURES_FILE, INT8_FILE, BundleMeta, graph_sha256, read_props
+from tests.bundles import make_bundle, photo
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+K = 16
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("toy") / "b", channels=K)
+
+
+@pytest.fixture(scope="module")
+def toy_int8(tmp_path_factory) -> Path:
+    b = make_bundle(tmp_path_factory.mktemp("toy8") / "b", channels=K)
+    quantize_bundle(b, SAMPLES)
+    return b
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+# --------------------------------------------------------------------------------- max_channels
+@pytest.mark.parametrize("n", [K, K + 5, 1000])
+def test_max_channels_of_k_or_more_is_exact(toy, n):
+    img = photo()
+    exact = Explainer(toy, device="cpu").explain(img, top_k=3)
+    fast = Explainer(toy, device="cpu", max_channels=n).explain(img, top_k=3)
+    for e, f in zip(exact, fast, strict=True):
+        assert e.class_index == f.class_index
+        np.testing.assert_array_equal(e.saliency, f.saliency)
+        np.testing.assert_array_equal(e.cam, f.cam)
+        assert f.channels_used == e.channels_used
+
+
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_max_channels_scores_n_channels(toy, n):
+    r = Explainer(toy, device="cpu", max_channels=n).explain(photo())[0]
+    assert r.channels_used == n
+    assert np.count_nonzero(r.weights) <= n
+    assert r.saliency.shape == (32, 32)
+    assert np.isfinite(r.saliency).all() and 0.0 <= r.saliency.min() and r.saliency.max() <= 1.0
+
+
+def test_max_channels_keeps_the_largest_spread(toy):
+    ex = Explainer(toy, device="cpu", max_channels=4)
+    from runtime import images
+
+    acts = ex.engine.activations(images.preprocess(photo(), ex.pre))
+    std = acts.reshape(K, -1).std(axis=1)
+    r = ex.explain(photo())[0]
+    assert set(np.flatnonzero(r.weights)) <= set(np.argsort(-std)[:4])
+
+
+def test_max_channels_must_be_positive(toy):
+    with pytest.raises(ValueError, match="max channels"):
+        Explainer(toy, device="cpu", max_channels=0)
+
+
+# ----------------------------------------------------------------------------------------- int8
+def test_int8_file_carries_the_bundle_metadata(toy_int8):
+    q = onnx.load(str(toy_int8 / INT8_FILE))
+    meta = BundleMeta.from_props(read_props(q))
+    assert meta.role == "classifier"
+    assert meta.sibling_sha256 == graph_sha256(onnx.load(str(toy_int8 / FEATURES_FILE)))
+    assert meta.versions["calibration_images"] == "5"
+    assert "int8" in meta.versions["quantization"] and "QDQ" in meta.versions["quantization"]
+    assert meta.labels == BundleMeta.from_props(read_props(onnx.load(str(toy_int8 / "model.onnx")))).labels
+    ops = {n.op_type for n in q.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert not list(toy_int8.glob(".*")), "no temp files left in the bundle"
+
+
+def test_int8_loads_and_correlates_with_exact(toy_int8):
+    exact = Explainer(toy_int8, device="cpu")
+    q = Explainer(toy_int8, device="cpu", precision="int8")
+    for seed in range(3):
+        img = photo(seed=seed)
+        e = exact.explain(img)[0]
+        f = q.explain(img, targets=e.class_index)[0]
+        assert f.class_index == e.class_index
+        assert f.score == e.score  # the decision and the score come from the fp32 classifier
+        assert pearson(e.saliency, f.saliency) >= 0.9
+
+
+def test_int8_with_max_channels(toy_int8):
+    r = Explainer(toy_int8, device="cpu", precision="int8", max_channels=5).explain(photo())[0]
+    assert r.channels_used == 5 and np.isfinite(r.saliency).all()
+
+
+def test_int8_missing_is_a_clean_error(toy):
+    with pytest.raises(BundleError, match="--int8"):
+        Explainer(toy, device="cpu", precision="int8")
+
+
+def test_int8_of_another_bundle_is_refused(toy_int8, tmp_path):
+    other = make_bundle(tmp_path / "other", seed=1, channels=K)
+    shutil.copy(toy_int8 / INT8_FILE, other / INT8_FILE)
+    with pytest.raises(BundleError, match="does not belong"):
+        Explainer(other, device="cpu", precision="int8")
+
+
+def test_quantize_cli(tmp_path, capsys):
+    b = make_bundle(tmp_path / "b", channels=8)
+    assert main([str(b), str(SAMPLES / "chelsea.png"), str(SAMPLES / "coffee.png"), "--masked-per-image", "2"]) == 0
+    assert (b / INT8_FILE).is_file()
+    meta = BundleMeta.from_props(read_props(onnx.load(str(b / INT8_FILE))))
+    assert meta.versions["calibration_images"] == "2"
+    assert meta.versions["calibration_inputs"] == "6"
+    Explainer(b, device="cpu", precision="int8").explain(photo())
+
+
+def test_quantize_without_images_fails_cleanly(tmp_path, capsys):
+    b = make_bundle(tmp_path / "b", channels=8)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(QuantizeError, match="no calibration images"):
+        calibration_files(empty)
+    assert main([str(b), str(empty)]) == 2
+    assert "no calibration images" in capsys.readouterr().err
+    assert not (b / INT8_FILE).exists()
+    assert main([str(tmp_path / "nope"), str(SAMPLES)]) == 2
+
+
+# ----------------------------------------------------------------------------------------- fp16
+def test_fp16_on_cpu_is_a_clean_error(toy):
+    with pytest.raises(EngineError, match="CUDA"):
+        Explainer(toy, device="cpu", precision="fp16")
+
+
+def test_unknown_precision_is_refused(toy):
+    with pytest.raises(EngineError, match="precision"):
+        Explainer(toy, device="cpu", precision="int4")
