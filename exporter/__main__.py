@@ -46,17 +46,17 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m exporter",
-        description="Export a torch classifier into a Score-CAM bundle: model.onnx (input -> logits) "
-                    "and features.onnx (input -> the target layer's [N,K,h,w] map), for the "
-                    "torch-free runtime.",
+        description="Export a torch classifier into a Score-CAM bundle for the torch-free runtime:\n"
+                    "model.onnx (input -> logits) and features.onnx (input -> the target layer's "
+                    "[N,K,h,w] map).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("spec", metavar="SPEC", help="recipe name or package.module:callable")
     p.add_argument("--layer", metavar="NAME", help="target layer (a module name; see --list-layers)")
     p.add_argument("--out", metavar="DIR", help="bundle folder to write (absent or empty unless --force)")
-    p.add_argument("--input-size", metavar="H [W]", nargs="+", type=int,
-                   help="input height and width in pixels (W defaults to H)")
+    p.add_argument("--input-size", metavar="N", nargs="+", type=int,
+                   help="input size in pixels: H [W] (W defaults to H)")
     p.add_argument("--mean", metavar=("R", "G", "B"), nargs=3, type=float, help="per-channel mean")
     p.add_argument("--std", metavar=("R", "G", "B"), nargs=3, type=float, help="per-channel std")
     p.add_argument("--scale", metavar="S", type=float, help="pixel scale, e.g. 0.00392156 (= 1/255)")

@@ -164,3 +164,15 @@ def test_read_labels_text_and_json(tmp_path):
     assert read_labels(tmp_path / "b.json") == ["cat", "dog", "bird"]
     with pytest.raises(ExportError, match="not valid JSON"):
         read_labels(tmp_path / "c.json")
+
+
+def test_extras_int8_and_randomisation_cascade(tmp_path, capsys, in_tests_dir, samples_dir):
+    base = ["user_models:tiny", "--layer", "act2", "--input-size", "32", "--no-verify"]
+    assert main([*base, "--out", str(tmp_path / "q"), "--int8", str(samples_dir)]) == 0
+    assert (tmp_path / "q" / "model.int8.onnx").is_file()
+    assert main([*base, "--out", str(tmp_path / "c"), "--randomize", "cascade"]) == 0
+    steps = json.loads((tmp_path / "c" / "cascade.json").read_text())["steps"]
+    assert [s["layer"] for s in steps] == ["fc", "bn2", "conv2", "conv1"]
+    assert all((tmp_path / "c" / s["bundle"] / MODEL_FILE).is_file() for s in steps)
+    assert main([*base, "--out", str(tmp_path / "z"), "--int8", str(tmp_path / "none")]) == 2
+    assert "error: --int8" in capsys.readouterr().err and not (tmp_path / "z").exists()
