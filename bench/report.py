@@ -80,12 +80,12 @@ def targets(res: dict) -> list[dict]:
               for j in jobs if "top5/paper" in (r := ratios(j))]
     add(f"top-5 classes <= {TOP5_VS_ONE:.2f} x one class", checks, lambda c: f"{c[0]}: {c[2]:.3f} x")
 
-    checks = []
+    checks = []  # the issue sets this bound for EfficientNet-Lite0 at 224² (other sizes are in the tables)
     for j in jobs:
         mb = j["contenders"].get("paper", {}).get("peak_rss_mb")
-        if mb is not None:
+        if mb is not None and _where(j) == "lite0@224":
             checks.append((_where(j), mb <= RSS_LIMIT_MB, mb))
-    add(f"peak RSS of ours <= {RSS_LIMIT_MB:g} MB", checks, lambda c: f"{c[0]}: {c[2]:.0f} MB")
+    add(f"peak RSS of ours <= {RSS_LIMIT_MB:g} MB (lite0@224)", checks, lambda c: f"{c[0]}: {c[2]:.0f} MB")
 
     checks = []
     for j in jobs:

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto (CUDA when onnxruntime-gpu can use it, else CPU), cpu, or cuda (default auto)")
     p.add_argument("--batch-size", "-b", metavar="N", type=_positive_int, default=None,
-                   help="masked images scored per ONNX Runtime call (default: 32 on CPU, 128 on CUDA)")
+                   help="masked images scored per ONNX Runtime call (default: 16 on CPU, 128 on CUDA at 224x224, "
+                        "scaled by the input area)")
     p.add_argument("--max-channels", metavar="N", type=_positive_int, default=None,
                    help="Faster Score-CAM: score only the N channels of largest spatial std (default: all, exact)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
