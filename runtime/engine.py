@@ -33,8 +33,14 @@ class EngineError(RuntimeError):
     """The engine cannot run as asked (device unavailable, graph ONNX Runtime refuses, ...)."""
 
 
+_warned: set[str] = set()
+
+
 def _warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr)
+    """A one-line warning on stderr, once per process."""
+    if msg not in _warned:
+        _warned.add(msg)
+        print(f"warning: {msg}", file=sys.stderr)
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -77,19 +83,20 @@ class Engine:
         self.threads = threads
         self.input_size = input_size
         self.precision = precision
-        self._classifier_proto = classifier
+        self.classifier_proto = classifier  # the fp32 classifier graph, for graphs built on top of it
         self._int8_classifier = int8_classifier
         self.providers = providers_for(device)
         if precision == "fp16" and self.providers[0] != CUDA:
             raise EngineError("precision 'fp16' needs the CUDA provider; on CPU use 'fp32' or 'int8'")
-        self.classifier = self._session(classifier, "classifier")
-        self.features = self._session(features, "feature graph")
+        self.classifier = self.session(classifier, "classifier")
+        self.features = self.session(features, "feature graph")
         self._scorers: dict[str, ort.InferenceSession] = {}
         self.class_output = self.classifier.get_outputs()[0].name
         self.features_output = self.features.get_outputs()[0].name
 
     # -------------------------------------------------------------------------------- sessions
-    def _session(self, proto: onnx.ModelProto, what: str) -> ort.InferenceSession:
+    def session(self, proto: onnx.ModelProto, what: str) -> ort.InferenceSession:
+        """An ONNX Runtime session of ``proto`` on this engine's providers (CPU fallback, one-line errors)."""
         try:
             sess = ort.InferenceSession(proto.SerializeToString(), session_options(self.threads),
                                         providers=self.providers)
@@ -101,7 +108,7 @@ class Engine:
                                   "(check the CUDA/cuDNN libraries onnxruntime-gpu needs)")
             _warn("the CUDA provider failed to load; running on CPU")
             self.providers = [CPU]
-            return self._session(proto, what)
+            return self.session(proto, what)
         return sess
 
     @property
@@ -128,8 +135,8 @@ class Engine:
         if self.precision == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
-            return convert_float_to_float16(self._classifier_proto, keep_io_types=True)
-        return self._classifier_proto
+            return convert_float_to_float16(self.classifier_proto, keep_io_types=True)
+        return self.classifier_proto
 
     def scorer(self, spec: MaskSpec) -> ort.InferenceSession:
         """The session of the mask graph + classifier for this kind of mask (built once)."""
@@ -137,7 +144,7 @@ class Engine:
         if key not in self._scorers:
             proto = build_scorer(self.scoring_classifier(), spec, self.input_size,
                                  input_name=self.classifier.get_inputs()[0].name)
-            self._scorers[key] = self._session(proto, "scoring graph")
+            self._scorers[key] = self.session(proto, "scoring graph")
         return self._scorers[key]
 
     # ----------------------------------------------------------------------------------- running

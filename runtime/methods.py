@@ -137,7 +137,7 @@ def _scorer(engine, spec, noise: bool, gain: bool):
     if key not in cache:
         proto = build_scorer(engine.scoring_classifier(), spec, engine.input_size,
                              input_name=engine.classifier.get_inputs()[0].name, noise=noise, gain=gain)
-        cache[key] = engine._session(proto, "scoring graph")  # noqa: SLF001
+        cache[key] = engine.session(proto, "scoring graph")
     return cache[key]
 
 

@@ -252,8 +252,8 @@ def _session(engine, kind: str):
     if kind not in cache:
         name = engine.classifier.get_inputs()[0].name
         build = product_graph if kind == "product" else perturb_graph
-        proto = build(engine._classifier_proto, engine.input_size, name)  # noqa: SLF001
-        cache[kind] = engine._session(proto, f"{kind} metric graph")  # noqa: SLF001
+        proto = build(engine.classifier_proto, engine.input_size, name)
+        cache[kind] = engine.session(proto, f"{kind} metric graph")
     return cache[kind]
 
 
