@@ -1,8 +1,8 @@
 """Check an exported bundle against torch: ONNX Runtime and torch must agree on the same inputs.
 
 Error measure, per output: ``max|ort - torch| / max|torch|`` (relative to the output's range).
-Inputs: random pixel images, the sample photos (resized bilinearly with PIL, preprocessed as the
-bundle says) as one batch, and the first of them alone (so batch 1 and batch N both run).
+Inputs: random pixel images, the sample photos (decoded and preprocessed by ``runtime.images``, as
+the runtime will) as one batch, and the first of them alone (so batch 1 and batch N both run).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from PIL import Image
 from torch import nn
 
 from runtime.contract import INPUT_NAME, Preprocessing
+from runtime.images import ImageError, load_image, preprocess
 
 from .errors import ExportError, first_line
 from .layers import FeatureTap
@@ -35,17 +35,14 @@ def default_sample_images() -> list[Path]:
 
 
 def load_images(paths: Sequence[str | Path], pre: Preprocessing) -> np.ndarray:
-    """Decode ``paths`` to RGB, resize to H x W (PIL bilinear), preprocess: float32 [N,3,H,W]."""
-    h, w = pre.input_size
+    """Decode ``paths`` and preprocess them exactly as the runtime will: float32 [N,3,H,W]."""
     out = []
     for path in paths:
         try:
-            with Image.open(path) as img:
-                rgb = np.asarray(img.convert("RGB").resize((w, h), Image.BILINEAR))
-        except (OSError, ValueError) as e:
-            raise ExportError(f"cannot read sample image {path}: {first_line(e)}") from None
-        out.append(pre.apply(rgb))
-    return np.stack(out) if out else np.zeros((0, 3, h, w), np.float32)
+            out.append(preprocess(load_image(path), pre)[0])
+        except ImageError as e:
+            raise ExportError(f"cannot read sample image: {e}") from None
+    return np.stack(out) if out else np.zeros((0, 3, *pre.input_size), np.float32)
 
 
 def random_images(n: int, pre: Preprocessing, seed: int = 0) -> np.ndarray:
