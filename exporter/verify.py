@@ -18,6 +18,7 @@ from torch import nn
 
 from runtime.contract import INPUT_NAME, Preprocessing
 from runtime.images import ImageError, load_image, preprocess
+from runtime.scorecam import softmax
 
 from .errors import ExportError, first_line
 from .layers import FeatureTap
@@ -121,7 +122,7 @@ def verify(model: nn.Module, layer: str, model_path: Path, features_path: Path, 
         )
     top1 = []
     if len(photos):
-        probs = outputs["samples"] if output_kind == "probabilities" else _softmax(outputs["samples"])
+        probs = outputs["samples"] if output_kind == "probabilities" else softmax(outputs["samples"], axis=1)
         torch_best = outputs["torch:samples"].argmax(1)
         for path, p, tb in zip(sample_images, probs, torch_best, strict=True):
             k = int(p.argmax())
@@ -130,8 +131,3 @@ def verify(model: nn.Module, layer: str, model_path: Path, features_path: Path, 
                          "probability": round(float(p[k]), 6), "torch_agrees": bool(k == int(tb))})
     return {"tolerance": tolerance, "passed": True, "max_rel_error": error,
             "checks": [c.as_dict() for c in checks], "top1": top1}
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
