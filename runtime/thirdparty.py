@@ -507,12 +507,13 @@ def derive(source: onnx.ModelProto, layer: str | None = None, output: str | None
 
 
 def _session(proto: onnx.ModelProto, what: str):
+    """A CPU session for checking a derived graph (no Engine exists yet at this point)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    from .engine import CPU, session_options
+
     try:
-        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(proto.SerializeToString(), session_options(), providers=[CPU])
     except Exception as e:
         raise BundleError(f"ONNX Runtime cannot load the {what}: {str(e).splitlines()[0]}") from None
 
