@@ -4,7 +4,8 @@ Sessions are created once and reused. The scorer (mask nodes + classifier, see `
 built lazily per mask kind. Scoring runs chunk by chunk, so memory grows with the batch size and
 never with the channel count K. On CUDA the image is bound on the device once (IO binding), every
 chunk has the same size (the last one padded with all-zero maps) so cuDNN's algorithm search runs
-once, and only the [B,1,h,w] maps and the [B,C] scores cross the bus.
+once, and only the [B,1,h,w] maps and the [B,C] scores cross the bus. TF32 tensor-core math is off
+unless asked for (``tf32=True``), so fp32 maps on the GPU match the CPU's to about 1e-5.
 """
 
 from __future__ import annotations
@@ -76,13 +77,15 @@ class Engine:
 
     def __init__(self, classifier: onnx.ModelProto, features: onnx.ModelProto, device: str = "auto",
                  threads: int | None = None, input_size: tuple[int, int] = (224, 224),
-                 precision: str = "fp32", int8_classifier: Callable[[], onnx.ModelProto] | None = None) -> None:
+                 precision: str = "fp32", int8_classifier: Callable[[], onnx.ModelProto] | None = None,
+                 tf32: bool = False) -> None:
         if precision not in PRECISIONS:
             raise EngineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.device = device
         self.threads = threads
         self.input_size = input_size
         self.precision = precision
+        self.tf32 = bool(tf32)
         self.classifier_proto = classifier  # the fp32 classifier graph, for graphs built on top of it
         self._int8_classifier = int8_classifier
         self.providers = providers_for(device)
@@ -90,7 +93,7 @@ class Engine:
             raise EngineError("precision 'fp16' needs the CUDA provider; on CPU use 'fp32' or 'int8'")
         self.classifier = self.session(classifier, "classifier")
         self.features = self.session(features, "feature graph")
-        self._scorers: dict[str, ort.InferenceSession] = {}
+        self._scorers: dict[str, ort.InferenceSession] = {}  # by mask kind and precision
         self.class_output = self.classifier.get_outputs()[0].name
         self.features_output = self.features.get_outputs()[0].name
 
@@ -99,7 +102,7 @@ class Engine:
         """An ONNX Runtime session of ``proto`` on this engine's providers (CPU fallback, one-line errors)."""
         try:
             sess = ort.InferenceSession(proto.SerializeToString(), session_options(self.threads),
-                                        providers=self.providers)
+                                        providers=self._provider_args())
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineError(f"ONNX Runtime cannot load the {what}: {str(e).splitlines()[0]}") from None
         if self.providers[0] == CUDA and sess.get_providers()[0] != CUDA:
@@ -110,6 +113,11 @@ class Engine:
             self.providers = [CPU]
             return self.session(proto, what)
         return sess
+
+    def _provider_args(self) -> list:
+        """The providers with their options: CUDA without TF32 unless ``tf32`` (cuDNN and cuBLAS would
+        otherwise round fp32 convolutions and GEMMs to a 10-bit mantissa on Ampere and later)."""
+        return [(p, {"use_tf32": "1" if self.tf32 else "0"}) if p == CUDA else p for p in self.providers]
 
     @property
     def provider(self) -> str:
@@ -125,24 +133,26 @@ class Engine:
         h, w = self.input_size
         return max(1, min(256, round(DEFAULT_BATCH[self.provider] * 224 * 224 / (h * w))))
 
-    def scoring_classifier(self) -> onnx.ModelProto:
-        """The classifier graph the masked batches go through, at the engine's precision."""
-        if self.precision == "int8":
+    def scoring_classifier(self, precision: str | None = None) -> onnx.ModelProto:
+        """The classifier graph the masked batches go through, at ``precision`` (default: the engine's)."""
+        precision = precision or self.precision
+        if precision == "int8":
             if self._int8_classifier is None:
                 raise EngineError("precision 'int8' needs a quantized classifier in the bundle "
                                   "(export it with: python -m exporter ... --int8 CALIB_DIR)")
             return self._int8_classifier()
-        if self.precision == "fp16":
+        if precision == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             return convert_float_to_float16(self.classifier_proto, keep_io_types=True)
         return self.classifier_proto
 
-    def scorer(self, spec: MaskSpec) -> ort.InferenceSession:
-        """The session of the mask graph + classifier for this kind of mask (built once)."""
-        key = spec.key
+    def scorer(self, spec: MaskSpec, precision: str | None = None) -> ort.InferenceSession:
+        """The session of the mask graph + classifier for this kind of mask and precision (built once)."""
+        precision = precision or self.precision
+        key = f"{spec.key}/{precision}"
         if key not in self._scorers:
-            proto = build_scorer(self.scoring_classifier(), spec, self.input_size,
+            proto = build_scorer(self.scoring_classifier(precision), spec, self.input_size,
                                  input_name=self.classifier.get_inputs()[0].name)
             self._scorers[key] = self.session(proto, "scoring graph")
         return self._scorers[key]
@@ -163,20 +173,35 @@ class Engine:
 
     def score(self, x: np.ndarray, maps: np.ndarray, spec: MaskSpec, batch_size: int | None = None,
               progress: Progress | None = None) -> np.ndarray:
-        """Classifier outputs [K,C] of ``x * H_k`` for every map in ``maps`` [K,h,w], chunk by chunk."""
-        sess = self.scorer(spec)
-        out_name = sess.get_outputs()[0].name
+        """Classifier outputs [K,C] of ``x * H_k`` for every map in ``maps`` [K,h,w], chunk by chunk.
+
+        At a reduced precision (fp16, int8) an output row that is not finite (fp16 overflows past
+        65504) is scored again in fp32, with a one-line warning, so no NaN reaches the map.
+        """
         bs = int(batch_size or self.default_batch_size())
-        k = maps.shape[0]
         maps4 = np.ascontiguousarray(maps[:, None], dtype=np.float32)
         eps = np.asarray(spec.eps, np.float32)
         x = np.ascontiguousarray(x, dtype=np.float32)
+        out = self._run_chunks(self.scorer(spec), x, maps4, eps, bs, progress)
+        if self.precision != "fp32" and out.size:
+            bad = ~np.isfinite(out).all(axis=1)
+            if bad.any():
+                _warn(f"{self.precision} overflowed on {int(bad.sum())} of {bad.size} masked inputs; "
+                      "those were scored again in fp32")
+                out[bad] = self._run_chunks(self.scorer(spec, "fp32"), x, maps4[bad], eps, bs, None)
+        return out
+
+    def _run_chunks(self, sess: ort.InferenceSession, x: np.ndarray, maps4: np.ndarray, eps: np.ndarray,
+                    bs: int, progress: Progress | None) -> np.ndarray:
+        """Outputs of ``sess`` for the maps [K,1,h,w] in chunks of ``bs`` (on CUDA: IO binding, padded chunks)."""
+        out_name = sess.get_outputs()[0].name
+        k = maps4.shape[0]
         results: list[np.ndarray] = []
         if self.on_cuda:
             binding = sess.io_binding()
             binding.bind_ortvalue_input(IMAGE, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
             binding.bind_cpu_input(EPS, eps)
-            pad = np.zeros((bs, 1, *maps.shape[1:]), np.float32)
+            pad = np.zeros((bs, *maps4.shape[1:]), np.float32)
             for start in range(0, k, bs):
                 chunk = maps4[start:start + bs]
                 n = chunk.shape[0]

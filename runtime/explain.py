@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32 (exact, default), int8 (the bundle's quantized classifier, from exporter --int8) "
                         "or fp16 (CUDA only) for the masked passes")
+    p.add_argument("--tf32", action="store_true",
+                   help="on CUDA, allow TF32 tensor-core math for fp32 (Ampere and later; maps differ from "
+                        "the CPU's by ~2e-3; default off: exact)")
     p.add_argument("--threads", metavar="N", type=_positive_int, default=None,
                    help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice, the physical cores)")
     p.add_argument("--preset", choices=list(PRESETS), default="paper",
@@ -305,7 +308,7 @@ def _run(args: argparse.Namespace, stdout, stderr) -> int:
     items = _load_images(args.images, args.max_pixels)
     explainer = Explainer(args.model, device=args.device, batch_size=args.batch_size,
                           preset=args.preset, max_channels=args.max_channels, precision=args.precision,
-                          threads=args.threads, **thirdparty.cli_kwargs(args))
+                          tf32=args.tf32, threads=args.threads, **thirdparty.cli_kwargs(args))
     targets = None
     if args.target:
         try:

@@ -79,6 +79,8 @@ class Explainer:
         precision: ``fp32`` (exact), ``int8`` (the bundle's quantized classifier scores the masked
             inputs; export with ``--int8``) or ``fp16`` (CUDA only). The class decision, score and
             probability always come from the fp32 classifier.
+        tf32: on CUDA, let cuDNN / cuBLAS use TF32 tensor-core math for fp32 (Ampere and later):
+            maps then differ from the CPU's by ~2e-3 instead of ~1e-5 (default False: exact).
         layer, output, input_size, mean, std, scale, bgr, labels: only for a model file without
             bundle metadata (any ONNX image classifier; see :mod:`runtime.thirdparty`): the target
             tensor (None: automatic), the class-score output (None: the first 2-D one) and the
@@ -87,7 +89,7 @@ class Explainer:
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int | None = None,
                  preset: str = "paper", threads: int | None = None, max_channels: int | None = None,
-                 precision: str = "fp32", *, layer: str | None = None, output: str | None = None,
+                 precision: str = "fp32", *, tf32: bool = False, layer: str | None = None, output: str | None = None,
                  input_size: tuple[int, int] | None = None, mean=None, std=None, scale: float | None = None,
                  bgr: bool = False, labels=None) -> None:
         self.preset = get_preset(preset)
@@ -104,7 +106,7 @@ class Explainer:
             self.bundle.load_int8()  # fail now, not in the middle of the first explanation
         self.engine = Engine(self.bundle.model, self.bundle.features, device=device, threads=threads,
                              input_size=self.pre.input_size, precision=precision,
-                             int8_classifier=self.bundle.load_int8)
+                             int8_classifier=self.bundle.load_int8, tf32=tf32)
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
             self.batch_size = self.bundle.max_batch

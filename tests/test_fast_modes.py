@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from exporter.quantize import QuantizeError, calibration_files, main, quantize_bundle
-from runtime import BundleError, EngineError, Explainer
+from runtime import BundleError, EngineError, Explainer, images
 from runtime.contract import FEATURES_FILE, INT8_FILE, BundleMeta, graph_sha256, read_props
 from tests.bundles import make_bundle, photo
 
@@ -148,3 +148,44 @@ def test_fp16_on_cpu_is_a_clean_error(toy):
 def test_unknown_precision_is_refused(toy):
     with pytest.raises(EngineError, match="precision"):
         Explainer(toy, device="cpu", precision="int4")
+
+
+# ------------------------------------------------------------------------- overflow, TF32 option
+def test_reduced_precision_overflow_is_scored_again_in_fp32(toy_int8, monkeypatch, capsys):
+    """fp16 can overflow (inf logits) on a masked input; those rows are re-scored in fp32, never NaN."""
+    from runtime.engine import Engine
+
+    x = images.preprocess(photo(), Explainer(toy_int8, device="cpu").pre)
+    clean = Explainer(toy_int8, device="cpu", precision="int8")
+    want = clean.explain_tensor(x, [1])[0]
+    exact = Explainer(toy_int8, device="cpu").explain_tensor(x, [1])[0]
+    real = Engine._run_chunks
+    calls = []
+
+    def overflowing(self, sess, x, maps4, eps, bs, progress):
+        out = real(self, sess, x, maps4, eps, bs, progress)
+        calls.append(maps4.shape[0])
+        if len(calls) == 1:  # the int8 pass: two rows overflow
+            out[[0, 3]] = np.inf
+            out[5, 0] = np.nan
+        return out
+
+    monkeypatch.setattr(Engine, "_run_chunks", overflowing)
+    ex = Explainer(toy_int8, device="cpu", precision="int8")
+    got = ex.explain_tensor(x, [1])[0]
+    assert calls[1] == 3  # only the three bad rows went through the fp32 scorer
+    assert "int8 overflowed on 3 of" in capsys.readouterr().err
+    assert np.isfinite(got.saliency).all() and np.isfinite(got.weights).all()
+    # the re-scored channels now carry their fp32 weights; the others their int8 ones
+    assert pearson(got.saliency, want.saliency) > 0.9 and pearson(got.saliency, exact.saliency) > 0.9
+
+
+def test_cuda_sessions_ask_for_tf32_only_when_told(toy):
+    from runtime.engine import CPU, CUDA
+
+    ex = Explainer(toy, device="cpu")
+    ex.engine.providers = [CUDA, CPU]  # what the engine would ask onnxruntime-gpu for
+    assert ex.engine._provider_args() == [(CUDA, {"use_tf32": "0"}), CPU]
+    ex.engine.tf32 = True
+    assert ex.engine._provider_args() == [(CUDA, {"use_tf32": "1"}), CPU]
+    assert Explainer(toy, device="cpu", tf32=True).engine._provider_args() == [CPU]
