@@ -37,7 +37,7 @@ ExportFn = Callable[[nn.Module, Path], object]
 def default_layer_order(model: nn.Module) -> list[str]:
     """The top-level modules that hold parameters, last first (a ``ModuleList`` counts item by item).
 
-    For the toy net: ``fc, conv3, stage2, stage1``; for EfficientNet-Lite0: ``_fc, _bn1, _conv_head,
+    For the toy net: ``fc, conv3, stage3, stage2, stage1``; for EfficientNet-Lite0: ``_fc, _bn1, _conv_head,
     _blocks.15, ..., _blocks.0, _bn0, _conv_stem``.
     """
     names: list[str] = []

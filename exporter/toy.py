@@ -2,15 +2,24 @@
 
 ``make_dataset`` draws one object (a filled square, a ring or a cross, 16-26 px) per 64 x 64 RGB
 image at a random place, in a colour drawn from a palette shared by all classes, over a noisy
-background strewn with small dots and thin lines. ``ToyNet`` is a small CNN whose target layer
-``features`` (a ReLU, 32 x 16 x 16 for a 64 x 64 input, receptive field 9 x 9 px) feeds global
-average pooling and a linear layer, so its evidence stays where the object is. ``train_toy``
-trains it on the CPU in seconds, bit-for-bit reproducibly.
+background around mid-grey strewn with small dots and thin lines. ``ToyNet`` is a small CNN whose
+target layer ``features`` (a ReLU, 32 x 32 x 32 for a 64 x 64 input: 2 px per cell, receptive
+field 11 x 11 px) feeds global average pooling and a linear layer, so its evidence stays where the
+object is. ``train_toy`` trains it on the CPU in seconds, bit-for-bit reproducibly on one machine;
+``pretrained`` loads the weights it gave here (seed 0), committed as ``toy_weights.npz`` (40 KB), so
+every machine explains and evaluates the same toy (float rounding differs across CPU instruction
+sets, and a retrained toy differs like another seed). ``python -m exporter.retrain_toy`` rewrites them.
+
+Two choices serve the evaluation metrics (``runtime.metrics``): the 2 px cells let a map hug a
+16 px box (at 4 px per cell even the box itself, upsampled, keeps only ~0.86 of its energy inside),
+and the mid-grey background makes a pixel that a saliency map dims (to 0 after normalisation, i.e.
+grey) look like background, so Average Drop measures how much of the object a map keeps.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +31,8 @@ SCALE = 1.0 / 255.0
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 TARGET_LAYER = "features"
+WEIGHTS = Path(__file__).with_name("toy_weights.npz")
+LIFT = 62.0  # the background's base brightness 20..110 lifted to 82..172, around mid-grey
 
 _PALETTE = np.array(
     [(230, 40, 40), (40, 200, 60), (50, 90, 240), (240, 220, 40), (220, 60, 220), (40, 220, 230)],
@@ -47,7 +58,7 @@ def _shape_mask(kind: int, side: int) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A dim noisy background with a gentle colour gradient, small dots and thin lines."""
+    """A noisy background around mid-grey with a gentle colour gradient, small dots and thin lines."""
     base = rng.uniform(20, 110, size=3).astype(np.float32)
     ramp = np.linspace(-1, 1, size, dtype=np.float32)
     slope = rng.uniform(-25, 25, size=(2, 3)).astype(np.float32)
@@ -65,7 +76,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
                 img[y, x:x + length] = colour
             else:
                 img[y:y + length, x] = colour
-    return img
+    return img + np.float32(LIFT)  # dots and lines too
 
 
 def make_dataset(n: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -106,9 +117,9 @@ def _stage(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 
 class ToyNet(nn.Module):
-    """Strided 3 x 3 conv, 3 x 3 conv + max-pool, 1 x 1 conv + ReLU (``features``), GAP, linear.
+    """Strided 3 x 3 conv, two 3 x 3 convs, 1 x 1 conv + ReLU (``features``), GAP, linear.
 
-    ``features`` is 32 x H/4 x W/4 and each of its units sees only 9 x 9 input pixels, so its
+    ``features`` is 32 x H/2 x W/2 and each of its units sees only 11 x 11 input pixels, so its
     evidence (and a Score-CAM map made from it) stays on the object.
     """
 
@@ -116,15 +127,15 @@ class ToyNet(nn.Module):
         super().__init__()
         self.stage1 = _stage(3, 16, stride=2)
         self.stage2 = _stage(16, 24)
-        self.pool2 = nn.MaxPool2d(2)
+        self.stage3 = _stage(24, 24)
         self.conv3 = nn.Sequential(nn.Conv2d(24, width, 1, bias=False), nn.BatchNorm2d(width))
         self.features = nn.ReLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, num_classes)
 
     def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [N,C], ``features`` activations [N,K,H/4,W/4])."""
-        a = self.features(self.conv3(self.pool2(self.stage2(self.stage1(x)))))
+        """(logits [N,C], ``features`` activations [N,K,H/2,W/2])."""
+        a = self.features(self.conv3(self.stage3(self.stage2(self.stage1(x)))))
         return self.fc(self.pool(a).flatten(1)), a
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,3 +187,21 @@ def train_toy(seed: int = 0, n_train: int = 1536, epochs: int = 16, batch: int =
         return model.eval()
     finally:
         torch.set_num_threads(threads)
+
+
+def save_weights(model: nn.Module, path: Path = WEIGHTS) -> None:
+    """Write ``model``'s state dict as float32/int64 arrays (no pickle) to ``path``."""
+    arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def pretrained(path: Path = WEIGHTS) -> ToyNet:
+    """The committed toy (``train_toy(seed=0)`` as trained here), in eval mode."""
+    model = ToyNet()
+    with np.load(path) as data:
+        state = {k: torch.from_numpy(data[k]) for k in data.files}
+    model.load_state_dict(state)
+    return model.eval()
+

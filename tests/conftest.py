@@ -24,7 +24,7 @@ def samples_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def toy_bundle(tmp_path_factory) -> Path:
-    """A bundle of the ``toy`` recipe (trained here, deterministically): layer ``features`` 32x16x16."""
+    """A bundle of the ``toy`` recipe (trained here, deterministically): layer ``features`` 32x32x32."""
     from exporter import export_recipe
 
     out = tmp_path_factory.mktemp("bundles") / "toy"

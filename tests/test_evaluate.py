@@ -155,9 +155,9 @@ def toy_rows(toy):
     return evaluate(ex, samples, ["scorecam", "random", "center"], steps=25, progress=None)
 
 
-def _ideal_energy(samples, feature_size: int = 16) -> float:
-    """Energy of the best map a 16 x 16 feature map can give: the box itself, area-averaged to the
-    feature grid and upsampled like Score-CAM's map (the bilinear spread leaks out of the box)."""
+def _ideal_energy(samples, feature_size: int) -> float:
+    """Energy of the best map a feature map of this size can give: the box itself, area-averaged to
+    the feature grid and upsampled like Score-CAM's map (the bilinear spread leaks out of the box)."""
     from runtime.metrics import box_mask, energy_pointing_game
 
     out = []
@@ -172,17 +172,21 @@ def _ideal_energy(samples, feature_size: int = 16) -> float:
 def test_scorecam_points_at_the_object_on_the_toy_set(toy, toy_rows):
     s = summarize(toy_rows)
     energy = s["scorecam"]["energy"][0]
-    ceiling = _ideal_energy(toy[2])
+    ceilings = {n: _ideal_energy(toy[2], n) for n in (16, 32)}
     print(f"energy: scorecam {energy:.3f}, random {s['random']['energy'][0]:.3f}, "
-          f"center {s['center']['energy'][0]:.3f}; ideal 16x16 box map {ceiling:.3f}")
-    # The issue asks for >= 0.9, but no map made at the 16 x 16 feature resolution can reach it on
-    # these 16-26 px boxes (the ideal box map scores ~0.85): ask for 80 % of that ceiling instead.
-    assert energy >= 0.8 * ceiling
+          f"center {s['center']['energy'][0]:.3f}; ideal box map at 32x32 {ceilings[32]:.3f}, "
+          f"at 16x16 {ceilings[16]:.3f}")
+    # measured 0.929, the ideal 32 x 32 box map 0.930; at 16 x 16 cells even the ideal map scores
+    # 0.856 < 0.9, which is why the toy's target layer is 32 x 32
+    assert energy >= 0.9
     assert energy > 3 * max(s["random"]["energy"][0], s["center"]["energy"][0])
 
 
 @pytest.mark.parametrize("metric,better", [("avg_drop", "lower"), ("insertion_auc", "higher"), ("gap", "higher")])
 def test_scorecam_beats_the_baselines_on_the_toy_set(toy_rows, metric, better):
+    """Measured on the committed toy (16 images): Average Drop 46.6 vs center 53.5 / random 65.2,
+    insertion 0.888 vs 0.687 / 0.371, gap 0.572 vs 0.245 / 0.003. The Average Drop margin over
+    ``center`` is the committed toy's, not every training seed's (see README, Evaluation)."""
     s = summarize(toy_rows)
     ours = s["scorecam"][metric][0]
     for base in ("random", "center"):
@@ -199,9 +203,9 @@ def test_randomisation_cascade_decorrelates_the_maps(toy, toy_rows, tmp_path):
     model = build_torch("toy")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     order = default_layer_order(model)
-    assert order == ["fc", "conv3", "stage2", "stage1"]
+    assert order == ["fc", "conv3", "stage3", "stage2", "stage1"]
     bundles = randomize_cascade(model, order, tmp_path / "cascade", recipe_export_fn("toy"), seed=0)
-    assert [b.name for b in bundles] == ["01-fc", "02-conv3", "03-stage2", "04-stage1"]
+    assert [b.name for b in bundles] == ["01-fc", "02-conv3", "03-stage3", "04-stage2", "05-stage1"]
     assert all(np.array_equal(v, model.state_dict()[k]) for k, v in before.items())  # original untouched
     records = sanity(samples[:8], toy_rows, "scorecam", tmp_path / "cascade",
                      lambda b: Explainer(b, device="cpu"), progress=None)
@@ -209,7 +213,7 @@ def test_randomisation_cascade_decorrelates_the_maps(toy, toy_rows, tmp_path):
     rho = [s["spearman"] for s in summary]
     ssim = [s["ssim"] for s in summary]
     print("spearman per step", np.round(rho, 3), "ssim", np.round(ssim, 3))
-    # falls as layers are randomised (measured 1.00, 0.71, 0.62, 0.46; SSIM 0.96 -> 0.06)
+    # falls as layers are randomised (measured 1.00, 0.56, 0.58, 0.54, 0.50; SSIM 0.98 -> 0.05)
     assert all(b <= a + 0.1 for a, b in zip(rho, rho[1:], strict=False))
     assert rho[-1] < min(0.65, rho[0] - 0.3)
     assert ssim[-1] < 0.3 and ssim[-1] < ssim[0] - 0.4

@@ -105,7 +105,7 @@ def test_dynamic_batch_in_onnx_runtime(toy_bundle, batch):
     x = np.random.default_rng(batch).normal(size=(batch, 3, 64, 64)).astype(np.float32)
     logits = _session(toy_bundle / MODEL_FILE).run(None, {"input": x})[0]
     feats = _session(toy_bundle / FEATURES_FILE).run(None, {"input": x})[0]
-    assert logits.shape == (batch, 3) and feats.shape == (batch, 32, 16, 16)
+    assert logits.shape == (batch, 3) and feats.shape == (batch, 32, 32, 32)
     assert (feats >= 0).all()  # a ReLU output
 
 
@@ -126,7 +126,7 @@ def test_report_says_what_was_exported_and_verified(toy_bundle):
     assert r["layer"] == "features" and r["num_classes"] == 3 and r["labels"] == 3
     assert r["input"]["shape"][1:] == [3, 64, 64]
     assert r["output"] == {"name": "logits", "kind": "logits", "shape": [r["input"]["shape"][0], 3]}
-    assert (r["features"]["K"], r["features"]["h"], r["features"]["w"]) == (32, 16, 16)
+    assert (r["features"]["K"], r["features"]["h"], r["features"]["w"]) == (32, 32, 32)
     assert set(r["versions"]) >= {"exporter", "opset", "torch", "onnx", "onnxruntime"}
     for name in (MODEL_FILE, FEATURES_FILE):
         assert r["files"][name]["bytes"] == (toy_bundle / name).stat().st_size

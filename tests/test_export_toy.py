@@ -40,6 +40,26 @@ def test_toy_accuracy_held_out():
     assert toy.accuracy(build_torch("toy"), images, labels) >= 0.95
 
 
+def test_training_from_scratch_gives_a_working_toy(toy_data):
+    """The committed weights come from ``train_toy(seed=0)``; training again, here, still gives a toy
+    that classifies and localises (bit-equal weights only on a CPU like the one that wrote them)."""
+    images, labels, boxes = toy_data
+    model = toy.train_toy(seed=0)
+    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  toy.pretrained().state_dict().values(), strict=True))
+    print(f"retrained toy equals the committed weights: {same}")
+    assert toy.accuracy(model, images, labels) >= 0.95
+    assert _energy(model, images, boxes) >= 0.8
+
+
+def test_save_and_load_weights_round_trip(tmp_path):
+    model = toy.ToyNet().eval()
+    toy.save_weights(model, tmp_path / "w.npz")
+    again = toy.pretrained(tmp_path / "w.npz")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(),
+                                                 strict=True))
+
+
 def test_toy_target_layer_shape():
     net = build_torch("toy")
     taken = []
@@ -47,7 +67,7 @@ def test_toy_target_layer_shape():
     with torch.no_grad():
         net(torch.zeros(2, 3, 64, 64))
     handle.remove()
-    assert taken[-1].shape == (2, 32, 16, 16)
+    assert taken[-1].shape == (2, 32, 32, 32)
 
 
 def _scorecam(net, x: torch.Tensor) -> torch.Tensor:
@@ -67,11 +87,15 @@ def _scorecam(net, x: torch.Tensor) -> torch.Tensor:
         return (cam - lo) / (hi - lo + 1e-8)
 
 
-def test_toy_features_are_localised(toy_data):
-    """Score-CAM on the toy model puts most of the saliency inside the object's box (mean >= 0.8)."""
-    images, _, boxes = toy_data
-    net = build_torch("toy")
+def _energy(net, images: np.ndarray, boxes: np.ndarray) -> float:
+    """Mean share of the torch Score-CAM map inside each object's box."""
     x = toy.preprocess(images)
     cams = torch.cat([_scorecam(net, x[i:i + 16]) for i in range(0, len(x), 16)])
     inside = [float(cam[y0:y1, x0:x1].sum() / cam.sum()) for cam, (x0, y0, x1, y1) in zip(cams, boxes, strict=True)]
-    assert np.mean(inside) >= 0.8
+    return float(np.mean(inside))
+
+
+def test_toy_features_are_localised(toy_data):
+    """Score-CAM on the toy model puts most of the saliency inside the object's box (measured 0.93)."""
+    images, _, boxes = toy_data
+    assert _energy(build_torch("toy"), images, boxes) >= 0.9
