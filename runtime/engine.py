@@ -1,11 +1,17 @@
-"""ONNX Runtime sessions: providers, the three graphs (features, classifier, scorer) and chunked scoring.
+"""ONNX Runtime sessions: providers, the graphs (features, classifier, scorer) and chunked scoring.
 
-Sessions are created once and reused. The scorer (mask nodes + classifier, see ``maskgraph``) is
-built lazily per mask kind. Scoring runs chunk by chunk, so memory grows with the batch size and
-never with the channel count K. On CUDA the image is bound on the device once (IO binding), every
-chunk has the same size (the last one padded with all-zero maps) so cuDNN's algorithm search runs
-once, and only the [B,1,h,w] maps and the [B,C] scores cross the bus. TF32 tensor-core math is off
-unless asked for (``tf32=True``), so fp32 maps on the GPU match the CPU's to about 1e-5.
+Sessions are created once and reused. The *main* session is the scorer (mask nodes + classifier,
+see ``maskgraph``) of the explainer's mask kind, with the target layer as a second output and an
+offset input: one run with an all-zero map and offset 1 gives the image's logits and activations,
+and the same session scores the masks, so the weights are loaded once, not three times
+(classifier, feature graph, scorer). Plain classifier and feature-graph sessions are made only
+when asked for (``classifier``, ``features``: batches of images, the benchmark's floor).
+
+Scoring runs chunk by chunk, so memory grows with the batch size and never with the channel count K.
+On CUDA the image is bound on the device once (IO binding), every chunk has the same size (the last
+one padded with all-zero maps) so cuDNN's algorithm search runs once, and only the [B,1,h,w] maps
+and the [B,C] scores cross the bus. TF32 tensor-core math is off unless asked for (``tf32=True``),
+so fp32 maps on the GPU match the CPU's to about 1e-5.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .maskgraph import EPS, IMAGE, MAPS, build_scorer
-from .scorecam import MaskSpec
+from .maskgraph import EPS, IMAGE, MAPS, OFFSET, build_scorer
+from .scorecam import MaskSpec, get_preset
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -78,7 +84,7 @@ class Engine:
     def __init__(self, classifier: onnx.ModelProto, features: onnx.ModelProto, device: str = "auto",
                  threads: int | None = None, input_size: tuple[int, int] = (224, 224),
                  precision: str = "fp32", int8_classifier: Callable[[], onnx.ModelProto] | None = None,
-                 tf32: bool = False) -> None:
+                 tf32: bool = False, mask: MaskSpec | None = None) -> None:
         if precision not in PRECISIONS:
             raise EngineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.device = device
@@ -87,15 +93,27 @@ class Engine:
         self.precision = precision
         self.tf32 = bool(tf32)
         self.classifier_proto = classifier  # the fp32 classifier graph, for graphs built on top of it
+        self.features_proto = features
         self._int8_classifier = int8_classifier
         self.providers = providers_for(device)
         if precision == "fp16" and self.providers[0] != CUDA:
             raise EngineError("precision 'fp16' needs the CUDA provider; on CPU use 'fp32' or 'int8'")
-        self.classifier = self.session(classifier, "classifier")
-        self.features = self.session(features, "feature graph")
+        self.mask = mask if mask is not None else get_preset("paper").mask
+        inits = {i.name for i in classifier.graph.initializer}
+        inputs = [i for i in classifier.graph.input if i.name not in inits]
+        if not inputs or not classifier.graph.output or not features.graph.output:
+            raise EngineError("the classifier or the feature graph has no input or no output")
+        self.input_name = inputs[0].name
+        self.class_output = classifier.graph.output[0].name
+        self.features_output = features.graph.output[0].name
+        produced = {o for n in classifier.graph.node for o in n.output}
+        self.fused = self.features_output in produced  # the target layer is a tensor of the classifier
+        self._plain: dict[str, ort.InferenceSession] = {}
         self._scorers: dict[str, ort.InferenceSession] = {}  # by mask kind and precision
-        self.class_output = self.classifier.get_outputs()[0].name
-        self.features_output = self.features.get_outputs()[0].name
+        if self.fused:
+            self.scorer(self.mask, "fp32")  # the main session, now: a graph ONNX Runtime refuses fails here
+        else:
+            self.classifier, self.features  # noqa: B018 - both made now, for the same reason
 
     # -------------------------------------------------------------------------------- sessions
     def session(self, proto: onnx.ModelProto, what: str) -> ort.InferenceSession:
@@ -118,6 +136,26 @@ class Engine:
         """The providers with their options: CUDA without TF32 unless ``tf32`` (cuDNN and cuBLAS would
         otherwise round fp32 convolutions and GEMMs to a 10-bit mantissa on Ampere and later)."""
         return [(p, {"use_tf32": "1" if self.tf32 else "0"}) if p == CUDA else p for p in self.providers]
+
+    @property
+    def classifier(self) -> ort.InferenceSession:
+        """A plain session of the classifier (made on first use)."""
+        if "classifier" not in self._plain:
+            self._plain["classifier"] = self.session(self.classifier_proto, "classifier")
+        return self._plain["classifier"]
+
+    @property
+    def features(self) -> ort.InferenceSession:
+        """A plain session of the feature graph (made on first use)."""
+        if "features" not in self._plain:
+            self._plain["features"] = self.session(self.features_proto, "feature graph")
+        return self._plain["features"]
+
+    @property
+    def num_classes(self) -> int | None:
+        """The class dimension of the classifier's output, when the graph states it."""
+        dims = self.classifier_proto.graph.output[0].type.tensor_type.shape.dim
+        return int(dims[-1].dim_value) if dims and dims[-1].dim_value > 0 else None
 
     @property
     def provider(self) -> str:
@@ -152,24 +190,48 @@ class Engine:
         precision = precision or self.precision
         key = f"{spec.key}/{precision}"
         if key not in self._scorers:
+            main = self._is_main(spec, precision)
             proto = build_scorer(self.scoring_classifier(precision), spec, self.input_size,
-                                 input_name=self.classifier.get_inputs()[0].name)
+                                 input_name=self.input_name, offset=main,
+                                 extra_outputs=[self.features_output] if main else ())
             self._scorers[key] = self.session(proto, "scoring graph")
         return self._scorers[key]
+
+    def _is_main(self, spec: MaskSpec, precision: str) -> bool:
+        return self.fused and precision == "fp32" and spec.key == self.mask.key
 
     # ----------------------------------------------------------------------------------- running
     def classify(self, x: np.ndarray) -> np.ndarray:
         """Classifier outputs [N,C] for preprocessed [N,3,H,W]."""
-        name = self.classifier.get_inputs()[0].name
-        return self.classifier.run([self.class_output], {name: x.astype(np.float32, copy=False)})[0]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.fused and x.shape[0] == 1:
+            return self._main_run(x, [self.class_output])[0]
+        return self.classifier.run([self.class_output], {self.input_name: x})[0]
 
     def activations(self, x: np.ndarray) -> np.ndarray:
         """Target-layer activations [K,h,w] of one preprocessed image [1,3,H,W]."""
-        name = self.features.get_inputs()[0].name
-        out = self.features.run([self.features_output], {name: x.astype(np.float32, copy=False)})[0]
+        return self.classify_and_activations(x)[1]
+
+    def classify_and_activations(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(outputs [1,C], activations [K,h,w]) of one preprocessed image [1,3,H,W], in one pass."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.fused:
+            logits, out = self._main_run(x, [self.class_output, self.features_output])
+        else:
+            logits = self.classifier.run([self.class_output], {self.input_name: x})[0]
+            out = self.features.run([self.features_output], {self.features.get_inputs()[0].name: x})[0]
         if out.ndim != 4:
             raise EngineError(f"the feature graph returned a {out.ndim}-D tensor; a [N,K,h,w] map is needed")
-        return out[0]
+        return logits, out[0]
+
+    def _main_run(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        """The main session on one image: an all-zero map (the zero mask in every preset) plus offset 1
+        makes the masked input ``x * 1``, i.e. ``x``. ``eps`` is 1 here, so that norm(0) = 0 / (0 + eps)
+        is 0 even for the presets whose eps is 0."""
+        sess = self.scorer(self.mask, "fp32")
+        one = np.ones((1, 1, 1, 1), np.float32)
+        return sess.run(outputs, {IMAGE: x, MAPS: np.zeros((1, 1, 1, 1), np.float32),
+                                  EPS: np.asarray(1.0, np.float32), OFFSET: one})
 
     def score(self, x: np.ndarray, maps: np.ndarray, spec: MaskSpec, batch_size: int | None = None,
               progress: Progress | None = None) -> np.ndarray:
@@ -197,10 +259,13 @@ class Engine:
         out_name = sess.get_outputs()[0].name
         k = maps4.shape[0]
         results: list[np.ndarray] = []
+        has_offset = any(i.name == OFFSET for i in sess.get_inputs())  # the main session: offset 0 here
         if self.on_cuda:
             binding = sess.io_binding()
             binding.bind_ortvalue_input(IMAGE, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
             binding.bind_cpu_input(EPS, eps)
+            if has_offset:
+                binding.bind_cpu_input(OFFSET, np.zeros((bs, 1, 1, 1), np.float32))
             pad = np.zeros((bs, *maps4.shape[1:]), np.float32)
             for start in range(0, k, bs):
                 chunk = maps4[start:start + bs]
@@ -218,7 +283,10 @@ class Engine:
         else:
             for start in range(0, k, bs):
                 chunk = maps4[start:start + bs]
-                results.append(sess.run([out_name], {IMAGE: x, MAPS: chunk, EPS: eps})[0])
+                feeds = {IMAGE: x, MAPS: chunk, EPS: eps}
+                if has_offset:
+                    feeds[OFFSET] = np.zeros((chunk.shape[0], 1, 1, 1), np.float32)
+                results.append(sess.run([out_name], feeds)[0])
                 if progress:
                     progress(min(start + bs, k), k)
         return np.concatenate(results, axis=0) if results else np.zeros((0, 0), np.float32)

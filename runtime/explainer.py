@@ -106,7 +106,7 @@ class Explainer:
             self.bundle.load_int8()  # fail now, not in the middle of the first explanation
         self.engine = Engine(self.bundle.model, self.bundle.features, device=device, threads=threads,
                              input_size=self.pre.input_size, precision=precision,
-                             int8_classifier=self.bundle.load_int8, tf32=tf32)
+                             int8_classifier=self.bundle.load_int8, tf32=tf32, mask=self.preset.mask)
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
             self.batch_size = self.bundle.max_batch
@@ -122,7 +122,7 @@ class Explainer:
 
     @property
     def num_classes(self) -> int:
-        return int(self.engine.classifier.get_outputs()[0].shape[-1] or len(self.labels))
+        return int(self.engine.num_classes or len(self.labels))
 
     @property
     def labels(self) -> list[str]:
@@ -198,9 +198,9 @@ class Explainer:
         """Explain an already-preprocessed float32 [1,3,H,W] input -> one Result per class."""
         t0 = time.perf_counter()
         x = self._check_tensor(x)
-        base = self.engine.classify(x)[0].astype(np.float64)
+        logits, acts = self.engine.classify_and_activations(x)
+        base = logits[0].astype(np.float64)
         classes = self.resolve_targets(targets, base, top_k)
-        acts = self.engine.activations(x)
         skipped = constant_channels(acts)
         scored = self.channels_to_score(acts, skipped)
         masked = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0], progress)

@@ -13,6 +13,8 @@ made on the device and never crosses the bus.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -23,6 +25,7 @@ MAPS = "scorecam_maps"
 EPS = "scorecam_eps"
 NOISE = "scorecam_noise"  # optional [B,1,H,W], added to the masks (SS-CAM)
 GAIN = "scorecam_gain"  # optional [B,1,1,1], multiplies the masks (IS-CAM)
+OFFSET = "scorecam_offset"  # optional [B,1,1,1], added to the masks: 1 with an all-zero map scores x itself
 _P = "scorecam_mask/"
 
 
@@ -41,11 +44,13 @@ def _const(name: str, values, dtype=None):
 
 
 def mask_nodes(spec: MaskSpec, size: tuple[int, int], opset: int, out: str, noise: bool = False,
-               gain: bool = False) -> list[onnx.NodeProto]:
+               gain: bool = False, offset: bool = False) -> list[onnx.NodeProto]:
     """Nodes turning ``MAPS`` [B,1,h,w] (and ``IMAGE``, ``EPS``) into the masked batch ``out``.
 
     ``noise``: the masks become ``H_b + NOISE_b`` (SS-CAM); ``gain``: they become ``GAIN_b * H_b``
-    (IS-CAM). Both default off, which leaves the graph exactly as Score-CAM needs it.
+    (IS-CAM); ``offset``: they become ``H_b + OFFSET_b``. All default off, which leaves the graph
+    exactly as Score-CAM needs it. An all-zero map has the all-zero mask in every preset, so with
+    ``OFFSET_b = 1`` its row is ``image * 1``, the image itself, bit for bit.
     """
     import numpy as np
 
@@ -111,16 +116,23 @@ def mask_nodes(spec: MaskSpec, size: tuple[int, int], opset: int, out: str, nois
     if gain:
         nodes.append(helper.make_node("Mul", [masks, GAIN], [_P + "gained"]))
         masks = _P + "gained"
+    if offset:
+        nodes.append(helper.make_node("Add", [masks, OFFSET], [_P + "offset"]))
+        masks = _P + "offset"
     nodes.append(helper.make_node("Mul", [IMAGE, masks], [out]))
     return nodes
 
 
 def build_scorer(classifier: onnx.ModelProto, spec: MaskSpec, size: tuple[int, int],
-                 input_name: str | None = None, noise: bool = False, gain: bool = False) -> onnx.ModelProto:
+                 input_name: str | None = None, noise: bool = False, gain: bool = False,
+                 offset: bool = False, extra_outputs: Sequence[str] = ()) -> onnx.ModelProto:
     """The classifier with the mask nodes in front: inputs ``IMAGE``, ``MAPS``, ``EPS``; same outputs.
 
     ``input_name`` is the classifier input the masked batch feeds (default: its only real input).
-    ``noise`` / ``gain`` add the inputs ``NOISE`` [B,1,H,W] / ``GAIN`` [B,1,1,1] (see :func:`mask_nodes`).
+    ``noise`` / ``gain`` / ``offset`` add the inputs ``NOISE`` [B,1,H,W] / ``GAIN`` [B,1,1,1] /
+    ``OFFSET`` [B,1,1,1] (see :func:`mask_nodes`). ``extra_outputs`` names intermediate tensors of
+    the classifier to output too (the target layer: one session then gives the logits and the
+    activations of the image, and scores the masks, with one copy of the weights).
     """
     model = onnx.ModelProto()
     model.CopyFrom(classifier)
@@ -135,12 +147,19 @@ def build_scorer(classifier: onnx.ModelProto, spec: MaskSpec, size: tuple[int, i
     if target is None:
         raise ValueError(f"the classifier has no input named {input_name!r}")
     elem = target.type.tensor_type.elem_type
-    nodes = mask_nodes(spec, size, _opset(model), input_name, noise=noise, gain=gain)
+    nodes = mask_nodes(spec, size, _opset(model), input_name, noise=noise, gain=gain, offset=offset)
+    produced = {o for n in g.node for o in n.output}
+    for name in extra_outputs:
+        if name not in produced:
+            raise ValueError(f"the classifier computes no tensor named {name!r}")
+        g.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     extra = []
     if noise:
         extra.append(helper.make_tensor_value_info(NOISE, elem, ["chunk", 1, size[0], size[1]]))
     if gain:
         extra.append(helper.make_tensor_value_info(GAIN, elem, ["chunk", 1, 1, 1]))
+    if offset:
+        extra.append(helper.make_tensor_value_info(OFFSET, elem, ["chunk", 1, 1, 1]))
     kept_inputs = [i for i in g.input if i.name != input_name]
     del g.input[:]
     g.input.extend([

@@ -136,7 +136,7 @@ def _scorer(engine, spec, noise: bool, gain: bool):
     key = (spec.key, noise, gain)
     if key not in cache:
         proto = build_scorer(engine.scoring_classifier(), spec, engine.input_size,
-                             input_name=engine.classifier.get_inputs()[0].name, noise=noise, gain=gain)
+                             input_name=engine.input_name, noise=noise, gain=gain)
         cache[key] = engine.session(proto, "scoring graph")
     return cache[key]
 
@@ -173,8 +173,8 @@ def repeated_scores(engine, x: np.ndarray, acts: np.ndarray, spec, passes: int,
 def _repeated_map(explainer, x, class_index, preset, passes, noise=None, gains=None) -> np.ndarray:
     p = get_preset(preset)
     engine = explainer.engine
-    base = engine.classify(x)[0].astype(np.float64)
-    acts = engine.activations(x)
+    logits, acts = engine.classify_and_activations(x)
+    base = logits[0].astype(np.float64)
     skipped = constant_channels(acts)
     scored = ~skipped if p.skip_constant else np.ones(acts.shape[0], bool)
     masked = np.zeros((acts.shape[0], base.shape[0]), np.float64)

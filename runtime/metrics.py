@@ -250,7 +250,7 @@ def _session(engine, kind: str):
     """The engine's session of the ``product`` or ``perturb`` graph (built once per engine)."""
     cache = _SESSIONS.setdefault(engine, {})
     if kind not in cache:
-        name = engine.classifier.get_inputs()[0].name
+        name = engine.input_name
         build = product_graph if kind == "product" else perturb_graph
         proto = build(engine.classifier_proto, engine.input_size, name)
         cache[kind] = engine.session(proto, f"{kind} metric graph")

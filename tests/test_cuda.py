@@ -83,8 +83,9 @@ def test_toy_maps_match_the_cpu(toy_bundle, toy_data, preset):
 
 def test_tf32_is_opt_in(toy_bundle, toy_data):
     exact, fast = Explainer(toy_bundle, device="cuda"), Explainer(toy_bundle, device="cuda", tf32=True)
-    assert exact.engine.classifier.get_provider_options()[CUDA]["use_tf32"] == "0"
-    assert fast.engine.classifier.get_provider_options()[CUDA]["use_tf32"] == "1"
+    for ex, want in ((exact, "0"), (fast, "1")):
+        assert ex.engine.scorer(ex.engine.mask).get_provider_options()[CUDA]["use_tf32"] == want
+        assert ex.engine.classifier.get_provider_options()[CUDA]["use_tf32"] == want
     a, b = exact.explain(toy_data[0][0])[0], fast.explain(toy_data[0][0])[0]
     print(f"toy tf32 vs exact: max diff {np.abs(a.saliency - b.saliency).max():.2e}")
     assert _pearson(a.saliency, b.saliency) >= 0.999
