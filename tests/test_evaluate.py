@@ -188,6 +188,7 @@ def test_scorecam_beats_the_baselines_on_the_toy_set(toy_rows, metric, better):
     insertion 0.888 vs 0.687 / 0.371, gap 0.572 vs 0.245 / 0.003. The Average Drop margin over
     ``center`` is the committed toy's, not every training seed's (see README, Evaluation)."""
     s = summarize(toy_rows)
+    print(f"{metric}: " + ", ".join(f"{m} {s[m][metric][0]:.3f}" for m in ("scorecam", "random", "center")))
     ours = s["scorecam"][metric][0]
     for base in ("random", "center"):
         theirs = s[base][metric][0]
