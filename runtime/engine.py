@@ -116,10 +116,12 @@ class Engine:
             self.classifier, self.features  # noqa: B018 - both made now, for the same reason
 
     # -------------------------------------------------------------------------------- sessions
-    def session(self, proto: onnx.ModelProto, what: str) -> ort.InferenceSession:
-        """An ONNX Runtime session of ``proto`` on this engine's providers (CPU fallback, one-line errors)."""
+    def session(self, proto: onnx.ModelProto | bytes, what: str) -> ort.InferenceSession:
+        """An ONNX Runtime session of ``proto`` (or its serialized bytes) on this engine's providers
+        (CPU fallback, one-line errors)."""
+        data = proto if isinstance(proto, bytes) else proto.SerializeToString()
         try:
-            sess = ort.InferenceSession(proto.SerializeToString(), session_options(self.threads),
+            sess = ort.InferenceSession(data, session_options(self.threads),
                                         providers=self._provider_args())
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineError(f"ONNX Runtime cannot load the {what}: {str(e).splitlines()[0]}") from None
@@ -129,7 +131,7 @@ class Engine:
                                   "(check the CUDA/cuDNN libraries onnxruntime-gpu needs)")
             _warn("the CUDA provider failed to load; running on CPU")
             self.providers = [CPU]
-            return self.session(proto, what)
+            return self.session(data, what)
         return sess
 
     def _provider_args(self) -> list:
@@ -191,10 +193,11 @@ class Engine:
         key = f"{spec.key}/{precision}"
         if key not in self._scorers:
             main = self._is_main(spec, precision)
-            proto = build_scorer(self.scoring_classifier(precision), spec, self.input_size,
-                                 input_name=self.input_name, offset=main,
-                                 extra_outputs=[self.features_output] if main else ())
-            self._scorers[key] = self.session(proto, "scoring graph")
+            # serialized at once, so the graph's copy of the weights is freed before ONNX Runtime makes its own
+            data = build_scorer(self.scoring_classifier(precision), spec, self.input_size,
+                                input_name=self.input_name, offset=main,
+                                extra_outputs=[self.features_output] if main else ()).SerializeToString()
+            self._scorers[key] = self.session(data, "scoring graph")
         return self._scorers[key]
 
     def _is_main(self, spec: MaskSpec, precision: str) -> bool:

@@ -135,9 +135,9 @@ def _scorer(engine, spec, noise: bool, gain: bool):
     cache = _SCORERS.setdefault(engine, {})
     key = (spec.key, noise, gain)
     if key not in cache:
-        proto = build_scorer(engine.scoring_classifier(), spec, engine.input_size,
-                             input_name=engine.input_name, noise=noise, gain=gain)
-        cache[key] = engine.session(proto, "scoring graph")
+        data = build_scorer(engine.scoring_classifier(), spec, engine.input_size, input_name=engine.input_name,
+                            noise=noise, gain=gain).SerializeToString()  # the graph's weights freed at once
+        cache[key] = engine.session(data, "scoring graph")
     return cache[key]
 
 

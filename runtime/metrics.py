@@ -252,8 +252,8 @@ def _session(engine, kind: str):
     if kind not in cache:
         name = engine.input_name
         build = product_graph if kind == "product" else perturb_graph
-        proto = build(engine.classifier_proto, engine.input_size, name)
-        cache[kind] = engine.session(proto, f"{kind} metric graph")
+        data = build(engine.classifier_proto, engine.input_size, name).SerializeToString()
+        cache[kind] = engine.session(data, f"{kind} metric graph")
     return cache[kind]
 
 
