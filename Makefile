@@ -7,13 +7,13 @@ STAMP  := $(VENV)/.installed
 MODEL  := models/efficientnet_lite0
 OUT    ?= out/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-deps lint bench serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[export,test]'
+	$(BIN)/python -m pip install -q -e '.[export,test,serve,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,9 +25,16 @@ demo: $(MODEL)/model.onnx
 	$(BIN)/python -m runtime.explain $(MODEL) samples/chelsea.png --top-k 1 --out $(OUT)
 	@echo "overlay written: $(OUT)/chelsea.*.png"
 
-test: $(STAMP)
+test-deps:
+	scripts/install-test-deps.sh
+
+# SCORECAM_STRICT_TOOLS: a test whose outside tool (chromium, node, ray) is missing fails instead of skipping
+test: $(STAMP) test-deps
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -q
+	SCORECAM_STRICT_TOOLS=1 $(BIN)/python -m pytest -q
+
+serve: $(MODEL)/model.onnx
+	$(BIN)/python -m runtime.serve $(MODEL)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
