@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -151,6 +152,10 @@ def serve(args: argparse.Namespace) -> int:
         def handle_exit(self, sig, frame) -> None:  # SIGTERM / SIGINT: refuse new work at once
             app.state.scorecam.closing = True
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # a graceful stop is a success: exit 0, not uvicorn's re-raised SIGTERM
+                captured = getattr(self, "_captured_signals", None)
+                if isinstance(captured, list) and signal.SIGTERM in captured:
+                    captured.remove(signal.SIGTERM)
 
     def fatal(message: str) -> None:
         failed.append(message)
