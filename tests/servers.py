@@ -26,13 +26,15 @@ class ServeProcess:
     """``python -m runtime.serve ARGS --port P`` with this checkout on PYTHONPATH; log kept in a temp file."""
 
     def __init__(self, *args: str, python: str = sys.executable, env: dict | None = None, ready: bool = True,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 120.0, installed: bool = False) -> None:
+        """``installed``: run the package installed in ``python``'s environment, not this checkout."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = tempfile.NamedTemporaryFile(prefix="scorecam-serve-", suffix=".log", delete=False)
-        full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+        full_env = dict(os.environ, PYTHONPATH="" if installed else str(ROOT), **(env or {}))
         self.proc = subprocess.Popen([python, "-m", "runtime.serve", *map(str, args), "--port", str(self.port)],
-                                     cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+                                     cwd=tempfile.gettempdir() if installed else ROOT, env=full_env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
         if ready:
             self.wait_ready(timeout)
 

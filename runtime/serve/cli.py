@@ -21,6 +21,7 @@ from ..engine import DEVICES
 from ..scorecam import PRESETS
 
 EXIT_USAGE = 2
+MODEL_ENV = "SCORECAM_MODEL"  # MODEL when none is given (the container sets /mnt/models)
 log = logging.getLogger("scorecam.serve")
 
 EPILOG = """\
@@ -81,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Serve Score-CAM explanations over HTTP: KServe V1 :explain, Open Inference Protocol "
                             "V2, Prometheus /metrics and a web page.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", metavar="MODEL", nargs="+", help="bundle dir, .onnx file, folder of bundles, or name")
+    p.add_argument("models", metavar="MODEL", nargs="*",
+                   help=f"bundle dir, .onnx file, folder of bundles, or name (default: ${MODEL_ENV}, as set in the "
+                        "container image)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a "
                                                        "container)")
     p.add_argument("--port", "--http_port", dest="port", type=int, default=8080, help="port (default 8080)")
@@ -130,6 +133,10 @@ def serve(args: argparse.Namespace) -> int:
     from .app import CONFIG_ENV, create_app
     from .models import find_models
 
+    if not args.models:
+        if not os.environ.get(MODEL_ENV):
+            raise UsageError(f"no MODEL given (a bundle dir, a .onnx file or a folder of bundles; or set ${MODEL_ENV})")
+        args.models = [os.environ[MODEL_ENV]]
     config = config_from_args(args)
     specs = find_models(config.models, config.model_name)  # a bad MODEL fails here, before listening
     if args.list_layers:

@@ -121,7 +121,8 @@ async function explain() {
   showError("");
   const typed = $("label").value.trim();
   const target = typed ? (/^\d+$/.test(typed) ? Number(typed) : typed) : Number($("target").value);
-  const params = { preset: $("preset").value, overlay: true, alpha: 1.0, max_channels: $("fast").checked ? 64 : 0 };
+  const params = { preset: $("preset").value, overlay: true, alpha: 1.0 };
+  if ($("fast").checked) params.max_channels = 64;  // unchecked: the server's default (--max-channels)
   $("go").disabled = true;
   status("explaining...");
   const t0 = performance.now();
