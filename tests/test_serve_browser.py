@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import httpx
-import pytest
 from conftest import require_tool
 from servers import ServeProcess
 
