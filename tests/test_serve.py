@@ -427,6 +427,11 @@ def test_cli_help_and_bad_models(models, tmp_path):
         lines = out.stderr.strip().splitlines()
         assert lines[-1].startswith("error: ") and text in lines[-1], out.stderr
         assert "Traceback" not in out.stderr
+    with socket.socket() as taken:  # the port is in use: one line, exit 2, no abort from a half-built session
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        out = _cli(models / "zoo", "--port", taken.getsockname()[1])
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: cannot listen"), out.stderr
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "model.onnx").write_bytes(b"not onnx")

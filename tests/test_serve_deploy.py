@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 import subprocess
 import sys
 
@@ -40,9 +41,28 @@ def test_kserve_manifest_explainer_timeout_exceeds_the_servers():
     assert probe == {"path": "/v2/health/ready", "port": 8080}
 
 
+def docker_context(dest):
+    """What deploy/Dockerfile's COPY lines put into the image, copied into ``dest`` (the image's /app)."""
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            *sources, target = line.split()[1:]
+            for src in sources:
+                to = dest / target / src if target.endswith("/") and len(sources) > 1 or target == "./" \
+                    else dest / target
+                if (ROOT / src).is_dir():
+                    shutil.copytree(ROOT / src, to, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    to.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(ROOT / src, to)
+    return dest
+
+
 def test_install_script_in_a_fresh_venv_then_serve(tmp_path):
+    """deploy/install.sh run in a copy of the Dockerfile's build context (only what it COPYs), as the image would."""
     venv = tmp_path / "venv"
-    out = subprocess.run(["bash", str(DEPLOY / "install.sh"), str(venv)], capture_output=True, text=True,
+    ctx = docker_context(tmp_path / "app")
+    assert sorted(p.name for p in ctx.iterdir()) == ["README.md", "deploy", "pyproject.toml", "runtime"]
+    out = subprocess.run(["bash", str(ctx / "deploy" / "install.sh"), str(venv)], capture_output=True, text=True,
                          timeout=1200, env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path),
                                             "PYTHON": sys.executable})
     assert out.returncode == 0, out.stdout + out.stderr

@@ -100,6 +100,11 @@ class State:
             self._thread = threading.Thread(target=self._load_now, name="load-models", daemon=True)
             self._thread.start()
 
+    def wait_loaded(self, timeout: float | None = None) -> None:
+        """Wait for the loading thread (a process must not exit while ONNX Runtime builds a session)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def _load_now(self) -> None:
         try:
             models = self._loader()

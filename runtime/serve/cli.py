@@ -137,10 +137,10 @@ def serve(args: argparse.Namespace) -> int:
         if not os.environ.get(MODEL_ENV):
             raise UsageError(f"no MODEL given (a bundle dir, a .onnx file or a folder of bundles; or set ${MODEL_ENV})")
         args.models = [os.environ[MODEL_ENV]]
-    config = config_from_args(args)
-    specs = find_models(config.models, config.model_name)  # a bad MODEL fails here, before listening
     if args.list_layers:
         raise UsageError("--list-layers belongs to python -m runtime.explain")
+    config = config_from_args(args)
+    specs = find_models(config.models, config.model_name)  # a bad MODEL fails here, before listening
     if args.predictor_host:
         log.info("--predictor_host %s is accepted but unused: the model runs inside this process", args.predictor_host)
     log.info("serving %s on http://%s:%d/ (max concurrency %d, queue %d, timeout %gs)",
@@ -172,8 +172,12 @@ def serve(args: argparse.Namespace) -> int:
     server = Server(uvicorn.Config(app, **common))
     try:
         server.run()
-    except OSError as e:  # the port is taken, ...
+    except OSError as e:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    except SystemExit:  # uvicorn exits when it cannot bind (the port is taken, ...), after logging why
+        raise UsageError(f"cannot listen on {args.host}:{args.port} (see the log line above)") from None
+    finally:
+        app.state.scorecam.wait_loaded()
     if failed:
         print(f"error: {failed[0]}", file=sys.stderr)
         return EXIT_USAGE
