@@ -172,10 +172,15 @@ def load(server: Server, name: str, image: Path, clients: int, requests: int | N
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     for t in threads:
         t.start()
-    while any(t.is_alive() for t in threads):
-        if sample_rss:
-            rss.append((time.perf_counter() - t_start, rss_mb(server.proc.pid)))
-        time.sleep(0.5)
+    health: list[float] = []
+    with httpx.Client(timeout=30) as probe:
+        while any(t.is_alive() for t in threads):
+            if sample_rss:  # the soak: the server's RSS, and how fast liveness answers while it works
+                rss.append((time.perf_counter() - t_start, rss_mb(server.proc.pid)))
+                t0 = time.perf_counter()
+                probe.get(server.url + "/v2/health/live")
+                health.append(time.perf_counter() - t0)
+            time.sleep(0.5)
     for t in threads:
         t.join()
     wall = time.perf_counter() - t_start
@@ -184,7 +189,8 @@ def load(server: Server, name: str, image: Path, clients: int, requests: int | N
     if sample_rss and rss:
         at10 = next((m for t, m in rss if t >= 10.0), rss[0][1])
         res.update(rss_at_10s_mb=at10, rss_end_mb=rss[-1][1], rss_growth=rss[-1][1] / at10 - 1,
-                   rss_max_mb=max(m for _, m in rss))
+                   rss_max_mb=max(m for _, m in rss), health_p50_s=pct(health, 50), health_p95_s=pct(health, 95),
+                   health_max_s=max(health))
     return res
 
 
@@ -223,6 +229,9 @@ def markdown(res: dict) -> str:
               f"{s.get('rss_end_mb', float('nan')):.0f} MB at the end "
               f"({100 * s.get('rss_growth', float('nan')):+.1f} %), "
               f"max {s.get('rss_max_mb', float('nan')):.0f} MB",
+              f"- `GET /v2/health/live` while it worked: p50 {1000 * s.get('health_p50_s', float('nan')):.1f} ms, "
+              f"p95 {1000 * s.get('health_p95_s', float('nan')):.1f} ms, "
+              f"max {1000 * s.get('health_max_s', float('nan')):.1f} ms",
               "", "## Targets", "", "| target | status | measured |", "|---|---|---|"]
     for t in res["targets"]:
         lines.append(f"| {t['target']} | {'PASS' if t['ok'] else 'MISS'} | {t['measured']} |")
