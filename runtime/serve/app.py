@@ -164,16 +164,17 @@ def _explain_all(model: ServedModel, instances: list[P.Instance], opts: P.Option
         if want_png:
             r = results[0]
             return P.png(images.overlay(rgb, r.saliency, opts.alpha)), r
-        out.append((rgb, results))
+        # overlays are made now, so only one decoded image is held at a time
+        pngs = [P.png(images.overlay(rgb, r.saliency, opts.alpha)) if opts.overlay else None for r in results]
+        out.append(((int(rgb.shape[0]), int(rgb.shape[1])), results, pngs))
+        del rgb
     return out
 
 
 def _v1_body(model: ServedModel, explained, opts: P.Options) -> bytes:
-    explanations = []
-    for rgb, results in explained:
-        rows = [P.result_v1(r, opts, P.png(images.overlay(rgb, r.saliency, opts.alpha)) if opts.overlay else None)
-                for r in results]
-        explanations.append({"image_size": [int(rgb.shape[0]), int(rgb.shape[1])], "results": rows})
+    explanations = [{"image_size": list(size), "results": [P.result_v1(r, opts, png)
+                                                            for r, png in zip(results, pngs, strict=True)]}
+                    for size, results, pngs in explained]
     return json.dumps({"model_name": model.name, "explanations": explanations}).encode()
 
 
@@ -193,7 +194,7 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
         await state.scheduler.drain(config.timeout)
 
     app = FastAPI(title="scorecam-onnx explain service", version=__version__, lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+                  docs_url=None, redoc_url=None)  # FastAPI's docs pages load scripts from a CDN
     app.state.scorecam = state
     app.add_middleware(_CountRequests, metrics=state.metrics)
 
@@ -345,7 +346,7 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
 
         def job(token: Token) -> bytes:
             explained = _explain_all(model, instances, opts, state, token)
-            results = [rs for _, rs in explained]
+            results = [rs for _, rs, _ in explained]
             outputs = P.v2_outputs(results, model.explainer.input_size)
             return json.dumps({"model_name": model.name, "model_version": "1", "outputs": outputs}).encode()
 
