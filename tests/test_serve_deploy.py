@@ -78,6 +78,8 @@ def test_install_script_in_a_fresh_venv_then_serve(tmp_path):
         r = httpx.post(s.url + "/v1/models/fruit:explain", timeout=60,
                        json={"instances": [{"image": {"b64": base64.b64encode(img.read_bytes()).decode()}}]})
         assert r.status_code == 200, r.text
+        for asset in ("/", "/static/app.js", "/static/style.css"):  # the page is package data of the wheel
+            assert httpx.get(s.url + asset).status_code == 200, asset
         assert "/site-packages/" in subprocess.run(
             [python, "-c", "import runtime.serve; print(runtime.serve.__file__)"], capture_output=True, text=True,
             cwd=tmp_path, env={"PATH": "/usr/bin:/bin"}).stdout
