@@ -450,3 +450,20 @@ def test_cli_help_and_bad_models(models, tmp_path):
     out = _cli(bad, "--port", "0")
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: "), out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_workers_processes_serve_and_stop_on_sigterm(models):
+    """``--workers 2``: uvicorn worker processes, each loading the model once; SIGTERM -> exit 0."""
+    s = ServeProcess(models / "zoo" / "fruit", "--workers", "2")
+    try:
+        for _ in range(4):
+            r = explain_json(s)
+            assert r.status_code == 200, r.text
+        assert httpx.get(s.url + "/v1/models").json() == {"models": ["fruit"]}
+        s.terminate()
+        code = s.proc.wait(60)
+    finally:
+        log = s.log
+        s.stop()
+    assert code == 0, log
+    assert log.count("loaded model 'fruit'") == 2, log

@@ -419,6 +419,8 @@ class _CountRequests:
 def app_from_env() -> FastAPI:
     """The app factory for ``uvicorn --factory`` (used with ``--workers N``): config from the environment."""
     text = os.environ.get(CONFIG_ENV)
+    if not logging.getLogger().handlers:  # a worker process: log as the parent does
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not text:
         raise RuntimeError(f"{CONFIG_ENV} is not set; start the service with python -m runtime.serve")
     return create_app(ServeConfig.from_json(text))
