@@ -110,7 +110,7 @@ def overhead(server: Server, name: str, model: str, image: Path, reps: int) -> d
             ex.explain(image)  # warm both sides
             client.post(f"{server.url}/v1/models/{name}:explain", content=body(image_b64, mc),
                         headers={"Content-Type": "application/json"}).raise_for_status()
-            api, served = [], []
+            api, served, edge = [], [], []
             for _ in range(reps):
                 t0 = time.perf_counter()
                 ex.explain(image)
@@ -120,10 +120,13 @@ def overhead(server: Server, name: str, model: str, image: Path, reps: int) -> d
                                 headers={"Content-Type": "application/json"})
                 served.append(time.perf_counter() - t0)
                 r.raise_for_status()
+                inside = r.json()["explanations"][0]["results"][0]["seconds"]  # Explainer.explain in the server
+                edge.append(served[-1] / inside - 1)  # the same request: HTTP, JSON, base64, queue, decode
             a, s = statistics.median(api), statistics.median(served)
             out[mode] = {"api_median_s": a, "served_median_s": s, "overhead": s / a - 1, "reps": reps,
-                         "api_s": api, "served_s": served}
-            log(f"overhead {mode}: api {a:.3f}s served {s:.3f}s -> {100 * (s / a - 1):+.1f}%")
+                         "edge_overhead_median": statistics.median(edge), "api_s": api, "served_s": served}
+            log(f"overhead {mode}: api {a:.3f}s served {s:.3f}s -> {100 * (s / a - 1):+.1f}%; round trip over the "
+                f"server's own explain time {100 * statistics.median(edge):+.1f}%")
             del ex
     return out
 
@@ -212,10 +215,12 @@ def markdown(res: dict) -> str:
              "`python -m runtime.serve MODEL --max-concurrency 1 --queue-size 16` on loopback; clients: httpx "
              "threads posting V1 `:explain` JSON (base64 image in, base64 float32 saliency out).", "",
              "## Overhead over the in-process API (concurrency 1, alternating, medians)", "",
-             "| mode | API s | served s | overhead |", "|---|---:|---:|---:|"]
+             "| mode | pairs | API s | served s | overhead | round trip / server's explain time |",
+             "|---|---:|---:|---:|---:|---:|"]
     for mode, o in res["overhead"].items():
-        lines.append(f"| {mode} | {o['api_median_s']:.3f} | {o['served_median_s']:.3f} | "
-                     f"{100 * o['overhead']:+.1f} % |")
+        edge = o.get("edge_overhead_median")
+        lines.append(f"| {mode} | {o['reps']} | {o['api_median_s']:.3f} | {o['served_median_s']:.3f} | "
+                     f"{100 * o['overhead']:+.1f} % | {'' if edge is None else f'{100 * edge:+.1f} %'} |")
     lines += ["", "## Throughput and latency", "",
               "| mode | clients | requests | throughput /s | p50 s | p95 s | statuses |",
               "|---|---:|---:|---:|---:|---:|---|"]
@@ -251,6 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--out", type=Path, default=None, help="result stem (default bench/results/serve-<host>)")
     p.add_argument("--check-targets", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--overhead-only", action="store_true", help="only the overhead comparison (no load, no soak)")
     args = p.parse_args(argv)
 
     from runtime.bundle import resolve_model_path
@@ -262,6 +268,13 @@ def main(argv=None) -> int:
     log(f"server pid {server.proc.pid} on {server.url}, model {name}")
     try:
         over = overhead(server, name, model, args.image, args.reps)
+        if args.overhead_only:
+            server.stop()
+            res = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+                   "model": name, "overhead": over, "command": "python -m bench.serve " + " ".join(sys.argv[1:])}
+            stem = args.out or RESULTS / f"serve-overhead-{platform.node() or 'host'}"
+            Path(f"{stem}.json").write_text(json.dumps(res, indent=1))
+            return 0
         rows = []
         for mode, mc in MODES.items():
             for c in args.levels:
