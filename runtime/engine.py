@@ -40,6 +40,10 @@ class EngineError(RuntimeError):
     """The engine cannot run as asked (device unavailable, graph ONNX Runtime refuses, ...)."""
 
 
+class NonFiniteError(EngineError):
+    """The model computes NaN or inf (its outputs or the target layer's activations) for an input."""
+
+
 _warned: set[str] = set()
 
 

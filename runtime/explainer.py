@@ -20,8 +20,8 @@ import numpy as np
 from . import images
 from .bundle import load_bundle
 from .contract import BundleError
-from .engine import Engine, Progress
-from .scorecam import constant_channels, get_preset, maps_from_scores, softmax
+from .engine import Engine, NonFiniteError, Progress
+from .scorecam import channel_spread, constant_channels, get_preset, maps_from_scores, mask_safe, softmax
 
 
 class TargetError(ValueError):
@@ -199,11 +199,19 @@ class Explainer:
         t0 = time.perf_counter()
         x = self._check_tensor(x)
         logits, acts = self.engine.classify_and_activations(x)
+        if not (np.isfinite(logits).all() and np.isfinite(acts).all()):
+            what = "class scores" if not np.isfinite(logits).all() else f"activations at layer {self.meta.layer!r}"
+            raise NonFiniteError(f"the model's {what} are not finite (NaN or inf) for this image: "
+                                 "no map can be computed (the model overflows in float32)")
         base = logits[0].astype(np.float64)
         classes = self.resolve_targets(targets, base, top_k)
         skipped = constant_channels(acts)
         scored = self.channels_to_score(acts, skipped)
         masked = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0], progress)
+        if not np.isfinite(masked[scored]).all():
+            raise NonFiniteError(f"the model's class scores are not finite (NaN or inf) for "
+                                 f"{int((~np.isfinite(masked[scored])).any(axis=1).sum())} of the masked inputs: "
+                                 "no map can be computed (the model overflows in float32)")
         maps = maps_from_scores(self.preset, acts, masked, base, classes, self.input_size, skipped=skipped,
                                 channel_mask=scored)
         probs = self._probabilities(base)
@@ -224,7 +232,7 @@ class Explainer:
         a large share of the K passes without changing any output.
         """
         masked = np.zeros((acts.shape[0], n_classes), np.float32)
-        maps = acts[varying]
+        maps = mask_safe(acts[varying])
         if constant.any():
             maps = np.concatenate([maps, np.zeros((1, *acts.shape[1:]), acts.dtype)])
         if maps.shape[0]:
@@ -239,7 +247,7 @@ class Explainer:
         with ``max_channels=N``, all but the N of largest spatial standard deviation)."""
         scored = ~skipped if self.preset.skip_constant else np.ones(acts.shape[0], bool)
         if self.max_channels is not None and self.max_channels < int(scored.sum()):
-            std = acts.reshape(acts.shape[0], -1).std(axis=1)
+            std = channel_spread(acts)
             std = np.where(scored, std, -np.inf)
             keep = np.argsort(-std, kind="stable")[: self.max_channels]
             scored = np.zeros_like(scored)
