@@ -24,7 +24,6 @@ passes and finish the map the preset's way (default preset ``torchcam``, which i
 from __future__ import annotations
 
 import copy
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -128,17 +127,15 @@ def faster(explainer, x, class_index, n=10, preset="paper"):
     return _variant(explainer, preset, max_channels=n).explain_tensor(x, [class_index])[0].saliency
 
 
-_SCORERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _scorer(engine, spec, noise: bool, gain: bool):
-    cache = _SCORERS.setdefault(engine, {})
-    key = (spec.key, noise, gain)
-    if key not in cache:
+    """The noise / gain scoring session of ``engine`` (made once, kept with the engine; thread-safe)."""
+
+    def build():
         data = build_scorer(engine.scoring_classifier(), spec, engine.input_size, input_name=engine.input_name,
                             noise=noise, gain=gain).SerializeToString()  # the graph's weights freed at once
-        cache[key] = engine.session(data, "scoring graph")
-    return cache[key]
+        return engine.session(data, "scoring graph")
+
+    return engine.extra_session(("methods", spec.key, noise, gain), build)
 
 
 def repeated_scores(engine, x: np.ndarray, acts: np.ndarray, spec, passes: int,

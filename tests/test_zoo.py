@@ -14,7 +14,7 @@ import pytest
 
 from runtime import BundleError, Explainer
 from runtime.engine import EngineError, NonFiniteError
-from runtime.scorecam import PRESETS, channel_spread, mask_safe, maps_from_scores, minmax, weighted_sum
+from runtime.scorecam import PRESETS, channel_spread, maps_from_scores, mask_safe, minmax, weighted_sum
 from runtime.thirdparty import format_layers, list_layers
 from tests import zoo_models as zoo
 
@@ -83,8 +83,9 @@ def test_corpus_model_explains_or_names_why_not(name, corpus_dir, image):
     assert "*" in format_layers(list_layers(path))  # --list-layers works and marks the automatic layer
 
 
-@pytest.mark.parametrize("variant", ["squeezenet_nc11_op9", "squeezenet_nc11_softmax_op9", "squeezenet_nc11_softmax_op8",
-                                     "squeezenet_nc11_softmax_op7", "squeezenet_nc11_softmax_dynamic_op9"])
+@pytest.mark.parametrize("variant", ["squeezenet_nc11_op9", "squeezenet_nc11_softmax_op9",
+                                     "squeezenet_nc11_softmax_op8", "squeezenet_nc11_softmax_op7",
+                                     "squeezenet_nc11_softmax_dynamic_op9"])
 def test_nc11_scores_give_the_map_of_the_nc_network(variant, corpus_dir, image):
     ref_path = _model("squeezenet_nc_op9", corpus_dir)
     path = _model(variant, corpus_dir)

@@ -289,7 +289,8 @@ def non_finite_activations(path: Path) -> Path:
     """Activations that overflow to inf inside the network (weights x 1e38 x 1e38), so logits are NaN."""
     w = _w(9)
     w["g"] = np.array(1e38, np.float32)
-    nodes = [*_body()[:2], helper.make_node("Mul", ["r1", "g"], ["big"]), helper.make_node("Mul", ["big", "g"], ["r1x"]),
+    nodes = [*_body()[:2], helper.make_node("Mul", ["r1", "g"], ["big"]),
+             helper.make_node("Mul", ["big", "g"], ["r1x"]),
              helper.make_node("Conv", ["r1x", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2],
                               kernel_shape=[3, 3]),
              helper.make_node("Relu", ["c2"], ["act"]),
