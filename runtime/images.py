@@ -67,8 +67,8 @@ def _check_size(name: str, size: tuple[int, int], max_pixels: int) -> None:
 def _decode(fp, name: str, max_pixels: int) -> np.ndarray:
     """Open ``fp`` (a path or a binary file object), check its size from the header, decode it."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # Pillow's notes on damaged files (corrupt EXIF, ...): not the user's
+            warnings.simplefilter("ignore")  # concern when the pixels decode; a real failure raises below
             with Image.open(fp, formats=_formats()) as img:
                 _check_size(name, img.size, max_pixels)
                 img.load()

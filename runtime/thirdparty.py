@@ -117,7 +117,8 @@ def read_sidecar(model_path: Path) -> dict:
         raise BundleError(f"sidecar {p} must hold a JSON object with keys {', '.join(SIDECAR_KEYS)}")
     unknown = sorted(set(data) - set(SIDECAR_KEYS))
     if unknown:
-        raise BundleError(f"sidecar {p}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(SIDECAR_KEYS)}")
+        raise BundleError(f"sidecar {p}: unknown key(s) {', '.join(map(repr, unknown))[:80]}; "
+                          f"allowed: {', '.join(SIDECAR_KEYS)}")
     if isinstance(data.get("labels"), str):
         data["labels"] = str((p.parent / data["labels"]).resolve())
     return data
@@ -129,6 +130,8 @@ def read_labels(labels) -> tuple[str, ...] | None:
         return None
     if isinstance(labels, (list, tuple)):
         return tuple(str(s) for s in labels)
+    if not isinstance(labels, (str, os.PathLike)):
+        raise BundleError(f"labels must be a list of class names or a file name, got {labels!r}"[:120])
     p = Path(labels)
     try:
         text = p.read_text(encoding="utf-8")
@@ -159,13 +162,15 @@ def read_labels(labels) -> tuple[str, ...] | None:
 def _size(value) -> tuple[int, int] | None:
     if value is None:
         return None
-    vals = [value, value] if isinstance(value, (int, float)) else list(value)
-    if len(vals) == 1:
-        vals = vals * 2
     try:
+        vals = [value, value] if isinstance(value, (int, float)) else list(value)
+        if len(vals) == 1:
+            vals = vals * 2
+        if any(isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) for v in vals):
+            raise TypeError
         h, w = (int(v) for v in vals)
-    except (TypeError, ValueError):
-        raise BundleError(f"input size must be one or two whole numbers (H W), got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise BundleError(f"input size must be one or two whole numbers (H W), got {value!r}"[:120]) from None
     if h < 1 or w < 1 or len(vals) != 2:
         raise BundleError(f"input size must be two positive whole numbers (H W), got {value!r}")
     return h, w
@@ -198,14 +203,20 @@ class Options:
             raise BundleError(f"colour order must be RGB or BGR, got {order!r}")
         sc = pick(scale, "scale")
         try:
+            if isinstance(sc, bool) or not isinstance(sc, (int, float, str, type(None))):
+                raise TypeError
             sc = None if sc is None else float(sc)
         except (TypeError, ValueError):
-            raise BundleError(f"scale must be a number, got {sc!r}") from None
-        return cls(layer=layer, output=output, input_size=_size(pick(input_size, "input_size")),
+            raise BundleError(f"scale must be a number, got {sc!r}"[:120]) from None
+        if sc is not None and (not np.isfinite(sc) or sc == 0):
+            raise BundleError(f"scale must be a finite non-zero number, got {sc}")
+        opts = cls(layer=layer, output=output, input_size=_size(pick(input_size, "input_size")),
                    mean=None if m is None else parse_floats(m, 3, "mean"),
                    std=None if s is None else parse_floats(s, 3, "std"),
                    scale=sc, color_order=None if order is None else str(order).upper(),
                    labels=read_labels(pick(labels, "labels")))
+        opts.preprocessing(opts.input_size or (DEFAULT_SIZE, DEFAULT_SIZE))  # mean, std and scale agree: fail now
+        return opts
 
     def key(self) -> str:
         """A short stable hash of the options (the cache directory under the model's sha256)."""
