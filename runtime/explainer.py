@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import images
-from .bundle import load_bundle
 from .contract import BundleError
 from .engine import Engine, NonFiniteError, Progress
 from .scorecam import channel_spread, constant_channels, get_preset, maps_from_scores, mask_safe, softmax
+from .thirdparty import open_model
 
 
 class TargetError(ValueError):
@@ -98,7 +98,7 @@ class Explainer:
         if max_channels is not None and int(max_channels) < 1:
             raise ValueError(f"max channels must be >= 1, got {max_channels}")
         self.max_channels = int(max_channels) if max_channels else None
-        self.bundle = load_bundle(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
+        self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
                                   scale=scale, bgr=bgr or None, labels=labels)
         self.meta = self.bundle.meta
         self.pre = self.meta.preprocessing

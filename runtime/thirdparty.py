@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .bundle import Bundle, load_onnx
+from .bundle import Bundle, bundle_paths, is_bundle_graph, load_bundle, load_onnx, open_bundle, resolve_model_path
 from .contract import (
     FEATURES_FILE,
     FEATURES_NAME,
@@ -673,8 +673,20 @@ def _write_cache(d: Derived, meta: BundleMeta, target: Path, source: Path) -> bo
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def open_model(model, **derive) -> Bundle:
+    """A :class:`Bundle` for any model: a bundle (directory, ``model.onnx`` or name) is opened as it is;
+    a classifier without bundle metadata gets its feature graph derived (:func:`derive_bundle`, which
+    takes ``derive``: layer, output, input_size, mean, std, scale, bgr, labels)."""
+    directory, model_path = bundle_paths(model)
+    proto = load_onnx(model_path, "classifier graph")
+    if is_bundle_graph(proto):
+        return open_bundle(directory, model_path, proto, **derive)
+    return derive_bundle(model_path, source=proto, **derive)
+
+
 def derive_bundle(path, layer: str | None = None, output: str | None = None, input_size=None, mean=None,
-                  std=None, scale=None, bgr: bool | None = None, labels=None, cache: bool = True) -> Bundle:
+                  std=None, scale=None, bgr: bool | None = None, labels=None, cache: bool = True,
+                  source: onnx.ModelProto | None = None) -> Bundle:
     """A :class:`Bundle` for a model file with no bundle metadata (see the module docstring).
 
     Args:
@@ -683,9 +695,8 @@ def derive_bundle(path, layer: str | None = None, output: str | None = None, inp
         output: the class-score output when the model has several; None: the first 2-D one.
         input_size, mean, std, scale, bgr, labels: preprocessing; None: the sidecar's, else defaults.
         cache: reuse / write the derived bundle under :func:`cache_root`.
+        source: the model file's graph, when the caller has read it already.
     """
-    from .bundle import load_bundle
-
     path = Path(path)
     opts = Options.make(path, layer, output, input_size, mean, std, scale, bgr, labels)
     sha = file_sha256(path)
@@ -702,10 +713,11 @@ def derive_bundle(path, layer: str | None = None, output: str | None = None, inp
             bundle.source = path
             bundle.max_batch = record.get("max_batch")
             return bundle
-    try:
-        source = onnx.load(str(path))
-    except Exception as e:
-        raise BundleError(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
+    if source is None:
+        try:
+            source = onnx.load(str(path))
+        except Exception as e:
+            raise BundleError(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
     d = derive_checked(source, opts.layer, opts.output, opts.input_size)
     meta = make_meta(d, opts, sha)
     for w in d.prepared.warnings:
@@ -754,7 +766,6 @@ def cli_kwargs(args) -> dict:
 
 def layers_report(model, input_size=None, output: str | None = None) -> str:
     """The ``--list-layers`` text for a model file, a bundle directory or a bundle name."""
-    from .bundle import resolve_model_path
     from .contract import PREFIX, read_props
 
     path = resolve_model_path(model)

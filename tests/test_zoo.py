@@ -176,3 +176,18 @@ def test_numerics_at_the_edge_of_float32():
         for out in maps_from_scores(preset, acts, masked, masked[0], [0, 1], (20, 20)):
             assert np.isfinite(out.saliency).all() and np.isfinite(out.cam).all()
             assert 0.0 <= out.saliency.min() and out.saliency.max() <= 1.0
+
+
+def test_derivation_depends_on_bundles_never_the_reverse(corpus_dir):
+    import ast
+    from pathlib import Path
+
+    from runtime import bundle, thirdparty
+
+    tree = ast.parse(Path(bundle.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any(m and "thirdparty" in m for m in imported)
+    path = _model("densenet_op9", corpus_dir)
+    with pytest.raises(BundleError, match="no Score-CAM bundle metadata: it is not a bundle"):
+        bundle.load_bundle(path)
+    assert thirdparty.open_model(path).source == path  # what Explainer uses: derives one
