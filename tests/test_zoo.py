@@ -68,6 +68,7 @@ def test_corpus_model_explains_or_names_why_not(name, corpus_dir, image):
     results = ex.explain(image, top_k=2)
     assert [o.name for o in ex.bundle.model.graph.output] == ["logits"]
     assert len(ex.bundle.model.graph.output[0].type.tensor_type.shape.dim) == 2
+    assert ex.bundle.max_batch is None  # a batch fixed to 1 was made dynamic: masks are scored 4 at a time
     for r in results:
         assert np.isfinite(r.saliency).all() and np.isfinite(r.cam).all()
         assert 0.0 <= r.saliency.min() and r.saliency.max() <= 1.0
