@@ -10,6 +10,7 @@ an image with more pixels than a limit is refused from its header, before it is 
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -20,6 +21,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .contract import Preprocessing
 
 MAX_PIXELS = 100_000_000  # 100 megapixels
+
+# Pillow logs what it finds in damaged files (``logger.error`` in its TIFF plugin, ...); with no handler
+# Python's last-resort handler would print that on the user's terminal. The failure itself is an ImageError.
+logging.getLogger("PIL").addHandler(logging.NullHandler())
 
 #: Pillow format ids accepted by :func:`load_image` (those not built into this Pillow are ignored).
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "TIFF", "GIF", "PPM", "TGA", "AVIF")

@@ -21,6 +21,7 @@ the test suite runs a bounded, reproducible (derandomized) share of it (tests/te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -112,13 +113,16 @@ def mutate(data: bytes, ops) -> bytes:
 
 
 def check_image(data: bytes) -> None:
+    said = io.StringIO()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no warning may reach the user's terminal either
+        with warnings.catch_warnings(), contextlib.redirect_stderr(said):
+            warnings.simplefilter("error")  # no warning may reach the user's terminal, nor anything logged
             rgb = load_image(io.BytesIO(data), max_pixels=FUZZ_MAX_PIXELS)
     except ImageError as e:
         one_line(e)
+        assert not said.getvalue(), said.getvalue()
         return
+    assert not said.getvalue(), said.getvalue()
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.shape[0] >= 1 and rgb.shape[1] >= 1
     assert rgb.shape[0] * rgb.shape[1] <= FUZZ_MAX_PIXELS
 
