@@ -64,13 +64,14 @@ from .contract import (
 )
 from .graphinfo import NHWC, Candidate, GraphInfo, dims_of, fixed_shapes
 
-DERIVE_VERSION = "1"
+DERIVE_VERSION = "2"  # 2: [N,C,1,1] outputs flattened, initializer inputs dropped, IR >= 7
 CACHE_ENV = "SCORECAM_CACHE"
 DEFAULT_SIZE = 224
 DERIVED_FILE = "derived.json"
 SIDECAR_KEYS = ("input_size", "mean", "std", "scale", "color_order", "labels")
 MIN_OPSET = 11
 CONVERT_TO_OPSET = 13
+MIN_IR_VERSION = 7  # what opset 13 needs (onnx.helper.VERSION_TABLE)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -322,6 +323,12 @@ def prepare(source: onnx.ModelProto, input_size: tuple[int, int] | None = None, 
                               f"({why})") from None
         opset = _opset(m)
     g = m.graph
+    # IR < 4 lists every initializer as a graph input too; a normalised graph has the image as its only
+    # input and the IR version its opset needs (IR 7 for opset 13), so it is valid ONNX for any consumer
+    inits = {i.name for i in g.initializer}
+    for vi_init in [i for i in g.input if i.name in inits]:
+        g.input.remove(vi_init)
+    m.ir_version = max(m.ir_version, MIN_IR_VERSION)
     vi, nhwc = _image_input(g)
     d = dims_of(vi) or (None, None, None, None)
     model_hw = (d[1], d[2]) if nhwc else (d[2], d[3])

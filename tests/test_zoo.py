@@ -9,6 +9,7 @@ errors in this module: no numpy RuntimeWarning may reach a user.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -69,6 +70,8 @@ def test_corpus_model_explains_or_names_why_not(name, corpus_dir, image):
     assert [o.name for o in ex.bundle.model.graph.output] == ["logits"]
     assert len(ex.bundle.model.graph.output[0].type.tensor_type.shape.dim) == 2
     assert ex.bundle.max_batch is None  # a batch fixed to 1 was made dynamic: masks are scored 4 at a time
+    for graph in (ex.bundle.model, ex.bundle.features):
+        onnx.checker.check_model(graph, full_check=True)  # valid ONNX for any other consumer too
     for r in results:
         assert np.isfinite(r.saliency).all() and np.isfinite(r.cam).all()
         assert 0.0 <= r.saliency.min() and r.saliency.max() <= 1.0
