@@ -54,6 +54,18 @@ class NonFiniteError(EngineError):
     """The model computes NaN or inf (its outputs or the target layer's activations) for an input."""
 
 
+def require_finite(logits: np.ndarray, acts: np.ndarray | None = None, layer: str = "", masked: bool = False) -> None:
+    """Raise :class:`NonFiniteError` unless the class scores (and activations) are all finite: a NaN or an
+    inf would otherwise turn into a map of zeros presented as an answer."""
+    if not np.isfinite(logits).all():
+        where = f"{int((~np.isfinite(logits)).any(axis=1).sum())} of the masked inputs" if masked else "this image"
+        raise NonFiniteError(f"the model's class scores are not finite (NaN or inf) for {where}: "
+                             "no map can be computed (the model overflows in float32)")
+    if acts is not None and not np.isfinite(acts).all():
+        raise NonFiniteError(f"the model's activations at layer {layer!r} are not finite (NaN or inf) for this "
+                             "image: no map can be computed (the model overflows in float32)")
+
+
 _warned: set[str] = set()
 
 

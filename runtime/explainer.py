@@ -19,7 +19,7 @@ import numpy as np
 
 from . import images
 from .contract import BundleError
-from .engine import Engine, NonFiniteError, Progress
+from .engine import Engine, Progress, require_finite
 from .scorecam import channel_spread, constant_channels, get_preset, maps_from_scores, mask_safe, softmax
 from .thirdparty import open_model
 
@@ -199,19 +199,13 @@ class Explainer:
         t0 = time.perf_counter()
         x = self._check_tensor(x)
         logits, acts = self.engine.classify_and_activations(x)
-        if not (np.isfinite(logits).all() and np.isfinite(acts).all()):
-            what = "class scores" if not np.isfinite(logits).all() else f"activations at layer {self.meta.layer!r}"
-            raise NonFiniteError(f"the model's {what} are not finite (NaN or inf) for this image: "
-                                 "no map can be computed (the model overflows in float32)")
+        require_finite(logits, acts, self.meta.layer)
         base = logits[0].astype(np.float64)
         classes = self.resolve_targets(targets, base, top_k)
         skipped = constant_channels(acts)
         scored = self.channels_to_score(acts, skipped)
         masked = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0], progress)
-        if not np.isfinite(masked[scored]).all():
-            raise NonFiniteError(f"the model's class scores are not finite (NaN or inf) for "
-                                 f"{int((~np.isfinite(masked[scored])).any(axis=1).sum())} of the masked inputs: "
-                                 "no map can be computed (the model overflows in float32)")
+        require_finite(masked[scored], masked=True)
         maps = maps_from_scores(self.preset, acts, masked, base, classes, self.input_size, skipped=skipped,
                                 channel_mask=scored)
         probs = self._probabilities(base)

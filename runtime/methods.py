@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .engine import require_finite
 from .maskgraph import EPS, GAIN, IMAGE, MAPS, NOISE, build_scorer
 from .scorecam import PRESETS, constant_channels, get_preset, maps_from_scores, minmax
 
@@ -171,6 +172,7 @@ def _repeated_map(explainer, x, class_index, preset, passes, noise=None, gains=N
     p = get_preset(preset)
     engine = explainer.engine
     logits, acts = engine.classify_and_activations(x)
+    require_finite(logits, acts, explainer.meta.layer)
     base = logits[0].astype(np.float64)
     skipped = constant_channels(acts)
     scored = ~skipped if p.skip_constant else np.ones(acts.shape[0], bool)
@@ -187,6 +189,7 @@ def _repeated_map(explainer, x, class_index, preset, passes, noise=None, gains=N
         masked[scored] = repeated_scores(engine, x, acts[scored], p.mask, passes,
                                          None if noise is None else noise_of_scored, gains,
                                          explainer.batch_size)
+        require_finite(masked[scored], masked=True)
     return maps_from_scores(p, acts, masked, base, [class_index], explainer.input_size, skipped=skipped,
                             channel_mask=scored)[0].saliency
 

@@ -151,9 +151,16 @@ def test_huge_activations_give_the_map_of_ordinary_ones(preset, max_channels, tm
 
 
 def test_a_model_that_overflows_is_an_error_not_a_map(tmp_path, image):
+    from runtime import images
+    from runtime.methods import METHODS
+
     ex = Explainer(zoo._scaled_head(tmp_path / "over.onnx", 1e36), device="cpu")  # its pooling overflows
     with pytest.raises(NonFiniteError, match="not finite"):
         ex.explain(image)
+    x = images.preprocess(images.load_image(image), ex.pre)
+    for name in ("sscam", "iscam", "faster"):  # the evaluation's methods say so too
+        with pytest.raises(NonFiniteError, match="not finite"):
+            METHODS[name].fn(ex, x, 0, n=2)
 
 
 EXTREME = np.float32(3e38)
