@@ -85,23 +85,34 @@ class Bundle:
         return proto
 
 
+def bundle_paths(model: str | os.PathLike) -> tuple[Path, Path]:
+    """(directory, classifier file) of a bundle dir, a ``model.onnx`` (or any .onnx) path, or a name."""
+    path = resolve_model_path(model)
+    return (path, path / MODEL_FILE) if path.is_dir() else (path.parent, path)
+
+
+def is_bundle_graph(proto: onnx.ModelProto) -> bool:
+    """Whether a graph carries Score-CAM bundle metadata (else it is a third-party model)."""
+    return any(k.startswith(PREFIX) for k in read_props(proto))
+
+
 def load_bundle(model: str | os.PathLike, **derive) -> Bundle:
     """Open a bundle from its directory or its ``model.onnx``; refuse a mismatched pair.
 
-    A model file with no ``scorecam.*`` metadata is a third-party classifier: its feature graph is
-    derived (and cached) by :func:`runtime.thirdparty.derive_bundle`, which takes ``derive``
-    (layer, output, input_size, mean, std, scale, bgr, labels).
+    A model file with no ``scorecam.*`` metadata is not a bundle: :func:`runtime.thirdparty.open_model`
+    derives one from it (that is how :class:`~runtime.Explainer` opens any model). The derivation
+    depends on this module, never the other way round.
     """
-    path = resolve_model_path(model)
-    if path.is_dir():
-        directory, model_path = path, path / MODEL_FILE
-    else:
-        directory, model_path = path.parent, path
-    proto = load_onnx(model_path, "classifier graph")
-    if not any(k.startswith(PREFIX) for k in read_props(proto)):
-        from .thirdparty import derive_bundle
+    directory, model_path = bundle_paths(model)
+    return open_bundle(directory, model_path, load_onnx(model_path, "classifier graph"), **derive)
 
-        return derive_bundle(model_path, **derive)
+
+def open_bundle(directory: Path, model_path: Path, proto: onnx.ModelProto, **derive) -> Bundle:
+    """The bundle whose classifier graph ``proto`` was read from ``model_path`` (see :func:`load_bundle`);
+    ``derive`` (third-party options) is ignored with a warning, since a bundle fixes them at export."""
+    if not is_bundle_graph(proto):
+        raise BundleError(f"{model_path} carries no Score-CAM bundle metadata: it is not a bundle "
+                          "(runtime.thirdparty.open_model, which Explainer uses, derives one from any classifier)")
     given = sorted(k for k, v in derive.items() if v is not None and v is not False)
     if given:
         print(f"warning: {model_path} is a Score-CAM bundle; its layer and preprocessing are fixed at export, "

@@ -61,10 +61,18 @@ class Preprocessing:
             raise BundleError(f"colour order must be one of {COLOR_ORDERS}, got {self.color_order!r}")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise BundleError("mean and std need three values (one per colour channel)")
+        if not all(np.isfinite(float(v)) for v in (*self.mean, *self.std)):
+            raise BundleError(f"mean and std must be finite numbers, got mean {list(self.mean)}, std {list(self.std)}")
         if any(float(s) == 0.0 for s in self.std):
             raise BundleError("std must not contain 0")
         if not np.isfinite(self.scale) or self.scale == 0:
             raise BundleError(f"scale must be a finite non-zero number, got {self.scale}")
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # checked on the next line
+            ends = (np.array([[0.0], [255.0]]) * float(self.scale) - np.asarray(self.mean, np.float64)) / \
+                np.asarray(self.std, np.float64)
+        if not (np.abs(ends) < np.finfo(np.float32).max).all():
+            raise BundleError(f"scale {self.scale}, mean {list(self.mean)} and std {list(self.std)} map pixels "
+                              "outside the float32 range")
 
     def apply(self, rgb: np.ndarray) -> np.ndarray:
         """Map an H x W x 3 uint8 RGB array (already at ``input_size``) to float32 [3,H,W]."""
@@ -132,18 +140,27 @@ class BundleMeta:
 
         try:
             size = json.loads(need("input_size"))
+            if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int for v in size)):
+                raise BundleError(f"{source}: metadata key {PREFIX}input_size must be [H, W] (two whole numbers), "
+                                  f"got {ours['input_size'][:40]!r}")
             pre = Preprocessing(
-                input_size=(int(size[0]), int(size[1])),
+                input_size=(size[0], size[1]),
                 color_order=need("color_order"),
                 scale=float(need("scale")),
-                mean=tuple(float(v) for v in json.loads(need("mean"))),
-                std=tuple(float(v) for v in json.loads(need("std"))),
+                mean=_floats(json.loads(need("mean")), f"{source}: {PREFIX}mean"),
+                std=_floats(json.loads(need("std")), f"{source}: {PREFIX}std"),
             )
-            labels = tuple(str(s) for s in json.loads(ours["labels"])) if "labels" in ours else None
-        except (ValueError, TypeError, IndexError, KeyError) as e:
-            if isinstance(e, BundleError):
-                raise
-            raise BundleError(f"{source}: malformed bundle metadata ({e})") from None
+            labels = None
+            if "labels" in ours:
+                raw = json.loads(ours["labels"])
+                if not isinstance(raw, list) or not all(isinstance(v, (str, int, float)) for v in raw):
+                    raise BundleError(f"{source}: metadata key {PREFIX}labels must be a JSON list of class names")
+                labels = tuple(str(v) for v in raw)
+        except BundleError:
+            raise
+        except (ValueError, TypeError, IndexError, KeyError, OverflowError, RecursionError) as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise BundleError(f"{source}: malformed bundle metadata ({reason})") from None
         versions = {k[len("version."):]: v for k, v in ours.items() if k.startswith("version.")}
         meta = cls(need("role"), need("layer"), pre, ours.get("output_kind", "logits"), labels,
                    ours.get("sibling_sha256", ""), versions)
@@ -152,6 +169,13 @@ class BundleMeta:
         if meta.output_kind not in OUTPUT_KINDS:
             raise BundleError(f"{source}: unknown output kind {meta.output_kind!r}")
         return meta
+
+
+def _floats(value, what: str) -> tuple[float, ...]:
+    """A JSON list of numbers as floats (for mean and std)."""
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise BundleError(f"{what} must be a JSON list of numbers, got {json.dumps(value)[:40]}")
+    return tuple(float(v) for v in value)
 
 
 def graph_sha256(model) -> str:
@@ -175,11 +199,17 @@ def read_props(model) -> dict[str, str]:
 
 def parse_floats(values: Sequence[str] | str, n: int, what: str) -> tuple[float, ...]:
     """Parse ``n`` floats from CLI words (``"0.5 0.5 0.5"`` or ``["0.5", ...]``) or fail naming ``what``."""
+    if not isinstance(values, (str, list, tuple)):
+        raise BundleError(f"{what} must be {n} numbers, got {values!r}")
     words = values.replace(",", " ").split() if isinstance(values, str) else list(values)
     try:
+        if any(isinstance(w, bool) or not isinstance(w, (str, int, float)) for w in words):
+            raise TypeError
         out = tuple(float(w) for w in words)
-    except ValueError:
-        raise BundleError(f"{what} must be numbers, got {' '.join(map(str, words))!r}") from None
+    except (ValueError, TypeError):
+        raise BundleError(f"{what} must be numbers, got {' '.join(map(str, words))[:60]!r}") from None
     if len(out) != n:
         raise BundleError(f"{what} needs {n} values, got {len(out)}")
+    if not all(np.isfinite(v) for v in out):
+        raise BundleError(f"{what} must be finite numbers, got {' '.join(map(str, out))}")
     return out

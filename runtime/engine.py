@@ -7,6 +7,13 @@ and the same session scores the masks, so the weights are loaded once, not three
 (classifier, feature graph, scorer). Plain classifier and feature-graph sessions are made only
 when asked for (``classifier``, ``features``: batches of images, the benchmark's floor).
 
+Threads and processes. One Engine may be shared by any number of threads: ONNX Runtime sessions are
+safe to run concurrently, and the sessions made on first use are made under a lock (once). A process
+forked after load (multiprocessing's ``fork``, gunicorn/uvicorn workers, ``os.fork``) must not use or
+destroy the sessions it inherits (their thread pools belong to the parent: a run may stall and
+destroying one hangs in ``pthread_join``, onnxruntime PR #31961), so in the child every inherited
+session is dropped without being destroyed and rebuilt from the in-memory graphs on first use.
+
 Scoring runs chunk by chunk, so memory grows with the batch size and never with the channel count K.
 On CUDA the image is bound on the device once (IO binding), every chunk has the same size (the last
 one padded with all-zero maps) so cuDNN's algorithm search runs once, and only the [B,1,h,w] maps
@@ -16,8 +23,11 @@ so fp32 maps on the GPU match the CPU's to about 1e-5.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
+import threading
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -40,6 +50,22 @@ class EngineError(RuntimeError):
     """The engine cannot run as asked (device unavailable, graph ONNX Runtime refuses, ...)."""
 
 
+class NonFiniteError(EngineError):
+    """The model computes NaN or inf (its outputs or the target layer's activations) for an input."""
+
+
+def require_finite(logits: np.ndarray, acts: np.ndarray | None = None, layer: str = "", masked: bool = False) -> None:
+    """Raise :class:`NonFiniteError` unless the class scores (and activations) are all finite: a NaN or an
+    inf would otherwise turn into a map of zeros presented as an answer."""
+    if not np.isfinite(logits).all():
+        where = f"{int((~np.isfinite(logits)).any(axis=1).sum())} of the masked inputs" if masked else "this image"
+        raise NonFiniteError(f"the model's class scores are not finite (NaN or inf) for {where}: "
+                             "no map can be computed (the model overflows in float32)")
+    if acts is not None and not np.isfinite(acts).all():
+        raise NonFiniteError(f"the model's activations at layer {layer!r} are not finite (NaN or inf) for this "
+                             "image: no map can be computed (the model overflows in float32)")
+
+
 _warned: set[str] = set()
 
 
@@ -48,6 +74,23 @@ def _warn(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
         print(f"warning: {msg}", file=sys.stderr)
+
+
+_ENGINES: weakref.WeakSet = weakref.WeakSet()  # every live Engine, for the fork hook below
+
+
+def _keep_forever(obj: object) -> None:
+    """One reference more that is never dropped: ``obj`` is never destroyed in this process."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+def _after_fork_in_child() -> None:
+    for engine in list(_ENGINES):
+        engine._forget_inherited_sessions()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -108,14 +151,40 @@ class Engine:
         self.features_output = features.graph.output[0].name
         produced = {o for n in classifier.graph.node for o in n.output}
         self.fused = self.features_output in produced  # the target layer is a tensor of the classifier
+        self._lock = threading.RLock()  # made-on-first-use sessions are made once, whatever the threads
         self._plain: dict[str, ort.InferenceSession] = {}
         self._scorers: dict[str, ort.InferenceSession] = {}  # by mask kind and precision
+        self._extra: dict[object, ort.InferenceSession] = {}  # other graphs on this classifier (runtime.methods)
+        _ENGINES.add(self)
         if self.fused:
             self.scorer(self.mask, "fp32")  # the main session, now: a graph ONNX Runtime refuses fails here
         else:
             self.classifier, self.features  # noqa: B018 - both made now, for the same reason
 
     # -------------------------------------------------------------------------------- sessions
+    def cached(self, store: dict, key, build: Callable[[], ort.InferenceSession]) -> ort.InferenceSession:
+        """``store[key]``, made by ``build()`` the first time (under the engine's lock: once, even when
+        many threads ask at the same moment)."""
+        sess = store.get(key)
+        if sess is None:
+            with self._lock:
+                sess = store.get(key)
+                if sess is None:
+                    sess = store[key] = build()
+        return sess
+
+    def extra_session(self, key, build: Callable[[], ort.InferenceSession]) -> ort.InferenceSession:
+        """A session of another graph built on this engine's classifier, made once and kept with the engine."""
+        return self.cached(self._extra, key, build)
+
+    def _forget_inherited_sessions(self) -> None:
+        """In a forked child: drop (never destroy) the parent's sessions; the next use makes new ones."""
+        self._lock = threading.RLock()  # a lock another thread held at the fork stays held in the child
+        for store in (self._plain, self._scorers, self._extra):
+            for sess in store.values():
+                _keep_forever(sess)
+            store.clear()
+
     def session(self, proto: onnx.ModelProto | bytes, what: str) -> ort.InferenceSession:
         """An ONNX Runtime session of ``proto`` (or its serialized bytes) on this engine's providers
         (CPU fallback, one-line errors)."""
@@ -142,16 +211,12 @@ class Engine:
     @property
     def classifier(self) -> ort.InferenceSession:
         """A plain session of the classifier (made on first use)."""
-        if "classifier" not in self._plain:
-            self._plain["classifier"] = self.session(self.classifier_proto, "classifier")
-        return self._plain["classifier"]
+        return self.cached(self._plain, "classifier", lambda: self.session(self.classifier_proto, "classifier"))
 
     @property
     def features(self) -> ort.InferenceSession:
         """A plain session of the feature graph (made on first use)."""
-        if "features" not in self._plain:
-            self._plain["features"] = self.session(self.features_proto, "feature graph")
-        return self._plain["features"]
+        return self.cached(self._plain, "features", lambda: self.session(self.features_proto, "feature graph"))
 
     @property
     def num_classes(self) -> int | None:
@@ -190,15 +255,16 @@ class Engine:
     def scorer(self, spec: MaskSpec, precision: str | None = None) -> ort.InferenceSession:
         """The session of the mask graph + classifier for this kind of mask and precision (built once)."""
         precision = precision or self.precision
-        key = f"{spec.key}/{precision}"
-        if key not in self._scorers:
+
+        def build() -> ort.InferenceSession:
             main = self._is_main(spec, precision)
             # serialized at once, so the graph's copy of the weights is freed before ONNX Runtime makes its own
             data = build_scorer(self.scoring_classifier(precision), spec, self.input_size,
                                 input_name=self.input_name, offset=main,
                                 extra_outputs=[self.features_output] if main else ()).SerializeToString()
-            self._scorers[key] = self.session(data, "scoring graph")
-        return self._scorers[key]
+            return self.session(data, "scoring graph")
+
+        return self.cached(self._scorers, f"{spec.key}/{precision}", build)
 
     def _is_main(self, spec: MaskSpec, precision: str) -> bool:
         return self.fused and precision == "fp32" and spec.key == self.mask.key

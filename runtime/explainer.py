@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import images
-from .bundle import load_bundle
 from .contract import BundleError
-from .engine import Engine, Progress
-from .scorecam import constant_channels, get_preset, maps_from_scores, softmax
+from .engine import Engine, Progress, require_finite
+from .scorecam import channel_spread, constant_channels, get_preset, maps_from_scores, mask_safe, softmax
+from .thirdparty import open_model
 
 
 class TargetError(ValueError):
@@ -98,7 +98,7 @@ class Explainer:
         if max_channels is not None and int(max_channels) < 1:
             raise ValueError(f"max channels must be >= 1, got {max_channels}")
         self.max_channels = int(max_channels) if max_channels else None
-        self.bundle = load_bundle(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
+        self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
                                   scale=scale, bgr=bgr or None, labels=labels)
         self.meta = self.bundle.meta
         self.pre = self.meta.preprocessing
@@ -199,11 +199,13 @@ class Explainer:
         t0 = time.perf_counter()
         x = self._check_tensor(x)
         logits, acts = self.engine.classify_and_activations(x)
+        require_finite(logits, acts, self.meta.layer)
         base = logits[0].astype(np.float64)
         classes = self.resolve_targets(targets, base, top_k)
         skipped = constant_channels(acts)
         scored = self.channels_to_score(acts, skipped)
         masked = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0], progress)
+        require_finite(masked[scored], masked=True)
         maps = maps_from_scores(self.preset, acts, masked, base, classes, self.input_size, skipped=skipped,
                                 channel_mask=scored)
         probs = self._probabilities(base)
@@ -224,7 +226,7 @@ class Explainer:
         a large share of the K passes without changing any output.
         """
         masked = np.zeros((acts.shape[0], n_classes), np.float32)
-        maps = acts[varying]
+        maps = mask_safe(acts[varying])
         if constant.any():
             maps = np.concatenate([maps, np.zeros((1, *acts.shape[1:]), acts.dtype)])
         if maps.shape[0]:
@@ -239,7 +241,7 @@ class Explainer:
         with ``max_channels=N``, all but the N of largest spatial standard deviation)."""
         scored = ~skipped if self.preset.skip_constant else np.ones(acts.shape[0], bool)
         if self.max_channels is not None and self.max_channels < int(scored.sum()):
-            std = acts.reshape(acts.shape[0], -1).std(axis=1)
+            std = channel_spread(acts)
             std = np.where(scored, std, -np.inf)
             keep = np.argsort(-std, kind="stable")[: self.max_channels]
             scored = np.zeros_like(scored)

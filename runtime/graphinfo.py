@@ -22,6 +22,7 @@ from .contract import BundleError
 
 NCHW = "NCHW"
 NHWC = "NHWC"
+OTHER = "other"  # a 4-D tensor transposed so that its batch or channel axis is not where a map has it
 
 #: ops that only move or thin out a map: the automatic choice steps back over them to the activation
 STEP_BACK_OPS = frozenset({"Transpose", "Identity", "Dropout", "MaxPool", "AveragePool", "Cast"})
@@ -216,8 +217,10 @@ class GraphInfo:
 
     # ------------------------------------------------------------------------------ layouts
     def layout(self, name: str) -> str:
-        """NCHW or NHWC for a 4-D tensor: from the op that made it (Conv & co. are NCHW), carried
-        through elementwise ops and flipped by a ``Transpose`` (0,2,3,1) / (0,3,1,2)."""
+        """NCHW, NHWC or OTHER for a 4-D tensor: from the op that made it (Conv & co. are NCHW), carried
+        through elementwise ops and moved by a ``Transpose`` (wherever its perm puts the channel axis:
+        axis 1 NCHW, axis 3 NHWC, else OTHER, e.g. the (0,3,2,1) torch's legacy exporter writes
+        around a 4-D softmax)."""
         if name in self._layouts:
             return self._layouts[name]
         path = []
@@ -241,12 +244,11 @@ class GraphInfo:
                 break  # a reshape into 4-D: no way to tell, assume NCHW
             t = src
         for t, node in reversed(path):
-            if node.op_type == "Transpose":
-                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
-                if perm == [0, 2, 3, 1] and result == NCHW:
-                    result = NHWC
-                elif perm == [0, 3, 1, 2] and result == NHWC:
-                    result = NCHW
+            if node.op_type == "Transpose" and result != OTHER:
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [3, 2, 1, 0])
+                channel = 1 if result == NCHW else 3  # where the channel axis lands: new axis i is old perm[i]
+                moved = perm.index(channel) if channel in perm and perm[0] == 0 else None
+                result = NCHW if moved == 1 else NHWC if moved == 3 else OTHER
             self._layouts[t] = result
         return self._layouts.get(name, result)
 
@@ -254,6 +256,8 @@ class GraphInfo:
         """A 4-D floating tensor with a known spatial size > 1."""
         shape = self.shapes.get(name)
         if shape is None or len(shape) != 4 or name not in self.dynamic or name in self.aliases:
+            return False
+        if self.layout(name) == OTHER:
             return False
         h, w = (shape[2], shape[3]) if self.layout(name) == NCHW else (shape[1], shape[2])
         return h is not None and w is not None and h * w > 1

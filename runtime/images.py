@@ -10,6 +10,7 @@ an image with more pixels than a limit is refused from its header, before it is 
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -20,6 +21,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .contract import Preprocessing
 
 MAX_PIXELS = 100_000_000  # 100 megapixels
+
+# Pillow logs what it finds in damaged files (``logger.error`` in its TIFF plugin, ...); with no handler
+# Python's last-resort handler would print that on the user's terminal. The failure itself is an ImageError.
+logging.getLogger("PIL").addHandler(logging.NullHandler())
 
 #: Pillow format ids accepted by :func:`load_image` (those not built into this Pillow are ignored).
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "TIFF", "GIF", "PPM", "TGA", "AVIF")
@@ -67,8 +72,8 @@ def _check_size(name: str, size: tuple[int, int], max_pixels: int) -> None:
 def _decode(fp, name: str, max_pixels: int) -> np.ndarray:
     """Open ``fp`` (a path or a binary file object), check its size from the header, decode it."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # Pillow's notes on damaged files (corrupt EXIF, ...): not the user's
+            warnings.simplefilter("ignore")  # concern when the pixels decode; a real failure raises below
             with Image.open(fp, formats=_formats()) as img:
                 _check_size(name, img.size, max_pixels)
                 img.load()

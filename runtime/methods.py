@@ -24,12 +24,12 @@ passes and finish the map the preset's way (default preset ``torchcam``, which i
 from __future__ import annotations
 
 import copy
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .engine import require_finite
 from .maskgraph import EPS, GAIN, IMAGE, MAPS, NOISE, build_scorer
 from .scorecam import PRESETS, constant_channels, get_preset, maps_from_scores, minmax
 
@@ -128,17 +128,15 @@ def faster(explainer, x, class_index, n=10, preset="paper"):
     return _variant(explainer, preset, max_channels=n).explain_tensor(x, [class_index])[0].saliency
 
 
-_SCORERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _scorer(engine, spec, noise: bool, gain: bool):
-    cache = _SCORERS.setdefault(engine, {})
-    key = (spec.key, noise, gain)
-    if key not in cache:
+    """The noise / gain scoring session of ``engine`` (made once, kept with the engine; thread-safe)."""
+
+    def build():
         data = build_scorer(engine.scoring_classifier(), spec, engine.input_size, input_name=engine.input_name,
                             noise=noise, gain=gain).SerializeToString()  # the graph's weights freed at once
-        cache[key] = engine.session(data, "scoring graph")
-    return cache[key]
+        return engine.session(data, "scoring graph")
+
+    return engine.extra_session(("methods", spec.key, noise, gain), build)
 
 
 def repeated_scores(engine, x: np.ndarray, acts: np.ndarray, spec, passes: int,
@@ -174,6 +172,7 @@ def _repeated_map(explainer, x, class_index, preset, passes, noise=None, gains=N
     p = get_preset(preset)
     engine = explainer.engine
     logits, acts = engine.classify_and_activations(x)
+    require_finite(logits, acts, explainer.meta.layer)
     base = logits[0].astype(np.float64)
     skipped = constant_channels(acts)
     scored = ~skipped if p.skip_constant else np.ones(acts.shape[0], bool)
@@ -190,6 +189,7 @@ def _repeated_map(explainer, x, class_index, preset, passes, noise=None, gains=N
         masked[scored] = repeated_scores(engine, x, acts[scored], p.mask, passes,
                                          None if noise is None else noise_of_scored, gains,
                                          explainer.batch_size)
+        require_finite(masked[scored], masked=True)
     return maps_from_scores(p, acts, masked, base, [class_index], explainer.input_size, skipped=skipped,
                             channel_mask=scored)[0].saliency
 

@@ -79,10 +79,24 @@ def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+#: beyond this magnitude float32 differences and sums may overflow: such values are handled in float64
+#: (or rescaled, which every normalised map is invariant to)
+SAFE_MAGNITUDE = 1e37
+
+
 def minmax(m: np.ndarray, eps: float = 0.0, axes: tuple[int, ...] = (-2, -1)) -> np.ndarray:
-    """``(m - min m) / (max m - min m + eps)`` over ``axes``; a constant map becomes all zeros."""
+    """``(m - min m) / (max m - min m + eps)`` over ``axes``; a constant map becomes all zeros.
+
+    Values so large that ``max - min`` could overflow float32 are normalised in float64.
+    """
     m = np.asarray(m, np.float32)
     lo = m.min(axis=axes, keepdims=True)
+    if m.size and not (np.abs(lo).max() < SAFE_MAGNITUDE and np.abs(m.max(axis=axes)).max() < SAFE_MAGNITUDE):
+        m64 = m.astype(np.float64)
+        lo64 = lo.astype(np.float64)
+        rng64 = m64.max(axis=axes, keepdims=True) - lo64 + eps
+        safe64 = np.where(rng64 > 0, rng64, 1.0)
+        return np.where(rng64 > 0, (m64 - lo64) / safe64, 0.0).astype(np.float32)
     rng = m.max(axis=axes, keepdims=True) - lo + np.float32(eps)
     safe = np.where(rng > 0, rng, np.float32(1))
     return np.where(rng > 0, (m - lo) / safe, np.float32(0)).astype(np.float32)
@@ -133,10 +147,41 @@ def constant_channels(acts: np.ndarray) -> np.ndarray:
 
 
 def weighted_sum(weights: np.ndarray, acts: np.ndarray) -> np.ndarray:
-    """``sum_k a_k A_k``: weights [n,K], activations [K,h,w] -> [n,h,w] (NaN activations ignored)."""
+    """``sum_k a_k A_k``: weights [n,K], activations [K,h,w] -> float32 [n,h,w] (NaN activations ignored).
+
+    Summed in float64 when the activations are so large that a float32 sum could overflow; a result
+    beyond float32's range is divided by its largest magnitude (every preset's map is invariant to a
+    positive scale; only the unnormalised ``cam`` of ``paper`` changes, and it could not be held anyway).
+    """
     a = np.nan_to_num(acts.astype(np.float32), nan=0.0)
     k, h, w = a.shape
-    return (weights.astype(np.float32) @ a.reshape(k, h * w)).reshape(-1, h, w)
+    if not a.size or np.abs(a).max() * max(np.abs(weights).sum(axis=1).max(initial=0.0), 1.0) < SAFE_MAGNITUDE:
+        return (weights.astype(np.float32) @ a.reshape(k, h * w)).reshape(-1, h, w)
+    out = weights.astype(np.float64) @ a.reshape(k, h * w).astype(np.float64)
+    peak = np.abs(out).max()
+    if peak > SAFE_MAGNITUDE:
+        out = out / peak
+    return out.reshape(-1, h, w).astype(np.float32)
+
+
+def mask_safe(acts: np.ndarray) -> np.ndarray:
+    """Activations [K,h,w] with every channel whose magnitude exceeds :data:`SAFE_MAGNITUDE` divided by
+    its largest magnitude, so the mask graph's ``max - min`` stays finite in float32. ``norm(up(A_k))``
+    is invariant to a positive per-channel scale (up to eps), so the masks are the same."""
+    a = np.asarray(acts, np.float32)
+    peak = np.abs(a.reshape(a.shape[0], -1)).max(axis=1, initial=0.0)
+    big = peak >= SAFE_MAGNITUDE
+    if not big.any():
+        return a
+    a = a.copy()
+    a[big] = (a[big].astype(np.float64) / peak[big, None, None]).astype(np.float32)
+    return a
+
+
+def channel_spread(acts: np.ndarray) -> np.ndarray:
+    """The spatial standard deviation of each channel [K] (Faster Score-CAM's ranking), in float64:
+    float32 squares of large activations overflow."""
+    return acts.reshape(acts.shape[0], -1).astype(np.float64).std(axis=1)
 
 
 # ------------------------------------------------------------------------------ weights per preset

@@ -8,11 +8,13 @@ unchanged. The classifier is *normalised* to the bundle contract:
   NHWC input ([N,H,W,3]) a ``Transpose``; a batch dimension fixed to 1 is made dynamic (``Reshape``
   constants such as [1,-1] become [-1,...] / [0,...]) or, when that does not verify, kept at 1
   (scored one masked image at a time, with a warning);
-- one 2-D output ``logits`` (``output=`` picks among several; default the first 2-D one). A trailing
-  ``Softmax``/``LogSoftmax`` is cut off so every preset scores logits as DESIGN.md says; the
-  probabilities reported are the softmax of those logits, i.e. the model's own. A softmax that cannot
-  be cut (followed by a reshape) is kept and recorded as output kind ``probabilities``;
-- opset < 11 is converted to opset 13 first.
+- one 2-D output ``logits`` (``output=`` picks among several; default the first 2-D one, else the first
+  [N,C,1,1] / [N,1,1,C] one, which old Caffe/Caffe2, SqueezeNet and TF heads give: it is flattened).
+  A trailing ``Softmax``/``LogSoftmax`` over the class axis, reached over reshapes and transposes
+  (torch's legacy Transpose-Softmax-Transpose included), is cut off so every preset scores logits as
+  DESIGN.md says; the probabilities reported are the softmax of those logits, i.e. the model's own. A
+  softmax over another axis is refused (its output carries no class scores);
+- opset < 11 (IR 3, initializers listed as inputs, Dropout, LRN, ...) is converted to opset 13 first.
 
 The feature graph is ``onnx.utils.Extractor`` on the normalised classifier, from ``input`` to the
 target layer (see :mod:`runtime.graphinfo` for the automatic choice), renamed ``features`` (with a
@@ -46,7 +48,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .bundle import Bundle, load_onnx
+from .bundle import Bundle, bundle_paths, is_bundle_graph, load_bundle, load_onnx, open_bundle, resolve_model_path
 from .contract import (
     FEATURES_FILE,
     FEATURES_NAME,
@@ -62,13 +64,14 @@ from .contract import (
 )
 from .graphinfo import NHWC, Candidate, GraphInfo, dims_of, fixed_shapes
 
-DERIVE_VERSION = "1"
+DERIVE_VERSION = "2"  # 2: [N,C,1,1] outputs flattened, initializer inputs dropped, IR >= 7
 CACHE_ENV = "SCORECAM_CACHE"
 DEFAULT_SIZE = 224
 DERIVED_FILE = "derived.json"
 SIDECAR_KEYS = ("input_size", "mean", "std", "scale", "color_order", "labels")
 MIN_OPSET = 11
 CONVERT_TO_OPSET = 13
+MIN_IR_VERSION = 7  # what opset 13 needs (onnx.helper.VERSION_TABLE)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -115,7 +118,8 @@ def read_sidecar(model_path: Path) -> dict:
         raise BundleError(f"sidecar {p} must hold a JSON object with keys {', '.join(SIDECAR_KEYS)}")
     unknown = sorted(set(data) - set(SIDECAR_KEYS))
     if unknown:
-        raise BundleError(f"sidecar {p}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(SIDECAR_KEYS)}")
+        raise BundleError(f"sidecar {p}: unknown key(s) {', '.join(map(repr, unknown))[:80]}; "
+                          f"allowed: {', '.join(SIDECAR_KEYS)}")
     if isinstance(data.get("labels"), str):
         data["labels"] = str((p.parent / data["labels"]).resolve())
     return data
@@ -127,6 +131,8 @@ def read_labels(labels) -> tuple[str, ...] | None:
         return None
     if isinstance(labels, (list, tuple)):
         return tuple(str(s) for s in labels)
+    if not isinstance(labels, (str, os.PathLike)):
+        raise BundleError(f"labels must be a list of class names or a file name, got {labels!r}"[:120])
     p = Path(labels)
     try:
         text = p.read_text(encoding="utf-8")
@@ -157,13 +163,15 @@ def read_labels(labels) -> tuple[str, ...] | None:
 def _size(value) -> tuple[int, int] | None:
     if value is None:
         return None
-    vals = [value, value] if isinstance(value, (int, float)) else list(value)
-    if len(vals) == 1:
-        vals = vals * 2
     try:
+        vals = [value, value] if isinstance(value, (int, float)) else list(value)
+        if len(vals) == 1:
+            vals = vals * 2
+        if any(isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) for v in vals):
+            raise TypeError
         h, w = (int(v) for v in vals)
-    except (TypeError, ValueError):
-        raise BundleError(f"input size must be one or two whole numbers (H W), got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise BundleError(f"input size must be one or two whole numbers (H W), got {value!r}"[:120]) from None
     if h < 1 or w < 1 or len(vals) != 2:
         raise BundleError(f"input size must be two positive whole numbers (H W), got {value!r}")
     return h, w
@@ -196,14 +204,20 @@ class Options:
             raise BundleError(f"colour order must be RGB or BGR, got {order!r}")
         sc = pick(scale, "scale")
         try:
+            if isinstance(sc, bool) or not isinstance(sc, (int, float, str, type(None))):
+                raise TypeError
             sc = None if sc is None else float(sc)
         except (TypeError, ValueError):
-            raise BundleError(f"scale must be a number, got {sc!r}") from None
-        return cls(layer=layer, output=output, input_size=_size(pick(input_size, "input_size")),
+            raise BundleError(f"scale must be a number, got {sc!r}"[:120]) from None
+        if sc is not None and (not np.isfinite(sc) or sc == 0):
+            raise BundleError(f"scale must be a finite non-zero number, got {sc}")
+        opts = cls(layer=layer, output=output, input_size=_size(pick(input_size, "input_size")),
                    mean=None if m is None else parse_floats(m, 3, "mean"),
                    std=None if s is None else parse_floats(s, 3, "std"),
                    scale=sc, color_order=None if order is None else str(order).upper(),
                    labels=read_labels(pick(labels, "labels")))
+        opts.preprocessing(opts.input_size or (DEFAULT_SIZE, DEFAULT_SIZE))  # mean, std and scale agree: fail now
+        return opts
 
     def key(self) -> str:
         """A short stable hash of the options (the cache directory under the model's sha256)."""
@@ -309,6 +323,12 @@ def prepare(source: onnx.ModelProto, input_size: tuple[int, int] | None = None, 
                               f"({why})") from None
         opset = _opset(m)
     g = m.graph
+    # IR < 4 lists every initializer as a graph input too; a normalised graph has the image as its only
+    # input and the IR version its opset needs (IR 7 for opset 13), so it is valid ONNX for any consumer
+    inits = {i.name for i in g.initializer}
+    for vi_init in [i for i in g.input if i.name in inits]:
+        g.input.remove(vi_init)
+    m.ir_version = max(m.ir_version, MIN_IR_VERSION)
     vi, nhwc = _image_input(g)
     d = dims_of(vi) or (None, None, None, None)
     model_hw = (d[1], d[2]) if nhwc else (d[2], d[3])
@@ -347,34 +367,28 @@ def prepare(source: onnx.ModelProto, input_size: tuple[int, int] | None = None, 
     shapes = fixed_shapes(m, new, (1, 3, *size))
     info = GraphInfo(m, new, shapes)
 
-    # ---- the output: one 2-D tensor; a trailing Softmax is cut off
+    # ---- the output: class scores [N,C] (or [N,C,1,1], [N,1,1,C]: flattened); a trailing Softmax is cut off
     outs = [o.name for o in g.output]
     if output is None:
-        two_d = [o for o in outs if len(shapes.get(o) or ()) == 2]
-        if not two_d:
+        flat = [o for o in outs if _classes_of(shapes.get(o)) is not None]
+        if not flat:
             desc = ", ".join(f"{o} {_shape_text(shapes.get(o) or ())}" for o in outs)
-            raise BundleError(f"the model has no 2-D [N,C] output (outputs: {desc}); "
-                              "name the class scores with --output")
-        out = two_d[0]
+            raise BundleError(f"the model has no class-score output [N,C] (or [N,C,1,1]) (outputs: {desc}); "
+                              "it does not look like an image classifier")
+        out = next((o for o in flat if len(shapes[o]) == 2), flat[0])
     else:
         if output not in info.producer:
             close = difflib.get_close_matches(output, outs + info.tensor_names(), n=3, cutoff=0.4)
             hint = f"; closest: {', '.join(close)}" if close else f"; outputs: {', '.join(outs)}"
             raise BundleError(f"output {output!r} is not a tensor of this model{hint}")
         out = output
-        if len(shapes.get(out) or ()) != 2:
+        if _classes_of(shapes.get(out)) is None:
             raise BundleError(f"output {out!r} has shape {_shape_text(shapes.get(out) or ())}; "
-                              "the class scores must be a 2-D [N,C] tensor")
+                              "the class scores must be a 2-D [N,C] tensor (or [N,C,1,1], [N,1,1,C])")
     if out not in info.dynamic:
         raise BundleError(f"output {out!r} does not depend on the image input")
-    scores, kind, cut = out, "logits", ""
-    node = info.producer.get(out)
-    while node is not None and node.op_type == "Identity":
-        node = info.producer.get(node.input[0])
-    if node is not None and node.op_type in ("Softmax", "LogSoftmax") and len(shapes.get(node.input[0]) or ()) == 2:
-        axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
-        if axis in (1, -1):
-            scores, cut = node.input[0], node.op_type
+    classes = _classes_of(shapes[out])
+    scores, kind, cut = _cut_softmax(info, out, classes, opset)
     if not cut:
         t, hops = out, 0
         while hops < 8 and t in info.producer:
@@ -385,22 +399,65 @@ def prepare(source: onnx.ModelProto, input_size: tuple[int, int] | None = None, 
                     warnings.append(f"the output {out!r} is a softmax that cannot be cut off; masked inputs are "
                                     "scored by probabilities, so the logit-based presets differ from DESIGN.md")
                 break
-            if n.op_type not in ("Flatten", "Reshape", "Squeeze", "Identity", "Transpose"):
+            if n.op_type not in SHAPE_OPS:
                 break
             t, hops = n.input[0], hops + 1
-    final = scores if scores == (LOGITS_NAME if kind == "logits" else PROBABILITIES_NAME) else \
-        _fresh(LOGITS_NAME if kind == "logits" else PROBABILITIES_NAME, _all_names(g))
-    if final != scores:
+    final = scores if scores == (LOGITS_NAME if kind == "logits" else PROBABILITIES_NAME) and \
+        len(shapes[scores]) == 2 else _fresh(LOGITS_NAME if kind == "logits" else PROBABILITIES_NAME, _all_names(g))
+    if len(shapes[scores]) != 2:  # [N,C,1,1], [N,1,1,C], ...: one non-1 dim besides the batch, so order is kept
+        g.node.append(helper.make_node("Flatten", [scores], [final], axis=1, name="scorecam_flatten"))
+    elif final != scores:
         g.node.append(helper.make_node("Identity", [scores], [final], name="scorecam_output"))
-    classes = shapes[scores][1]
     del g.output[:]
     g.output.append(helper.make_tensor_value_info(final, TensorProto.FLOAT, [batch or "N", classes]))
-    shapes[final] = shapes[scores]
+    shapes[final] = (shapes[scores][0], classes)
 
     if rewrite:
         _free_batch(m, GraphInfo(m, new, shapes))
     info = GraphInfo(m, new, shapes)
     return Prepared(m, info, new, final, old, out, nhwc, size, kind, cut, batch, warnings)
+
+
+#: ops that only reshape or reorder a tensor (walked over between the class scores and a trailing softmax)
+SHAPE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Transpose")
+
+
+def _classes_of(shape) -> int | None:
+    """C when ``shape`` holds class scores: [N,C], or a batch dim and one dim > 1 among 1s ([N,C,1,1],
+    [N,1,1,C]: old Caffe/Caffe2, SqueezeNet and TF heads); else None."""
+    if not shape or len(shape) < 2 or shape[0] not in (1, None) or any(d is None for d in shape[1:]):
+        return None
+    if len(shape) == 2:
+        return int(shape[1])
+    big = [int(d) for d in shape[1:] if d != 1]
+    return big[0] if len(big) == 1 else None
+
+
+def _cut_softmax(info: GraphInfo, out: str, classes: int, opset: int) -> tuple[str, str, str]:
+    """(scores, kind, cut): the tensor before a trailing Softmax / LogSoftmax over the class axis, reached
+    from ``out`` over reshapes and transposes only, else ``out`` itself. A softmax over another axis is
+    refused: its output carries no class scores."""
+    t, hops = out, 0
+    while hops < 8 and t in info.producer:
+        node = info.producer[t]
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            src = node.input[0]
+            shape = info.shapes.get(src) or ()
+            if _classes_of(shape) != classes:
+                return out, "logits", ""
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+            axis = axis + len(shape) if axis < 0 else axis
+            # opset < 13 flattens to [prod(d[:axis]), prod(d[axis:])]: class scores iff d[1:axis] are all 1
+            over_classes = 0 < axis < len(shape) and \
+                (shape[axis] == classes if opset >= 13 else all(d == 1 for d in shape[1:axis]))
+            if not over_classes:
+                raise BundleError(f"the model's {node.op_type} runs over axis {axis} of {_shape_text(shape)}, "
+                                  "not over the classes: its output carries no class scores")
+            return src, "logits", node.op_type
+        if node.op_type not in SHAPE_OPS or not node.input:
+            break
+        t, hops = node.input[0], hops + 1
+    return out, "logits", ""
 
 
 def _free_batch(m: onnx.ModelProto, info: GraphInfo) -> None:
@@ -550,7 +607,7 @@ def verify(source: onnx.ModelProto, d: Derived, seed: int = 0) -> str | None:
         if want.size != got.size:
             return f"its output has {got.size} values per image, the model's {want.size}"
         want = want.reshape(got.shape)
-        if not np.allclose(got, want, rtol=1e-3, atol=1e-4):
+        if not np.allclose(got, want, rtol=1e-3, atol=1e-4, equal_nan=True):  # the same NaN is a faithful copy
             return f"its outputs differ from the model's (max |diff| {np.abs(got - want).max():.3g})"
     return None
 
@@ -623,8 +680,20 @@ def _write_cache(d: Derived, meta: BundleMeta, target: Path, source: Path) -> bo
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def open_model(model, **derive) -> Bundle:
+    """A :class:`Bundle` for any model: a bundle (directory, ``model.onnx`` or name) is opened as it is;
+    a classifier without bundle metadata gets its feature graph derived (:func:`derive_bundle`, which
+    takes ``derive``: layer, output, input_size, mean, std, scale, bgr, labels)."""
+    directory, model_path = bundle_paths(model)
+    proto = load_onnx(model_path, "classifier graph")
+    if is_bundle_graph(proto):
+        return open_bundle(directory, model_path, proto, **derive)
+    return derive_bundle(model_path, source=proto, **derive)
+
+
 def derive_bundle(path, layer: str | None = None, output: str | None = None, input_size=None, mean=None,
-                  std=None, scale=None, bgr: bool | None = None, labels=None, cache: bool = True) -> Bundle:
+                  std=None, scale=None, bgr: bool | None = None, labels=None, cache: bool = True,
+                  source: onnx.ModelProto | None = None) -> Bundle:
     """A :class:`Bundle` for a model file with no bundle metadata (see the module docstring).
 
     Args:
@@ -633,9 +702,8 @@ def derive_bundle(path, layer: str | None = None, output: str | None = None, inp
         output: the class-score output when the model has several; None: the first 2-D one.
         input_size, mean, std, scale, bgr, labels: preprocessing; None: the sidecar's, else defaults.
         cache: reuse / write the derived bundle under :func:`cache_root`.
+        source: the model file's graph, when the caller has read it already.
     """
-    from .bundle import load_bundle
-
     path = Path(path)
     opts = Options.make(path, layer, output, input_size, mean, std, scale, bgr, labels)
     sha = file_sha256(path)
@@ -652,10 +720,11 @@ def derive_bundle(path, layer: str | None = None, output: str | None = None, inp
             bundle.source = path
             bundle.max_batch = record.get("max_batch")
             return bundle
-    try:
-        source = onnx.load(str(path))
-    except Exception as e:
-        raise BundleError(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
+    if source is None:
+        try:
+            source = onnx.load(str(path))
+        except Exception as e:
+            raise BundleError(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
     d = derive_checked(source, opts.layer, opts.output, opts.input_size)
     meta = make_meta(d, opts, sha)
     for w in d.prepared.warnings:
@@ -704,7 +773,6 @@ def cli_kwargs(args) -> dict:
 
 def layers_report(model, input_size=None, output: str | None = None) -> str:
     """The ``--list-layers`` text for a model file, a bundle directory or a bundle name."""
-    from .bundle import resolve_model_path
     from .contract import PREFIX, read_props
 
     path = resolve_model_path(model)
