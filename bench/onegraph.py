@@ -176,7 +176,7 @@ def markdown(res: dict) -> str:
              f"{res['cpu']}, {res['cores']} cores, onnxruntime {res['onnxruntime']}, {res['threads']} threads; "
              f"median of {res['repeats']} repeats, Python and graph interleaved. Classifier "
              f"{res['classifier_bytes'] / 1e6:.2f} MB.", "",
-             "| channels | maps run | Python s | graph s | graph / Python | Node s | browser s | file MB | "
+             "| channels | scored (constant in A) | Python s | graph s | graph / Python | Node s | browser s | file MB | "
              "file / classifier | max abs diff |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:

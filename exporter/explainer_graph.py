@@ -4,24 +4,30 @@
 probabilities [1,C]`` computes in any ONNX Runtime exactly what ``Explainer(...).explain_tensor(x)``
 computes in Python (DESIGN.md, "Score-CAM, exactly"):
 
-1. ``x = (pixel * scale - mean) / std`` in the bundle's colour order, NCHW;
-2. one classifier pass: the logits ``f(x)`` [1,C] and the target layer ``A`` [K,h,w];
-3. the channels to score, with no ``NonZero``: a channel is *constant* when ``max A_k == min A_k``;
-   ``scored`` = all channels (``official``: the varying ones), then with ``max_channels=N`` the
-   selection rule (:data:`SELECTIONS`, today ``std``: the N of largest spatial std, lower index first on
-   ties, as ``Explainer.channels_to_score``). The maps actually run are the scored varying channels plus
-   ONE all-zero map shared by every scored constant channel (its mask is 0 in every preset);
-   ``TopK`` puts them first (in channel order) and the trip count ``ceil(n_run / B)`` comes from them;
-4. an ONNX ``Loop`` over those chunks of B maps: the body is ``runtime.maskgraph.mask_nodes`` (the same
-   masking nodes the Python engine runs) followed by the classifier, whose weights the body reads from
-   the outer scope, so the file holds them once; its scan output is the masked logits [T,B,C];
-5. the masked logits [K,C] gathered back per channel (not scored: a zero row, weight 0), the class
-   (``class_index`` < 0: the top-1 class), the preset's weights (``exp(-inf) = 0`` drops ignored channels
-   out of the softmax), ``S = sum_k a_k A_k`` and the preset's finishing, with the bilinear resize as the
-   same interpolation matrices :func:`runtime.scorecam.upsample` uses.
+1. ``x = (pixel * scale - mean) / std`` in the bundle's colour order, NCHW (main graph);
+2. one ONNX ``Loop`` whose body is ``runtime.maskgraph.mask_nodes`` (the same masking nodes the Python
+   engine runs) followed by the classifier. Iteration 0 runs the image itself (the zero map with offset 1,
+   as the engine's main session: ``x * 1``) and gives the logits ``f(x)`` [1,C] and the target layer ``A``
+   [K,h,w] (loop-carried). From ``A`` the body computes the schedule (:class:`_Schedule`), with no
+   ``NonZero``: a channel is *constant* when ``max A_k == min A_k``; ``scored`` = all channels
+   (``official``: the varying ones), then with ``max_channels=N`` the selection rule (:data:`SELECTIONS`,
+   today ``std``: the N of largest spatial std, lower index first on ties, as
+   ``Explainer.channels_to_score``). The maps run are the scored varying channels plus ONE all-zero map
+   shared by every scored constant channel (its mask is 0 in every preset), put first in channel order by
+   ``TopK``; the loop stops after ``1 + ceil(n_run / B)`` iterations. Iteration i >= 1 scores chunk i-1;
+   the scan output is the logits padded to [B,C]: [T,B,C] in all;
+3. after the Loop: the same schedule from the same ``A``; the masked logits [K,C] gathered back per
+   channel (not scored: a zero row, weight 0), the class (``class_index`` < 0: the top-1 class), the
+   preset's weights (``exp(-inf) = 0`` drops ignored channels out of the softmax), ``S = sum_k a_k A_k``
+   and the preset's finishing, the bilinear resize being the interpolation matrices of
+   :func:`runtime.scorecam.upsample`.
 
-The last chunk is padded to B with a fixed varying map (its rows are discarded), so every iteration has
-the same shape and no row is ever NaN. The graph keeps the classifier's IR version and opset.
+The classifier's weights are initializers of the Loop body, stored once. Read from the outer scope instead
+(the file size is the same), ONNX Runtime leaves those convolutions out of its CPU layout optimisation
+(NCHWc) and Lite0 takes 2.75x the Python engine's time; inside the body they are optimised like any graph's.
+The last chunk runs only the maps left (as the Python engine's last batch) and its logits are padded with
+zero rows to [B,C], so every scan output has the same shape; with nothing to run, one fixed varying map is
+scored and discarded, so no row is ever NaN. The graph keeps the classifier's IR version and opset.
 """
 
 from __future__ import annotations
@@ -260,11 +266,13 @@ class _Schedule:
         n_run = b.cast(b.reduce("ReduceSum", sel, [0], keepdims=0), i64)
         order_key = b.op("Mul", [sel, b.const(np.arange(k + 1, 0, -1), np.float32)])
         _, perm = b.op("TopK", [order_key, b.const([k + 1], np.int64)], n_out=2, axis=0, largest=1, sorted=1)
+        ran = b.op("Less", [b.const(np.arange(k + 1), np.int64), n_run])  # the padding map after the maps run
+        perm = b.op("Where", [ran, perm, b.const(k + 1, np.int64)])
         perm = b.op("Concat", [perm, b.const(np.full(chunk, k + 1), np.int64, "pad")], axis=0)
         trips = b.op("Div", [b.op("Add", [n_run, b.const(chunk - 1, np.int64)]), b.const(chunk, np.int64)])
         trips = b.op("Max", [trips, b.const(1, np.int64)])  # at least one (discarded) chunk: never an empty scan
         return {"scored": scored, "run_varying": run_varying, "run_constant": run_constant, "sel": sel,
-                "perm": perm, "trips": trips}
+                "perm": perm, "trips": trips, "n_run": n_run}
 
 
 def build_explainer(bundle: Bundle, options: Options = Options(), source: Path | None = None) -> onnx.ModelProto:
@@ -321,11 +329,14 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     # f(x) and the activations A, from which the schedule (which maps, in which order, how many chunks) is
     # computed; iteration i >= 1 runs chunk i-1 of B maps. Loop-carried: A [K,h,w] and the schedule perm.
     lb = _Builder(opset, _L + "x/")
-    it, cond, acts_in, perm_in = _L + "iter", _L + "cond", _L + "acts_in", _L + "perm_in"
+    it, cond, acts_in, perm_in, nrun_in = (_L + t for t in ("iter", "cond", "acts_in", "perm_in", "nrun_in"))
     first = lb.op("Equal", [it, lb.const(0, np.int64)])
-    n = lb.op("Where", [first, lb.const(1, np.int64), lb.const(chunk, np.int64)])
     start = lb.op("Where", [first, lb.const(0, np.int64),
                             lb.op("Mul", [lb.op("Sub", [it, lb.const(1, np.int64)]), lb.const(chunk, np.int64)])])
+    # this chunk's size: B, less in the last chunk (never 0: with nothing to run, one discarded padding map)
+    left = lb.op("Max", [lb.op("Min", [lb.op("Sub", [nrun_in, start]), lb.const(chunk, np.int64)]),
+                         lb.const(1, np.int64)])
+    n = lb.op("Where", [first, lb.const(1, np.int64), left])
     start = lb.unsqueeze(start, [0])
     idx = lb.op("Slice", [perm_in, start, lb.op("Add", [start, lb.unsqueeze(n, [0])]), lb.const([0], np.int64)])
     chunk_maps = lb.op("Gather", [sched.maps(lb, acts_in), idx], axis=0)  # [n,h,w]
@@ -345,6 +356,7 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     plan = sched.plan(lb, lb.reshape(acts_out, [k, h * w]))
     lb.nodes.append(helper.make_node("Identity", [acts_out], [_L + "acts_out"], name=_L + "acts_out"))
     lb.nodes.append(helper.make_node("Identity", [plan["perm"]], [_L + "perm_out"], name=_L + "perm_out"))
+    lb.nodes.append(helper.make_node("Identity", [plan["n_run"]], [_L + "nrun_out"], name=_L + "nrun_out"))
     lb.nodes.append(helper.make_node("Less", [it, plan["trips"]], [_L + "cond_out"], name=_L + "cond_out"))
     pads = lb.op("Concat", [lb.const([0, 0], np.int64), lb.unsqueeze(lb.op("Sub", [lb.const(chunk, np.int64), n]), [0]),
                             lb.const([0], np.int64)], axis=0)
@@ -353,18 +365,20 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
         lb.nodes, "scorecam_chunk",
         [helper.make_tensor_value_info(it, i64, []), helper.make_tensor_value_info(cond, boolean, []),
          helper.make_tensor_value_info(acts_in, f32, [k, h, w]),
-         helper.make_tensor_value_info(perm_in, i64, [k + 1 + chunk])],
+         helper.make_tensor_value_info(perm_in, i64, [k + 1 + chunk]), helper.make_tensor_value_info(nrun_in, i64, [])],
         [helper.make_tensor_value_info(_L + "cond_out", boolean, []),
          helper.make_tensor_value_info(_L + "acts_out", f32, [k, h, w]),
          helper.make_tensor_value_info(_L + "perm_out", i64, [k + 1 + chunk]),
+         helper.make_tensor_value_info(_L + "nrun_out", i64, []),
          helper.make_tensor_value_info(_L + "scores", f32, [chunk, n_classes])],
         list(g0.initializer) + lb.inits)  # the weights live in the body: stored once, and ONNX Runtime's layout
     # optimisations (NCHWc on CPU) apply to them, which they do not to weights read from an outer scope
     acts0 = b.op("ConstantOfShape", [b.const([k, h, w], np.int64)], value=numpy_helper.from_array(
         np.zeros(1, np.float32)))
     perm0 = b.const(np.full(k + 1 + chunk, k), np.int64, "perm0")  # iteration 0 reads slot K, the zero map
-    acts, _, scan = b.op("Loop", [b.const(1 + -(-(k + 1) // chunk), np.int64, "max_trips"),
-                                  b.const(True, np.bool_, "true"), acts0, perm0], n_out=3, tag="loop", body=body)
+    acts, _, _, scan = b.op("Loop", [b.const(1 + -(-(k + 1) // chunk), np.int64, "max_trips"),
+                                     b.const(True, np.bool_, "true"), acts0, perm0, b.const(1, np.int64, "nrun0")],
+                            n_out=4, tag="loop", body=body)
     base = b.reshape(b.op("Slice", [scan, b.const([0, 0], np.int64), b.const([1, 1], np.int64),
                                     b.const([0, 1], np.int64)]), [1, n_classes])  # f(x)
     scores = b.reshape(b.op("Slice", [scan, b.const([1], np.int64), b.const([2 ** 62], np.int64),
