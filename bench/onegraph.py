@@ -66,15 +66,18 @@ def run(model: str, photo: Path, budgets: list[int | None], repeats: int, node: 
         feeds = {PIXELS: rgb[None], CLASS_INDEX: np.array([-1], np.int64)}
         sess.run(None, feeds)  # warm-up, both
         ref = ex.explain_tensor(x)[0]
-        t_py, t_graph = [], []
+        t_py, t_graph, c_py, c_graph = [], [], [], []  # wall seconds; CPU seconds of this process (all threads)
         for i in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ref = ex.explain_tensor(x)[0]
             t_py.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+            c_py.append(time.process_time() - c0)
+            t0, c0 = time.perf_counter(), time.process_time()
             sal, cls, _ = sess.run(None, feeds)
             t_graph.append(time.perf_counter() - t0)
-            log(f"{label} repeat {i + 1}/{repeats}: python {t_py[-1]:.2f} s, graph {t_graph[-1]:.2f} s")
+            c_graph.append(time.process_time() - c0)
+            log(f"{label} repeat {i + 1}/{repeats}: python {t_py[-1]:.2f} s ({c_py[-1]:.2f} CPU s), "
+                f"graph {t_graph[-1]:.2f} s ({c_graph[-1]:.2f} CPU s)")
         err = float(np.abs(sal[0] - ref.saliency).max())
         ref.saliency.astype("<f4").tofile(tmp / f"{label}.f32")
         (tmp / f"{label}.json").write_text(json.dumps({
@@ -83,6 +86,8 @@ def run(model: str, photo: Path, budgets: list[int | None], repeats: int, node: 
         row = {"budget": label, "channels_run": ref.channels_used, "constant": ref.channels_skipped,
                "python_s": t_py, "graph_s": t_graph, "python_median_s": _median(t_py),
                "graph_median_s": _median(t_graph), "ratio": _median(t_graph) / _median(t_py),
+               "python_cpu_s": c_py, "graph_cpu_s": c_graph,
+               "cpu_ratio": _median(c_graph) / _median(c_py),
                "max_abs_diff": err, "class_index": int(cls[0]), "python_class": ref.class_index,
                "graph_bytes": len(data), "size_ratio": len(data) / classifier_bytes}
         if node:
@@ -176,15 +181,16 @@ def markdown(res: dict) -> str:
              f"{res['cpu']}, {res['cores']} cores, onnxruntime {res['onnxruntime']}, {res['threads']} threads; "
              f"median of {res['repeats']} repeats, Python and graph interleaved. Classifier "
              f"{res['classifier_bytes'] / 1e6:.2f} MB.", "",
-             "| channels | scored (constant in A) | Python s | graph s | graph / Python | Node s | browser s | file MB | "
-             "file / classifier | max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| channels | scored (constant in A) | Python s | graph s | graph / Python | CPU s graph / Python | "
+             "Node s | browser s | file MB | file / classifier | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         node = f"{r['node_median_s']:.2f}" if "node_median_s" in r else "-"
         web = f"{r['browser_median_s']:.2f}" if "browser_median_s" in r else "-"
         lines.append(f"| {r['budget']} | {r['channels_run']} ({r['constant']} constant) | {r['python_median_s']:.2f} | "
-                     f"{r['graph_median_s']:.2f} | {r['ratio']:.3f} | {node} | {web} | {r['graph_bytes'] / 1e6:.2f} | "
-                     f"{r['size_ratio']:.3f} | {r['max_abs_diff']:.1e} |")
+                     f"{r['graph_median_s']:.2f} | {r['ratio']:.3f} | {r.get('cpu_ratio', float('nan')):.3f} | "
+                     f"{node} | {web} | {r['graph_bytes'] / 1e6:.2f} | {r['size_ratio']:.3f} | "
+                     f"{r['max_abs_diff']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
