@@ -84,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _write(args: argparse.Namespace) -> int:
     from runtime.bundle import load_bundle
+    from runtime.contract import BundleError
     from runtime.thirdparty import cli_kwargs
 
     from .explainer_graph import Options, build_explainer
@@ -103,7 +104,13 @@ def _write(args: argparse.Namespace) -> int:
     if args.triton and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise UsageError(f"--triton-name {name!r}: use letters, digits, '_', '.' and '-' only")
     print(f"loading {args.model}", file=sys.stderr)
-    bundle = load_bundle(args.model, **cli_kwargs(args))
+    try:
+        bundle = load_bundle(args.model, **cli_kwargs(args))
+    except BundleError as e:
+        if "unknown role 'explainer'" in str(e):
+            raise UsageError(f"{args.model} is already an explainer graph; give the classifier (a bundle or "
+                             "its model.onnx, or any ONNX classifier)") from None
+        raise
     print(f"building the explainer graph (preset {args.preset}, "
           f"{f'{args.max_channels} channels' if args.max_channels else 'all channels'})", file=sys.stderr)
     model = build_explainer(bundle, Options(args.preset, args.max_channels, args.chunk, args.select))

@@ -240,11 +240,14 @@ def test_cli_runs_without_torch_and_writes_triton(tmp_path):
     (["{bundle}", "--out", "{tmp}/x.onnx", "--max-channels", "0"], "--max-channels must be >= 1"),
     (["{bundle}", "--out", "{tmp}/x.onnx", "--chunk", "-2"], "--chunk must be >= 1"),
     (["{notonnx}", "--out", "{tmp}/x.onnx"], "not a valid ONNX model"),
+    (["{graph}", "--out", "{tmp}/x.onnx"], "is already an explainer graph"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
     bundle = make_bundle(tmp_path / "tiny")
     (tmp_path / "bad.onnx").write_text("not a model")
-    subs = {"bundle": str(bundle), "tmp": str(tmp_path), "notonnx": str(tmp_path / "bad.onnx")}
+    onnx.save(build_explainer(load_bundle(bundle), Options()), str(tmp_path / "graph.onnx"))
+    subs = {"bundle": str(bundle), "tmp": str(tmp_path), "notonnx": str(tmp_path / "bad.onnx"),
+            "graph": str(tmp_path / "graph.onnx")}
     proc = cli("explainer", *[a.format(**subs) for a in args])
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith(("TORCH:", "loading", "building"))]
