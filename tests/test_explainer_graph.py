@@ -287,3 +287,22 @@ def test_lite0_file_is_one_classifier(lite0_bundle, tmp_path):
     assert proc.returncode == 0, proc.stderr
     ratio = out.stat().st_size / (lite0_bundle / MODEL_FILE).stat().st_size
     assert ratio <= 1.1, ratio
+
+
+def test_bench_onegraph_runs(tmp_path):
+    """``python -m bench.onegraph`` on a tiny bundle: both timings, the size ratio and parity in its report."""
+    from bench.onegraph import main
+
+    bundle = make_bundle(tmp_path / "tiny")
+    photo_path = tmp_path / "pic.png"
+    from PIL import Image
+
+    Image.fromarray(photo(40, 40)).save(photo_path)
+    assert main(["--model", str(bundle), "--photo", str(photo_path), "--repeats", "2", "--max-channels", "4",
+                 "--out", str(tmp_path / "res")]) == 0
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert [r["budget"] for r in res["rows"]] == ["exact", "mc4"]
+    for r in res["rows"]:
+        assert len(r["python_s"]) == len(r["graph_s"]) == 2 and r["ratio"] > 0 and r["size_ratio"] > 1
+        assert r["max_abs_diff"] <= TOL and r["class_index"] == r["python_class"]
+    assert "| exact |" in (tmp_path / "res.md").read_text()
