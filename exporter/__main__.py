@@ -8,15 +8,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .bundle import DEFAULT_OPSET, check_destination, check_opset, export, make_preprocessing
 from .errors import ExportError
-from .layers import probe
-from .recipes import RECIPES
-from .report import summarize
-from .spec import read_labels, resolve
 
-EPILOG = f"""\
-SPEC is a built-in recipe ({", ".join(RECIPES)}) or package.module:callable, a function (or
+# torch is imported only by the export commands, so `python -m exporter explainer` runs without it
+
+EPILOG = """\
+SPEC is a built-in recipe ({recipes}) or package.module:callable, a function (or
 class) that takes no arguments and returns a torch.nn.Module classifier [N,3,H,W] -> [N,C]; the
 current directory is importable. Recipes bring their own defaults (layer, size, preprocessing,
 labels); for a callable, --layer is required and preprocessing defaults to torchvision ImageNet
@@ -33,6 +30,8 @@ examples:
   python -m exporter efficientnet_lite0 --list-layers
   python -m exporter mypkg.nets:build --layer layer4 --out models/mynet --labels classes.txt
   python -m exporter annotate model.onnx ...   (bundle a third-party ONNX classifier; see its --help)
+  python -m exporter explainer efficientnet_lite0 --out explainer.onnx   (Score-CAM as ONE ONNX graph;
+                                                                           no torch; see its --help)
 """
 
 
@@ -44,12 +43,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bundle import DEFAULT_OPSET
+    from .recipes import RECIPES
+
     p = _Parser(
         prog="python -m exporter",
         description="Export a torch classifier into a Score-CAM bundle for the torch-free runtime:\n"
                     "model.onnx (input -> logits) and features.onnx (input -> the target layer's "
                     "[N,K,h,w] map).",
-        epilog=EPILOG,
+        epilog=EPILOG.format(recipes=", ".join(RECIPES)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("spec", metavar="SPEC", help="recipe name or package.module:callable")
@@ -83,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit status (0, or 2 after a one-line ``error: ...`` on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["explainer"]:
+        from .explainer_cli import main as explainer_main
+
+        return explainer_main(argv[1:])
     if argv[:1] == ["annotate"]:
         from .annotate import main as annotate_main
 
@@ -110,6 +116,9 @@ def _input_size(args: argparse.Namespace, default: tuple[int, int]) -> tuple[int
 
 
 def _list_layers(args: argparse.Namespace) -> int:
+    from .layers import probe
+    from .spec import resolve
+
     recipe = resolve(args.spec)
     size = _input_size(args, recipe.input_size)
     model = recipe.build(size, False).eval()  # weights do not change shapes
@@ -128,6 +137,10 @@ def _list_layers(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from .bundle import DEFAULT_OPSET, check_destination, check_opset, export, make_preprocessing
+    from .report import summarize
+    from .spec import read_labels, resolve
+
     if not args.out:
         raise ExportError("--out DIR is required (or use --list-layers)")
     recipe = resolve(args.spec)
@@ -179,6 +192,7 @@ def _int8_step(calib: list[str]):
 
 def _cascade(model, layer: str, out: Path, options: dict, args: argparse.Namespace) -> int:
     """``--randomize cascade``: one bundle per randomisation step under ``out`` plus cascade.json."""
+    from .bundle import export
     from .randomize import run_cascade
 
     if out.is_dir() and any(out.iterdir()):

@@ -1,0 +1,308 @@
+"""The one-graph explainer (``python -m exporter explainer``) against ``Explainer.explain_tensor``.
+
+Parity is max |saliency_graph - saliency_python| <= 1e-4 on the same pixels, with ONNX Runtime's graph
+optimisations disabled and enabled; the class and the probabilities must match too.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from bundles import make_bundle, photo
+
+from exporter.explainer_graph import CLASS_INDEX, PIXELS, GraphBuildError, Options, build_explainer
+from runtime import Explainer, images
+from runtime.bundle import load_bundle
+from runtime.contract import FEATURES_FILE, MODEL_FILE, graph_sha256, read_props, write_metadata
+from runtime.scorecam import PRESETS
+
+ROOT = Path(__file__).resolve().parent.parent
+TOL = 1e-4
+LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "enabled": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def session(model: onnx.ModelProto, level: str) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = LEVELS[level]
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def run_graph(sess: ort.InferenceSession, rgb: np.ndarray, cls: int) -> tuple[np.ndarray, int, np.ndarray]:
+    sal, c, probs = sess.run(None, {PIXELS: rgb[None], CLASS_INDEX: np.array([cls], np.int64)})
+    return sal[0], int(c[0]), probs[0]
+
+
+def sized(rgb: np.ndarray, bundle) -> np.ndarray:
+    return images.resize_rgb(rgb, bundle.meta.preprocessing.input_size)
+
+
+def assert_parity(bundle_dir, rgb: np.ndarray, preset: str, max_channels: int | None, levels=("disabled", "enabled"),
+                  chunk: int | None = None, explicit: bool = True, **derive) -> list[float]:
+    """Graph vs Python for the top-1 class (class_index -1) and, with ``explicit``, the second-ranked class."""
+    bundle = load_bundle(bundle_dir, **derive)
+    rgb = sized(rgb, bundle)
+    model = build_explainer(bundle, Options(preset, max_channels, chunk))
+    ex = Explainer(bundle_dir, device="cpu", preset=preset, max_channels=max_channels, **derive)
+    x = ex.pre.apply(rgb)[None]
+    top2 = [int(i) for i in np.argsort(-ex.engine.classify(x)[0], kind="stable")[:2]]
+    want = {r.class_index: r for r in ex.explain_tensor(x, targets=top2 if explicit else top2[:1])}
+    probs_ref = ex._probabilities(ex.engine.classify(x)[0].astype(np.float64))
+    errors = []
+    for level in levels:
+        sess = session(model, level)
+        for asked, expect in [(-1, top2[0])] + ([(top2[1], top2[1])] if explicit else []):
+            sal, cls, probs = run_graph(sess, rgb, asked)
+            assert cls == expect, (preset, level, asked)
+            assert sal.shape == ex.input_size and sal.dtype == np.float32
+            assert np.isfinite(sal).all() and sal.min() >= 0 and sal.max() <= 1
+            err = float(np.abs(sal - want[expect].saliency).max())
+            assert err <= TOL, (preset, max_channels, level, asked, err)
+            assert np.abs(probs - probs_ref).max() <= 1e-5
+            errors.append(err)
+    return errors
+
+
+# ------------------------------------------------------------------------------------ the toy
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("max_channels", [None, 12])
+def test_toy_parity(toy_bundle, preset, max_channels):
+    rgb = np.asarray(images.load_image(ROOT / "samples" / "chelsea.png"))
+    assert_parity(toy_bundle, rgb, preset, max_channels)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 16])
+def test_chunk_sizes(tmp_path, chunk):
+    """Chunks of 1, 3 and 7 (neither divides K = 16 nor the number of maps run) and of all K at once."""
+    bundle = make_bundle(tmp_path / "tiny", channels=16)
+    for preset in PRESETS:
+        assert_parity(bundle, photo(40, 40, seed=1), preset, None, chunk=chunk)
+        assert_parity(bundle, photo(40, 40, seed=1), preset, 5, chunk=chunk, levels=("enabled",))
+
+
+def _constant_bundle(directory: Path) -> Path:
+    """The tiny bundle with its target layer's bias so negative that every channel is ReLU(.) = 0."""
+    make_bundle(directory)
+    model, feat = onnx.load(str(directory / MODEL_FILE)), onnx.load(str(directory / FEATURES_FILE))
+    for m in (model, feat):
+        for init in m.graph.initializer:
+            if init.name == "b2":
+                init.CopyFrom(onnx.numpy_helper.from_array(np.full(16, -1e4, np.float32), "b2"))
+    meta = load_bundle(directory).meta
+    write_metadata(model, meta.with_role("classifier", graph_sha256(feat)))
+    write_metadata(feat, meta.with_role("features", graph_sha256(model)))
+    onnx.save(model, str(directory / MODEL_FILE))
+    onnx.save(feat, str(directory / FEATURES_FILE))
+    return directory
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_channel_constant(tmp_path, preset):
+    """No channel varies: one (or, for official, no) pass of the zero map, an all-zero map, never a NaN."""
+    bundle = _constant_bundle(tmp_path / "dead")
+    ex = Explainer(bundle, device="cpu", preset=preset)
+    x = ex.pre.apply(photo(32, 32))[None]
+    assert ex.explain_tensor(x)[0].channels_skipped == 16
+    for max_channels in (None, 4):
+        assert_parity(bundle, photo(32, 32), preset, max_channels, chunk=3)
+        sal, _, _ = run_graph(session(build_explainer(load_bundle(bundle), Options(preset, max_channels)), "enabled"),
+                              photo(32, 32), -1)
+        assert np.isfinite(sal).all() and float(np.abs(sal).max()) == 0.0
+
+
+def _third_party(path: Path) -> Path:
+    """The tiny classifier as someone else's file: no bundle metadata, input ``images``, a trailing Softmax."""
+    make_bundle(path.parent / "src")
+    m = onnx.load(str(path.parent / "src" / MODEL_FILE))
+    del m.metadata_props[:]
+    g = m.graph
+    for node in g.node:
+        node.input[:] = ["images" if n == "input" else n for n in node.input]
+    g.input[0].name = "images"
+    g.node.append(onnx.helper.make_node("Softmax", ["logits"], ["prob"], axis=1))
+    g.output[0].name = "prob"
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_third_party_model(tmp_path, monkeypatch, preset):
+    monkeypatch.setenv("SCORECAM_CACHE", str(tmp_path / "cache"))
+    model = _third_party(tmp_path / "net.onnx")
+    assert_parity(model, photo(50, 70, seed=2), preset, None, chunk=5, input_size=(32, 32), mean=(0.4, 0.5, 0.6),
+                  std=(0.2, 0.25, 0.3), bgr=True)
+    assert_parity(model, photo(50, 70, seed=2), preset, 6, levels=("enabled",), input_size=(32, 32))
+
+
+def test_graph_contract(tmp_path):
+    """Inputs, outputs, metadata, IR version and opset of the classifier, the checker's full check, one copy
+    of the weights (inside the Loop body, not in the main graph)."""
+    bundle_dir = make_bundle(tmp_path / "tiny", channels=16)
+    bundle = load_bundle(bundle_dir)
+    model = build_explainer(bundle, Options("torchcam", 5, 4))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.ir_version == bundle.model.ir_version
+    opsets = [(o.domain, o.version) for o in bundle.model.opset_import]
+    assert [(o.domain, o.version) for o in model.opset_import] == opsets
+    assert [i.name for i in model.graph.input] == ["pixels", "class_index"]
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [o.name for o in model.graph.output] == ["saliency", "explained_class", "probabilities"]
+    assert "NonZero" not in {n.op_type for n in model.graph.node}
+    loops = [n for n in model.graph.node if n.op_type == "Loop"]
+    assert len(loops) == 1
+    body = loops[0].attribute[0].g
+    weights = {i.name for i in bundle.model.graph.initializer}
+    assert weights <= {i.name for i in body.initializer}
+    assert not weights & {i.name for i in model.graph.initializer}
+    props = read_props(model)
+    assert props["scorecam.role"] == "explainer" and props["scorecam.preset"] == "torchcam"
+    assert props["scorecam.max_channels"] == "5" and props["scorecam.select"] == "std"
+    assert props["scorecam.chunk"] == "4" and props["scorecam.channels"] == "16"
+    assert json.loads(props["scorecam.labels"])[0] == "apple"
+    assert json.loads(props["scorecam.mean"]) == [0.5, 0.5, 0.5] and props["scorecam.color_order"] == "RGB"
+    import hashlib
+
+    assert props["scorecam.source_sha256"] == hashlib.sha256((bundle_dir / MODEL_FILE).read_bytes()).hexdigest()
+
+
+def test_class_out_of_range_is_an_error_not_a_wrong_map(tmp_path):
+    sess = session(build_explainer(load_bundle(make_bundle(tmp_path / "tiny")), Options()), "enabled")
+    with pytest.raises(Exception, match="(?i)out of (bounds|range)|invalid"):
+        run_graph(sess, photo(32, 32), 5)
+
+
+def test_build_errors(tmp_path):
+    bundle = load_bundle(make_bundle(tmp_path / "tiny"))
+    with pytest.raises(GraphBuildError, match="max channels must be >= 1"):
+        build_explainer(bundle, Options(max_channels=0))
+    with pytest.raises(GraphBuildError, match="chunk size must be >= 1"):
+        build_explainer(bundle, Options(chunk=0))
+    with pytest.raises(GraphBuildError, match="unknown channel selection"):
+        build_explainer(bundle, Options(select="magic"))
+
+
+# ------------------------------------------------------------------------------------ the CLI, without torch
+
+BLOCK_TORCH = textwrap.dedent("""
+    import runpy, sys
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith(("torch.", "torchvision", "torchcam")):
+                raise ImportError(f"torch is blocked here: {name}")
+    sys.meta_path.insert(0, Block())
+    sys.argv = ["exporter", *sys.argv[1:]]
+    try:
+        runpy.run_module("exporter", run_name="__main__", alter_sys=True)
+    finally:
+        print("TORCH:" + ",".join(sorted(m for m in sys.modules if m.split(".")[0] == "torch")), file=sys.stderr)
+""")
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_runs_without_torch_and_writes_triton(tmp_path):
+    bundle = make_bundle(tmp_path / "tiny")
+    out = tmp_path / "explainer.onnx"
+    proc = cli("explainer", str(bundle), "--out", str(out), "--preset", "gradcam", "--max-channels", "6",
+               "--chunk", "4", "--triton", str(tmp_path / "repo"), "--triton-name", "tiny_cam")
+    assert proc.returncode == 0, proc.stderr
+    assert "TORCH:\n" in proc.stderr + "\n" and "torch is blocked" not in proc.stderr
+    assert "wrote" in proc.stdout
+    model = onnx.load(str(out))
+    assert read_props(model)["scorecam.preset"] == "gradcam"
+    assert (tmp_path / "repo" / "tiny_cam" / "1" / "model.onnx").read_bytes() == out.read_bytes()
+    config = (tmp_path / "repo" / "tiny_cam" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config and 'name: "tiny_cam"' in config
+    assert "TYPE_UINT8" in config and "dims: [ 1, 32, 32, 3 ]" in config and 'name: "explained_class"' in config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["explainer.onnx", "repo", "tiny"]  # no temporary files
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{bundle}"], "--out FILE is required"),
+    (["{bundle}", "--out", "{tmp}/no/such/dir/x.onnx"], "does not exist"),
+    (["{bundle}", "--out", "{tmp}"], "is a directory"),
+    (["{tmp}/missing", "--out", "{tmp}/x.onnx"], "model not found"),
+    (["{bundle}", "--out", "{tmp}/x.onnx", "--preset", "nope"], "invalid choice"),
+    (["{bundle}", "--out", "{tmp}/x.onnx", "--max-channels", "0"], "--max-channels must be >= 1"),
+    (["{bundle}", "--out", "{tmp}/x.onnx", "--chunk", "-2"], "--chunk must be >= 1"),
+    (["{notonnx}", "--out", "{tmp}/x.onnx"], "not a valid ONNX model"),
+    (["{graph}", "--out", "{tmp}/x.onnx"], "is already an explainer graph"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    bundle = make_bundle(tmp_path / "tiny")
+    (tmp_path / "bad.onnx").write_text("not a model")
+    onnx.save(build_explainer(load_bundle(bundle), Options()), str(tmp_path / "graph.onnx"))
+    subs = {"bundle": str(bundle), "tmp": str(tmp_path), "notonnx": str(tmp_path / "bad.onnx"),
+            "graph": str(tmp_path / "graph.onnx")}
+    proc = cli("explainer", *[a.format(**subs) for a in args])
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith(("TORCH:", "loading", "building"))]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------ EfficientNet-Lite0
+
+PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png")
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_lite0_parity_every_preset(lite0_bundle, preset):
+    """chelsea.png: exact (optimisations on) and 64 channels (off and on), top-1 and an explicit class."""
+    rgb = images.load_image(ROOT / "samples" / PHOTOS[0])
+    assert_parity(lite0_bundle, rgb, preset, None, levels=("enabled",))
+    assert_parity(lite0_bundle, rgb, preset, 64)
+
+
+def test_lite0_parity_exact_without_optimisations(lite0_bundle):
+    assert_parity(lite0_bundle, images.load_image(ROOT / "samples" / PHOTOS[0]), "paper", None,
+                  levels=("disabled",), explicit=False)
+
+
+@pytest.mark.parametrize("photo_name", PHOTOS[1:])
+def test_lite0_parity_other_photos(lite0_bundle, photo_name):
+    rgb = images.load_image(ROOT / "samples" / photo_name)
+    assert_parity(lite0_bundle, rgb, "paper", 64)
+    assert_parity(lite0_bundle, rgb, "paper", None, levels=("enabled",), explicit=False)
+
+
+def test_lite0_file_is_one_classifier(lite0_bundle, tmp_path):
+    out = tmp_path / "explainer.onnx"
+    proc = cli("explainer", str(lite0_bundle), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    ratio = out.stat().st_size / (lite0_bundle / MODEL_FILE).stat().st_size
+    assert ratio <= 1.1, ratio
+
+
+def test_bench_onegraph_runs(tmp_path):
+    """``python -m bench.onegraph`` on a tiny bundle: both timings, the size ratio and parity in its report."""
+    from bench.onegraph import main
+
+    bundle = make_bundle(tmp_path / "tiny")
+    photo_path = tmp_path / "pic.png"
+    from PIL import Image
+
+    Image.fromarray(photo(40, 40)).save(photo_path)
+    assert main(["--model", str(bundle), "--photo", str(photo_path), "--repeats", "2", "--max-channels", "4",
+                 "--out", str(tmp_path / "res")]) == 0
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert [r["budget"] for r in res["rows"]] == ["exact", "mc4"]
+    for r in res["rows"]:
+        assert len(r["python_s"]) == len(r["graph_s"]) == 2 and r["ratio"] > 0 and r["size_ratio"] > 1
+        assert r["max_abs_diff"] <= TOL and r["class_index"] == r["python_class"]
+    assert "| exact |" in (tmp_path / "res.md").read_text()
