@@ -7,10 +7,12 @@ instance and, once, a real cluster with ``ray start --head`` on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -258,9 +260,10 @@ def _need_ray():
     require_tool(importlib.util.find_spec("ray") is not None, "ray[data] (pip install 'scorecam-onnx[ray]')")
 
 
-def test_ray_engine_local_instance(bundle, tmp_path, capsys):
+def test_ray_engine_local_instance(bundle, tmp_path, capsys, monkeypatch):
     """A local Ray instance (2 CPUs here): 2 actors of 0.5 CPU leave a slot for Ray Data's own tasks."""
     _need_ray()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))  # not the machine-wide ~/.ray/auth_token
     imgs, corrupt, text = _dataset(tmp_path / "data")
     out = tmp_path / "out"
     args = [str(bundle), str(tmp_path / "data"), "--out", str(out), "--top-k", "2", "--engine", "ray",
@@ -289,18 +292,20 @@ def test_ray_engine_on_a_real_cluster_via_address(bundle, tmp_path):
     require_tool(ray_bin.exists(), "the ray command line")
     imgs, corrupt, text = _dataset(tmp_path / "data", n=4)
     port = _free_port()
+    env = _env()  # the cluster's own token (Ray >= 2.59 authenticates by default; ~/.ray/auth_token is shared)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="1")
     temp = Path("/tmp") / f"ray-i13-{os.getpid()}-{port}"  # short: Ray's socket paths must fit in 107 bytes
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}",
                              "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
                              "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         out = tmp_path / "out"
         cmd = [sys.executable, "-m", "runtime.batch", str(bundle), str(tmp_path / "data"), "--out", str(out),
                "--engine", "ray", "--address", f"127.0.0.1:{port}", "--workers", "2"]
         deadline = time.monotonic() + 90
         while True:  # the head needs a few seconds before it takes drivers
-            r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
             if r.returncode == 0 or time.monotonic() > deadline or "cannot connect" not in r.stderr:
                 break
             time.sleep(2)
@@ -309,11 +314,13 @@ def test_ray_engine_on_a_real_cluster_via_address(bundle, tmp_path):
         _check_output(out, bundle, imgs, corrupt, text, top_k=1)
         run = json.loads((out / job.RUN_JSON).read_text())["runs"][-1]
         assert run["address"] == f"127.0.0.1:{port}" and run["workers"] == 2
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
+    finally:  # only the processes this test started: the head's session
+        head.terminate()
         try:
-            head.wait(30)
+            head.wait(60)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            head.kill()
             head.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # anything of that session still alive
         subprocess.run(["rm", "-rf", str(temp)], check=False)

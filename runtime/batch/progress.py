@@ -38,7 +38,8 @@ class Progress:
         rate = self.done / spent if spent > 0 else 0.0
         eta = f"ETA {(self.total - self.done) / rate:.0f}s" if 0 < rate and self.done < self.total else f"{spent:.1f}s"
         tail = f"  failed {self.failed}" if self.failed else ""
-        line = f"[{'#' * fill}{'.' * (self.width - fill)}] {self.done}/{self.total} images  {rate:.2f} img/s  {eta}{tail}"
+        bar = "#" * fill + "." * (self.width - fill)
+        line = f"[{bar}] {self.done}/{self.total} images  {rate:.2f} img/s  {eta}{tail}"
         return line[: max(shutil.get_terminal_size((100, 20)).columns - 1, 20)] if self.bar else line
 
     def finish(self) -> None:

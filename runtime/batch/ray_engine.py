@@ -67,7 +67,14 @@ def connect(address: str | None, num_cpus: int | None = None):
             ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise BatchError(f"cannot connect to {where}: {' '.join(str(e).split())[:300]}") from None
+        text = " ".join(str(e).split())[:300]
+        chain, c = [], e
+        while c is not None and len(chain) < 8:
+            chain.append(c)
+            c = c.__cause__ or c.__context__
+        if any("Authentication" in type(c).__name__ or "InvalidAuthToken" in str(c) for c in chain):
+            text += " (the cluster uses token authentication: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH, to its token)"
+        raise BatchError(f"cannot connect to {where}: {text}") from None
     try:
         yield ray
     finally:
@@ -113,7 +120,7 @@ def run_ray(task: Task, todo: Sequence[str], chunk: int, ray, workers: int, cpus
     before = {p.name for p in part_files(task.out)}
     ds = ray.data.from_items([{"source": s} for s in todo],
                              override_num_blocks=max(1, -(-len(todo) // chunk)))
-    # the task rides on the class itself (pickled by value), not as constructor arguments in the object store
+    # the task rides on the class (a subclass made here is pickled by value, with it)
     actor = type("ExplainActor", (ExplainActor,), {"task": task})
     ds = ds.map_batches(actor, batch_size=chunk, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=workers),
@@ -123,6 +130,9 @@ def run_ray(task: Task, todo: Sequence[str], chunk: int, ray, workers: int, cpus
     watcher.start()
     try:
         ds.write_parquet(str(Path(task.out) / RESULTS), min_rows_per_file=1)
+    except ray.exceptions.RayError as e:  # e.g. an actor could not load the model on its node
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise BatchError(f"the Ray job failed: {(lines[-1] if lines else type(e).__name__)[:300]}") from None
     finally:
         stop.set()
         watcher.join()
