@@ -90,19 +90,24 @@ def _env(extra: dict | None = None) -> dict:
     return env
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def ray_head(cpus: int):
     """A Ray cluster on loopback for the bench: (address, env for its drivers); stopped at the end."""
     ray_bin = Path(sys.executable).parent / "ray"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     temp = Path(tempfile.gettempdir()) / f"ray-bench-{os.getpid()}"
     env = _env({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "1"})
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}",
                              "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0",
-                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                             "--include-dashboard=false", f"--dashboard-port={free_port()}",
+                             f"--ray-client-server-port={free_port()}", "--disable-usage-stats", f"--temp-dir={temp}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         yield f"127.0.0.1:{port}", env

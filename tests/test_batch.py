@@ -119,7 +119,7 @@ def test_local_engine_nested_folder_bad_files_and_resume(bundle, tmp_path, capsy
     assert all((out / r["overlay"]).is_file() for r in rows if r["error"] is None)
     run = json.loads((out / job.RUN_JSON).read_text())
     assert run["runs"][-1]["workers"] == 2 and run["versions"]["onnxruntime"]
-    assert not [p for p in out.rglob(".*")]  # no temporary file left behind
+    assert not [p for p in out.rglob(".*") if p.name != ".lock"]  # no temporary file left behind
 
     # a second run with nothing new: no explanation work, no new part, no map rewritten
     parts, mtimes = job.part_files(out), _mtimes(out)
@@ -297,7 +297,8 @@ def test_ray_engine_on_a_real_cluster_via_address(bundle, tmp_path):
     temp = Path("/tmp") / f"ray-i13-{os.getpid()}-{port}"  # short: Ray's socket paths must fit in 107 bytes
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}",
                              "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
-                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                             "--include-dashboard=false", f"--dashboard-port={_free_port()}",
+                             f"--ray-client-server-port={_free_port()}", "--disable-usage-stats", f"--temp-dir={temp}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         out = tmp_path / "out"
@@ -324,3 +325,22 @@ def test_ray_engine_on_a_real_cluster_via_address(bundle, tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)  # anything of that session still alive
         subprocess.run(["rm", "-rf", str(temp)], check=False)
+
+
+def test_one_job_per_folder_and_lost_maps_are_redone(bundle, tmp_path, capsys):
+    imgs, _, _ = _dataset(tmp_path / "data", n=3)
+    out = tmp_path / "out"
+    job.lock(out)  # as another job would hold it
+    try:
+        assert main([str(bundle), str(tmp_path / "data/a"), "--out", str(out)]) == 2
+        assert "another batch job is writing into" in capsys.readouterr().err
+    finally:
+        job.unlock(out)
+    assert main([str(bundle), str(tmp_path / "data/a"), "--out", str(out), "--workers", "1"]) == 0
+    first = _summary(capsys.readouterr().out)
+    (out / next(r["map"] for r in _rows(out) if r["map"])).unlink()  # someone deletes a map
+    lost = [r for r in _rows(out) if r["map"] and not (out / r["map"]).exists()]
+    assert len(lost) == 1
+    assert main([str(bundle), str(tmp_path / "data/a"), "--out", str(out), "--workers", "1"]) == 0
+    assert _summary(capsys.readouterr().out) == (len(lost), first[0] + first[2] - len(lost), 0)
+    assert all((out / r["map"]).is_file() for r in _rows(out) if r["map"])

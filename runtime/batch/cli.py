@@ -146,6 +146,16 @@ def run(args: argparse.Namespace, stdout, stderr) -> int:
                                  max_channels=args.max_channels, precision=args.precision, overlays=args.overlays,
                                  alpha=args.alpha, thirdparty=thirdparty.cli_kwargs(args))
     out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise job.BatchError(f"--out {out} exists and is not a directory")
+    job.lock(out)
+    try:
+        return _run(args, settings, out, sources, stdout, stderr)
+    finally:
+        job.unlock(out)
+
+
+def _run(args, settings: job.Settings, out: Path, sources: list[str], stdout, stderr) -> int:
     doc = job.prepare_out(out, settings, args.force)
     doc["versions"] = job.versions()
 

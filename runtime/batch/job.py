@@ -325,6 +325,32 @@ def write_run_json(out: Path, doc: dict) -> None:
     _atomic_write(out / RUN_JSON, lambda f: f.write(text.encode()))
 
 
+_locks: dict[str, object] = {}
+
+
+def lock(out: Path) -> None:
+    """Take an exclusive lock on ``DIR/.lock`` (until :func:`unlock` or the process ends): one job per folder."""
+    import fcntl
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / ".lock", "a+")  # noqa: SIM115 (held open until the process ends)
+    except OSError as e:
+        raise BatchError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise BatchError(f"another batch job is writing into {out}; wait for it, or use another --out") from None
+    _locks[str(out.resolve())] = f
+
+
+def unlock(out: Path) -> None:
+    f = _locks.pop(str(out.resolve()), None)
+    if f is not None:
+        f.close()
+
+
 def _diff(old: dict, new: dict) -> str:
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
@@ -379,11 +405,12 @@ def plan(out: Path, sources: Sequence[str], settings: Settings, warn=None) -> Pl
     """
     key = settings.key
     done: dict[str, set[str | None]] = {}
-    tables = read_results(out, columns=["source", "sha256", "settings"], warn=warn)
-    for _, t in tables:
-        for src, sha, k in zip(*(t.column(c).to_pylist() for c in ("source", "sha256", "settings")), strict=True):
+    cols = ("source", "sha256", "settings", "map", "overlay")
+    for _, t in read_results(out, columns=cols, warn=warn):
+        for src, sha, k, npy, png in zip(*(t.column(c).to_pylist() for c in cols), strict=True):
             if k == key:
-                done.setdefault(src, set()).add(sha)
+                lost = any(f and not (out / f).is_file() for f in (npy, png))  # a map deleted since: redo
+                done.setdefault(src, set()).add(None if lost else sha)
     todo, redo, skipped = [], set(), 0
     for src in sources:
         if src not in done:
