@@ -42,7 +42,7 @@ CONFIGS = {  # name: batch CLI flags
     "ray-1": ["--engine", "ray", "--workers", "1", "--threads", "2"],
     "ray-2": ["--engine", "ray", "--workers", "2", "--threads", "1"],
 }
-MODES = {"exact": [], "mc64": ["--max-channels", "64"]}
+MODES = {"mc64": ["--max-channels", "64"], "exact": []}
 
 
 def log(msg: str) -> None:
@@ -106,8 +106,8 @@ def ray_head(cpus: int):
                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "1"})
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}",
                              "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0",
-                             "--include-dashboard=false", f"--dashboard-port={free_port()}",
-                             f"--ray-client-server-port={free_port()}", "--disable-usage-stats", f"--temp-dir={temp}"],
+                             "--include-dashboard=false", f"--dashboard-port={free_port()}", "--disable-usage-stats",
+                             f"--temp-dir={temp}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         yield f"127.0.0.1:{port}", env

@@ -297,8 +297,8 @@ def test_ray_engine_on_a_real_cluster_via_address(bundle, tmp_path):
     temp = Path("/tmp") / f"ray-i13-{os.getpid()}-{port}"  # short: Ray's socket paths must fit in 107 bytes
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}",
                              "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
-                             "--include-dashboard=false", f"--dashboard-port={_free_port()}",
-                             f"--ray-client-server-port={_free_port()}", "--disable-usage-stats", f"--temp-dir={temp}"],
+                             "--include-dashboard=false", f"--dashboard-port={_free_port()}", "--disable-usage-stats",
+                             f"--temp-dir={temp}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         out = tmp_path / "out"
@@ -344,3 +344,15 @@ def test_one_job_per_folder_and_lost_maps_are_redone(bundle, tmp_path, capsys):
     assert main([str(bundle), str(tmp_path / "data/a"), "--out", str(out), "--workers", "1"]) == 0
     assert _summary(capsys.readouterr().out) == (len(lost), first[0] + first[2] - len(lost), 0)
     assert all((out / r["map"]).is_file() for r in _rows(out) if r["map"])
+
+
+def test_bench_batch_harness_runs(bundle, tmp_path):
+    """``python -m bench.batch`` end to end on the tiny bundle, local engine only (no timing asserted)."""
+    from bench.batch import main as bench_main
+
+    assert bench_main(["--model", str(bundle), "--images", "4", "--configs", "local-1", "local-2",
+                       "--modes", "exact", "--machine", "t", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "batch-t.json").read_text())
+    assert set(res["runs"]["exact"]) == {"local-1", "local-2"}
+    assert all(r["done"] == 4 and r["images_per_s"] > 0 for r in res["runs"]["exact"].values())
+    assert "| local-2 (--workers 2 --threads 1) |" in (tmp_path / "batch-t.md").read_text()
