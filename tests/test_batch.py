@@ -356,3 +356,33 @@ def test_bench_batch_harness_runs(bundle, tmp_path):
     assert set(res["runs"]["exact"]) == {"local-1", "local-2"}
     assert all(r["done"] == 4 and r["images_per_s"] > 0 for r in res["runs"]["exact"].values())
     assert "| local-2 (--workers 2 --threads 1) |" in (tmp_path / "batch-t.md").read_text()
+
+
+def test_progress_bar_shows_rate_and_eta():
+    import io
+
+    from runtime.batch.progress import Progress, summary
+
+    stream = io.StringIO()
+    bar = Progress(10, stream, bar=True)
+    bar.t0 -= 2.0  # as if two seconds had passed
+    bar.update(4, 1)
+    line = stream.getvalue()
+    assert "4/10 images" in line and "img/s" in line and "ETA" in line and "failed 1" in line
+    bar.finish()
+    assert summary(3, 5, 1, 2.0, "DIR") == "done 3, skipped 5 (already in DIR), failed 1, time 2.0s, 1.50 images/s"
+
+
+def test_a_part_cut_short_by_a_crash_is_removed_and_its_images_redone(bundle, tmp_path, capsys):
+    imgs, _, _ = _dataset(tmp_path / "data", n=3)
+    out = tmp_path / "out"
+    assert main([str(bundle), *map(str, imgs), "--out", str(out), "--workers", "1", "--chunk", "1"]) == 0
+    capsys.readouterr()
+    part = job.part_files(out)[0]
+    lost = set(pq.read_table(part).column("source").to_pylist())
+    part.write_bytes(part.read_bytes()[:100])  # as a writer killed mid-file (e.g. a Ray write task) leaves it
+    assert main([str(bundle), *map(str, imgs), "--out", str(out), "--workers", "1", "--chunk", "1"]) == 0
+    captured = capsys.readouterr()
+    assert f"removed the unreadable part {part.name}" in captured.err
+    assert _summary(captured.out) == (len(lost), 3 - len(lost), 0)
+    assert sorted(r["source"] for r in _rows(out)) == sorted(str(p.resolve()) for p in imgs)

@@ -215,9 +215,11 @@ def _task(args, settings: job.Settings, out: Path) -> job.Task:
 
 
 def _run_local(args, task: job.Task, todo: Sequence[str], on_rows, record: dict) -> None:
+    from ..engine import CUDA, providers_for
     from .local import run_local
 
-    workers = args.workers or (cpu_count() if LOCAL_DEFAULT == "processes" and args.device != "cuda" else 1)
+    gpu = args.device == "cuda" or (args.device == "auto" and CUDA in providers_for("auto"))
+    workers = args.workers or (cpu_count() if LOCAL_DEFAULT == "processes" and not gpu else 1)
     workers = min(workers, len(todo))
     chunk = _chunk(len(todo), workers, args.chunk)
     record.update(workers=workers, chunk=chunk)
@@ -229,6 +231,7 @@ def _run_ray(args, task: job.Task, todo: Sequence[str], on_rows, record: dict) -
 
     with connect(args.address) as ray:
         workers, cpus, gpus = plan_resources(ray, args.workers, args.cpus_per_worker, args.gpus_per_worker)
+        workers = min(workers, len(todo))  # no actor (and no model load) without images to give it
         threads = args.threads or max(1, int(cpus))
         task = job.Task(task.settings, task.classes, task.out, task.device, task.batch_size, threads)
         chunk = _chunk(len(todo), workers, args.chunk)
