@@ -13,9 +13,10 @@ import os
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 from ..engine import cpu_count
-from .job import Task, explain_files, write_part
+from .job import BatchError, Task, explain_files, write_part
 
 _worker: dict = {}
 
@@ -63,7 +64,12 @@ def run_local(task: Task, todo: Sequence[str], workers: int, chunk: int,
                     pending[pool.submit(_work, sources)] = i
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    done(pending.pop(f), f.result())
+                    try:
+                        rows = f.result()
+                    except BrokenProcessPool:
+                        raise BatchError("a worker process died (out of memory, killed, or its model failed to "
+                                         "load); what was written is kept: run again to resume") from None
+                    done(pending.pop(f), rows)
         except BaseException:
             for f in pending:
                 f.cancel()
