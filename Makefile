@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[export,test,serve,ray]'
+	$(BIN)/python -m pip install -q -e '.[export,test,serve,batch,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)
