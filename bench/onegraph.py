@@ -43,9 +43,9 @@ def run(model: str, photo: Path, budgets: list[int | None], repeats: int, node: 
 
     from exporter.explainer_graph import CLASS_INDEX, PIXELS, Options, build_explainer
     from runtime import Explainer, images
-    from runtime.bundle import load_bundle
+    from runtime.thirdparty import open_model
 
-    bundle = load_bundle(model)
+    bundle = open_model(model)
     rgb = images.resize_rgb(images.load_image(photo), bundle.meta.preprocessing.input_size)
     classifier_bytes = os.path.getsize(bundle.model_path)
     rows = []

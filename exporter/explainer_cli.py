@@ -83,9 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _write(args: argparse.Namespace) -> int:
-    from runtime.bundle import load_bundle
     from runtime.contract import BundleError
-    from runtime.thirdparty import cli_kwargs
+    from runtime.thirdparty import cli_kwargs, open_model
 
     from .explainer_graph import Options, build_explainer
 
@@ -105,7 +104,7 @@ def _write(args: argparse.Namespace) -> int:
         raise UsageError(f"--triton-name {name!r}: use letters, digits, '_', '.' and '-' only")
     print(f"loading {args.model}", file=sys.stderr)
     try:
-        bundle = load_bundle(args.model, **cli_kwargs(args))
+        bundle = open_model(args.model, **cli_kwargs(args))
     except BundleError as e:
         if "unknown role 'explainer'" in str(e):
             raise UsageError(f"{args.model} is already an explainer graph; give the classifier (a bundle or "

@@ -20,9 +20,9 @@ from bundles import make_bundle, photo
 
 from exporter.explainer_graph import CLASS_INDEX, PIXELS, GraphBuildError, Options, build_explainer
 from runtime import Explainer, images
-from runtime.bundle import load_bundle
 from runtime.contract import FEATURES_FILE, MODEL_FILE, graph_sha256, read_props, write_metadata
 from runtime.scorecam import PRESETS
+from runtime.thirdparty import open_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4
@@ -48,7 +48,7 @@ def sized(rgb: np.ndarray, bundle) -> np.ndarray:
 def assert_parity(bundle_dir, rgb: np.ndarray, preset: str, max_channels: int | None, levels=("disabled", "enabled"),
                   chunk: int | None = None, explicit: bool = True, **derive) -> list[float]:
     """Graph vs Python for the top-1 class (class_index -1) and, with ``explicit``, the second-ranked class."""
-    bundle = load_bundle(bundle_dir, **derive)
+    bundle = open_model(bundle_dir, **derive)
     rgb = sized(rgb, bundle)
     model = build_explainer(bundle, Options(preset, max_channels, chunk))
     ex = Explainer(bundle_dir, device="cpu", preset=preset, max_channels=max_channels, **derive)
@@ -98,7 +98,7 @@ def _constant_bundle(directory: Path) -> Path:
         for init in m.graph.initializer:
             if init.name == "b2":
                 init.CopyFrom(onnx.numpy_helper.from_array(np.full(16, -1e4, np.float32), "b2"))
-    meta = load_bundle(directory).meta
+    meta = open_model(directory).meta
     write_metadata(model, meta.with_role("classifier", graph_sha256(feat)))
     write_metadata(feat, meta.with_role("features", graph_sha256(model)))
     onnx.save(model, str(directory / MODEL_FILE))
@@ -115,7 +115,7 @@ def test_every_channel_constant(tmp_path, preset):
     assert ex.explain_tensor(x)[0].channels_skipped == 16
     for max_channels in (None, 4):
         assert_parity(bundle, photo(32, 32), preset, max_channels, chunk=3)
-        sal, _, _ = run_graph(session(build_explainer(load_bundle(bundle), Options(preset, max_channels)), "enabled"),
+        sal, _, _ = run_graph(session(build_explainer(open_model(bundle), Options(preset, max_channels)), "enabled"),
                               photo(32, 32), -1)
         assert np.isfinite(sal).all() and float(np.abs(sal).max()) == 0.0
 
@@ -149,7 +149,7 @@ def test_graph_contract(tmp_path):
     """Inputs, outputs, metadata, IR version and opset of the classifier, the checker's full check, one copy
     of the weights (inside the Loop body, not in the main graph)."""
     bundle_dir = make_bundle(tmp_path / "tiny", channels=16)
-    bundle = load_bundle(bundle_dir)
+    bundle = open_model(bundle_dir)
     model = build_explainer(bundle, Options("torchcam", 5, 4))
     onnx.checker.check_model(model, full_check=True)
     assert model.ir_version == bundle.model.ir_version
@@ -177,13 +177,13 @@ def test_graph_contract(tmp_path):
 
 
 def test_class_out_of_range_is_an_error_not_a_wrong_map(tmp_path):
-    sess = session(build_explainer(load_bundle(make_bundle(tmp_path / "tiny")), Options()), "enabled")
+    sess = session(build_explainer(open_model(make_bundle(tmp_path / "tiny")), Options()), "enabled")
     with pytest.raises(Exception, match="(?i)out of (bounds|range)|invalid"):
         run_graph(sess, photo(32, 32), 5)
 
 
 def test_build_errors(tmp_path):
-    bundle = load_bundle(make_bundle(tmp_path / "tiny"))
+    bundle = open_model(make_bundle(tmp_path / "tiny"))
     with pytest.raises(GraphBuildError, match="max channels must be >= 1"):
         build_explainer(bundle, Options(max_channels=0))
     with pytest.raises(GraphBuildError, match="chunk size must be >= 1"):
@@ -245,7 +245,7 @@ def test_cli_runs_without_torch_and_writes_triton(tmp_path):
 def test_cli_errors_are_one_line(tmp_path, args, message):
     bundle = make_bundle(tmp_path / "tiny")
     (tmp_path / "bad.onnx").write_text("not a model")
-    onnx.save(build_explainer(load_bundle(bundle), Options()), str(tmp_path / "graph.onnx"))
+    onnx.save(build_explainer(open_model(bundle), Options()), str(tmp_path / "graph.onnx"))
     subs = {"bundle": str(bundle), "tmp": str(tmp_path), "notonnx": str(tmp_path / "bad.onnx"),
             "graph": str(tmp_path / "graph.onnx")}
     proc = cli("explainer", *[a.format(**subs) for a in args])
