@@ -21,7 +21,11 @@ from . import images
 from .bundle import load_bundle
 from .contract import BundleError
 from .engine import Engine, Progress
+from .head import LinearHead, linear_head
 from .scorecam import constant_channels, get_preset, maps_from_scores, softmax
+from .selection import SELECTS, distinct_masks, feature_scores, relevance, spatial_std, top_channels
+
+MODES = ("scorecam", "preview")
 
 
 class TargetError(ValueError):
@@ -43,6 +47,9 @@ class Result:
     seconds: float
     provider: str
     preset: str = "paper"
+    mode: str = "scorecam"
+    select: str = "all"  # which channels were scored: all, std or relevance (with max_channels)
+    passes: int = 0  # masked inputs scored (one per distinct mask); 0 for the preview
     weights: np.ndarray | None = field(default=None, repr=False)  # a_k [K]
     image_shape: tuple[int, int] | None = None  # (h, w) of the original image, when known
 
@@ -62,7 +69,8 @@ class Result:
         return {"class_index": self.class_index, "label": self.label, "score": self.score,
                 "probability": self.probability, "channels_used": self.channels_used,
                 "channels_skipped": self.channels_skipped, "seconds": round(self.seconds, 4),
-                "provider": self.provider, "preset": self.preset}
+                "provider": self.provider, "preset": self.preset, "mode": self.mode, "select": self.select,
+                "passes": self.passes}
 
 
 class Explainer:
@@ -74,8 +82,15 @@ class Explainer:
         batch_size: masked inputs scored per run (None: chosen for the device).
         preset: ``paper`` (default), ``gradcam``, ``torchcam`` or ``official`` (see DESIGN.md).
         threads: ONNX Runtime intra-op threads (None: ONNX Runtime's default, the physical cores).
-        max_channels: Faster Score-CAM: score only the N channels with the largest spatial standard
-            deviation; the others get weight 0 (None: all K channels, exact).
+        max_channels: Faster Score-CAM: score only N channels, ranked by ``select``; the others get
+            weight 0 (None: all K channels, exact).
+        select: how ``max_channels`` ranks the channels: ``relevance`` (|W[c,k]| std(A_k), union over the
+            classes explained; needs a global-pooling -> linear head after the target layer), ``std``
+            (spatial standard deviation, class-blind) or ``auto`` (default: relevance where the head
+            allows it, else std). See :mod:`runtime.selection`.
+        mode: ``scorecam`` (default) or ``preview``: the one-pass feature-space Score-CAM, each channel's
+            mask applied to the features instead of the input, scored in closed form through the linear
+            head (no masked passes: one classifier pass plus numpy; needs a global-pooling -> linear head).
         precision: ``fp32`` (exact), ``int8`` (the bundle's quantized classifier scores the masked
             inputs; export with ``--int8``) or ``fp16`` (CUDA only). The class decision, score and
             probability always come from the fp32 classifier.
@@ -89,7 +104,8 @@ class Explainer:
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int | None = None,
                  preset: str = "paper", threads: int | None = None, max_channels: int | None = None,
-                 precision: str = "fp32", *, tf32: bool = False, layer: str | None = None, output: str | None = None,
+                 precision: str = "fp32", *, select: str = "auto", mode: str = "scorecam", tf32: bool = False,
+                 layer: str | None = None, output: str | None = None,
                  input_size: tuple[int, int] | None = None, mean=None, std=None, scale: float | None = None,
                  bgr: bool = False, labels=None) -> None:
         self.preset = get_preset(preset)
@@ -98,6 +114,11 @@ class Explainer:
         if max_channels is not None and int(max_channels) < 1:
             raise ValueError(f"max channels must be >= 1, got {max_channels}")
         self.max_channels = int(max_channels) if max_channels else None
+        if select not in SELECTS:
+            raise ValueError(f"unknown select {select!r}; choose one of {', '.join(SELECTS)}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.select, self.mode = select, mode
         self.bundle = load_bundle(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
                                   scale=scale, bgr=bgr or None, labels=labels)
         self.meta = self.bundle.meta
@@ -110,6 +131,23 @@ class Explainer:
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
             self.batch_size = self.bundle.max_batch
+        self.head: LinearHead | None = linear_head(self.engine.classifier_proto, self.engine.features_output,
+                                                   self.engine.class_output)
+        if self.meta.output_kind == "probabilities":
+            self.head = None  # a softmax after the linear layer: the closed form does not hold
+        needs = "mode 'preview'" if mode == "preview" else "select 'relevance'" if select == "relevance" else None
+        if needs and self.head is None:
+            raise BundleError(f"{needs} needs a global-pooling -> linear head after the target layer "
+                              f"({self.meta.layer!r}), and this model has another head; "
+                              + ("use mode 'scorecam' with max_channels instead" if mode == "preview"
+                                 else "use select 'std'"))
+
+    @property
+    def selection(self) -> str:
+        """The channel ranking ``max_channels`` uses here: ``relevance`` or ``std`` (``auto`` resolved)."""
+        if self.select == "auto":
+            return "relevance" if self.head is not None else "std"
+        return self.select
 
     # ---------------------------------------------------------------------------- properties
     @property
@@ -202,8 +240,14 @@ class Explainer:
         base = logits[0].astype(np.float64)
         classes = self.resolve_targets(targets, base, top_k)
         skipped = constant_channels(acts)
-        scored = self.channels_to_score(acts, skipped)
-        masked = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0], progress)
+        if self.mode == "preview":
+            scored, passes, select = (~skipped if self.preset.skip_constant else np.ones(acts.shape[0], bool)), 0, "all"
+            masked = self.preview_scores(acts, classes, base.shape[0])
+        else:
+            scored = self.channels_to_score(acts, skipped, classes)
+            select = self.selection if self.max_channels is not None and self.max_channels < acts.shape[0] else "all"
+            masked, passes = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0],
+                                                 progress, count=True)
         maps = maps_from_scores(self.preset, acts, masked, base, classes, self.input_size, skipped=skipped,
                                 channel_mask=scored)
         probs = self._probabilities(base)
@@ -211,39 +255,53 @@ class Explainer:
         return [Result(saliency=m.saliency, cam=m.cam, class_index=m.class_index, label=self.label_of(m.class_index),
                        score=float(base[m.class_index]), probability=float(probs[m.class_index]),
                        channels_used=int(scored.sum()), channels_skipped=int(skipped.sum()), seconds=seconds,
-                       provider=self.provider,
-                       preset=self.preset.name, weights=m.weights)
+                       provider=self.provider, preset=self.preset.name, mode=self.mode, select=select,
+                       passes=passes, weights=m.weights)
                 for m in maps]
 
-    def score_channels(self, x: np.ndarray, acts: np.ndarray, varying: np.ndarray, constant: np.ndarray,
-                       n_classes: int, progress: Progress | None = None) -> np.ndarray:
-        """Logits [K,C] of ``x * H_k`` for the channels in ``varying | constant`` (other rows 0).
+    def preview_scores(self, acts: np.ndarray, classes: list[int], n_classes: int) -> np.ndarray:
+        """The feature-space scores [K,C] of :func:`runtime.selection.feature_scores` in the columns of
+        ``classes`` (every column for the ``official`` preset, whose weight is a softmax over classes)."""
+        if self.preset.name == "official":
+            return feature_scores(acts, self.head.weight, self.head.bias)
+        out = np.zeros((acts.shape[0], n_classes), np.float64)
+        out[:, classes] = feature_scores(acts, self.head.weight, self.head.bias, classes)
+        return out
 
-        Every constant channel has the same all-zero mask, hence the same masked input ``x * 0``:
-        it is scored once and shared, which on real networks (many dead ReLU channels) saves
-        a large share of the K passes without changing any output.
+    def score_channels(self, x: np.ndarray, acts: np.ndarray, varying: np.ndarray, constant: np.ndarray,
+                       n_classes: int, progress: Progress | None = None, count: bool = False):
+        """Logits [K,C] of ``x * H_k`` for the channels in ``varying | constant`` (other rows 0);
+        with ``count=True`` also the number of masked inputs scored.
+
+        One pass per distinct mask: every constant channel has the same all-zero mask (masked input
+        ``x * 0``), and varying channels whose maps are equal after min-max normalisation have equal
+        masks (:func:`runtime.selection.distinct_masks`); each mask is scored once and its row shared.
+        On real networks (dead and saturated ReLU channels) that saves a large share of the K passes
+        without changing any output.
         """
         masked = np.zeros((acts.shape[0], n_classes), np.float32)
-        maps = acts[varying]
+        idx = np.flatnonzero(varying)
+        first, inverse = distinct_masks(acts[idx], self.preset.mask)
+        maps = acts[idx[first]]
         if constant.any():
             maps = np.concatenate([maps, np.zeros((1, *acts.shape[1:]), acts.dtype)])
         if maps.shape[0]:
             scores = self.engine.score(x, maps, self.preset.mask, self.batch_size, progress)
-            masked[varying] = scores[: int(varying.sum())]
+            masked[idx] = scores[inverse]
             if constant.any():
                 masked[constant] = scores[-1]
-        return masked
+        return (masked, int(maps.shape[0])) if count else masked
 
-    def channels_to_score(self, acts: np.ndarray, skipped: np.ndarray) -> np.ndarray:
-        """Boolean [K]: the channels whose masks are scored (all, less the preset's skips and,
-        with ``max_channels=N``, all but the N of largest spatial standard deviation)."""
+    def channels_to_score(self, acts: np.ndarray, skipped: np.ndarray, classes=None) -> np.ndarray:
+        """Boolean [K]: the channels whose masks are scored (all, less the preset's skips and, with
+        ``max_channels=N``, all but the N ranked first by :attr:`selection` for ``classes``)."""
         scored = ~skipped if self.preset.skip_constant else np.ones(acts.shape[0], bool)
         if self.max_channels is not None and self.max_channels < int(scored.sum()):
-            std = acts.reshape(acts.shape[0], -1).std(axis=1)
-            std = np.where(scored, std, -np.inf)
-            keep = np.argsort(-std, kind="stable")[: self.max_channels]
-            scored = np.zeros_like(scored)
-            scored[keep] = True
+            if self.selection == "relevance" and classes is not None:
+                rank = relevance(acts, self.head.weight, classes)
+            else:
+                rank = spatial_std(acts)
+            scored = top_channels(rank, scored, self.max_channels)
         return scored
 
     def predict(self, image) -> np.ndarray:
