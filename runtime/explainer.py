@@ -242,14 +242,14 @@ class Explainer:
         skipped = constant_channels(acts)
         if self.mode == "preview":
             scored, passes, select = (~skipped if self.preset.skip_constant else np.ones(acts.shape[0], bool)), 0, "all"
-            masked = self.preview_scores(acts, classes, base.shape[0])
+            masked = self.preview_scores(acts, classes)
         else:
             scored = self.channels_to_score(acts, skipped, classes)
             select = self.selection if self.max_channels is not None and self.max_channels < acts.shape[0] else "all"
             masked, passes = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0],
                                                  progress, count=True)
-        maps = maps_from_scores(self.preset, acts, masked, base, classes, self.input_size, skipped=skipped,
-                                channel_mask=scored)
+        maps = self._maps(acts, masked, base, classes, skipped, scored,
+                          columns=self.mode == "preview" and self.preset.name != "official")
         probs = self._probabilities(base)
         seconds = time.perf_counter() - t0
         return [Result(saliency=m.saliency, cam=m.cam, class_index=m.class_index, label=self.label_of(m.class_index),
@@ -259,14 +259,26 @@ class Explainer:
                        passes=passes, weights=m.weights)
                 for m in maps]
 
-    def preview_scores(self, acts: np.ndarray, classes: list[int], n_classes: int) -> np.ndarray:
-        """The feature-space scores [K,C] of :func:`runtime.selection.feature_scores` in the columns of
-        ``classes`` (every column for the ``official`` preset, whose weight is a softmax over classes)."""
+    def _maps(self, acts, masked, base, classes, skipped, scored, columns: bool = False):
+        """:func:`maps_from_scores` on the columns of ``classes`` alone (all columns for ``official``, whose
+        weight is a softmax over every class): the [K,C] matrix is not copied three times for one class.
+        ``columns``: ``masked`` already holds just those columns ([K,len(classes)], in their order)."""
+        if self.preset.name == "official":
+            return maps_from_scores(self.preset, acts, masked, base, classes, self.input_size, skipped=skipped,
+                                    channel_mask=scored)
+        cols = masked if columns else masked[:, classes]
+        maps = maps_from_scores(self.preset, acts, cols, base[classes], list(range(len(classes))),
+                                self.input_size, skipped=skipped, channel_mask=scored)
+        for m, c in zip(maps, classes, strict=True):
+            m.class_index = int(c)
+        return maps
+
+    def preview_scores(self, acts: np.ndarray, classes: list[int]) -> np.ndarray:
+        """The feature-space scores of :func:`runtime.selection.feature_scores`: [K,len(classes)], or [K,C]
+        for the ``official`` preset, whose weight is a softmax over every class."""
         if self.preset.name == "official":
             return feature_scores(acts, self.head.weight, self.head.bias)
-        out = np.zeros((acts.shape[0], n_classes), np.float64)
-        out[:, classes] = feature_scores(acts, self.head.weight, self.head.bias, classes)
-        return out
+        return feature_scores(acts, self.head.weight, self.head.bias, classes)
 
     def score_channels(self, x: np.ndarray, acts: np.ndarray, varying: np.ndarray, constant: np.ndarray,
                        n_classes: int, progress: Progress | None = None, count: bool = False):
