@@ -9,7 +9,8 @@
   (pytorch-grad-cam, torchcam) do it: every masked input built at once (K x 3 x H x W), then scored
   in batches of 16; ``torch.set_num_threads`` = the same thread count.
 - fast modes ``mcN`` (``max_channels=N``, channels ranked by ``select="auto"``), ``+std`` / ``+rel`` (the
-  ranking forced to ``std`` / ``relevance``), ``int8``, ``fp16`` and combinations such as ``int8+mc32``;
+  ranking forced to ``std`` / ``relevance``), ``+fill`` (``fill="preview"``), ``int8``, ``fp16`` and
+  combinations such as ``int8+mc32``;
   ``preview`` (``mode="preview"``: one pass, closed-form feature-space scores).
 - ``pass1``: one classifier pass over the photo (``Explainer.predict(path)``: decode, preprocess,
   classify), the yardstick of the preview.
@@ -50,7 +51,8 @@ def is_fast(name: str) -> bool:
 
 def fast_options(name: str) -> dict | None:
     """``int8+mc128`` -> {precision: int8, max_channels: 128}; ``mc32+std`` -> {max_channels: 32, select:
-    std}; ``preview`` -> {mode: preview}; None when ``name`` is no fast mode."""
+    std}; ``mc16+fill`` -> {max_channels: 16, fill: preview}; ``preview`` -> {mode: preview}; None when ``name``
+    is no fast mode."""
     opts: dict = {}
     for tok in name.split("+"):
         m = re.fullmatch(r"mc(\d+)", tok)
@@ -60,6 +62,8 @@ def fast_options(name: str) -> dict | None:
             opts["precision"] = tok
         elif tok in ("std", "rel") and opts:
             opts["select"] = "std" if tok == "std" else "relevance"
+        elif tok == "fill" and opts:
+            opts["fill"] = "preview"
         elif tok == "preview":
             opts["mode"] = "preview"
         else:

@@ -26,6 +26,7 @@ from .scorecam import constant_channels, get_preset, maps_from_scores, softmax
 from .selection import SELECTS, distinct_masks, feature_scores, relevance, spatial_std, top_channels
 
 MODES = ("scorecam", "preview")
+FILLS = ("zero", "preview")
 
 
 class TargetError(ValueError):
@@ -50,6 +51,7 @@ class Result:
     mode: str = "scorecam"
     select: str = "all"  # which channels were scored: all, std or relevance (with max_channels)
     passes: int = 0  # masked inputs scored (one per distinct mask); 0 for the preview
+    fill: str = "zero"  # what the channels left out by max_channels weigh: zero or their calibrated preview score
     weights: np.ndarray | None = field(default=None, repr=False)  # a_k [K]
     image_shape: tuple[int, int] | None = None  # (h, w) of the original image, when known
 
@@ -70,7 +72,7 @@ class Result:
                 "probability": self.probability, "channels_used": self.channels_used,
                 "channels_skipped": self.channels_skipped, "seconds": round(self.seconds, 4),
                 "provider": self.provider, "preset": self.preset, "mode": self.mode, "select": self.select,
-                "passes": self.passes}
+                "fill": self.fill, "passes": self.passes}
 
 
 class Explainer:
@@ -88,6 +90,10 @@ class Explainer:
             classes explained; needs a global-pooling -> linear head after the target layer), ``std``
             (spatial standard deviation, class-blind) or ``auto`` (default: relevance where the head
             allows it, else std). See :mod:`runtime.selection`.
+        fill: with ``max_channels``, what the channels left out weigh: ``zero`` (default, Faster
+            Score-CAM: weight 0) or ``preview``: their feature-space score (as in ``mode="preview"``),
+            calibrated on the scored channels by a least-squares line ``s_exact ~ a s_preview + b`` (a >= 0)
+            per class; needs a global-pooling -> linear head; not with the ``official`` preset.
         mode: ``scorecam`` (default) or ``preview``: the one-pass feature-space Score-CAM, each channel's
             mask applied to the features instead of the input, scored in closed form through the linear
             head (no masked passes: one classifier pass plus numpy; needs a global-pooling -> linear head).
@@ -104,7 +110,8 @@ class Explainer:
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int | None = None,
                  preset: str = "paper", threads: int | None = None, max_channels: int | None = None,
-                 precision: str = "fp32", *, select: str = "auto", mode: str = "scorecam", tf32: bool = False,
+                 precision: str = "fp32", *, select: str = "auto", mode: str = "scorecam", fill: str = "zero",
+                 tf32: bool = False,
                  layer: str | None = None, output: str | None = None,
                  input_size: tuple[int, int] | None = None, mean=None, std=None, scale: float | None = None,
                  bgr: bool = False, labels=None) -> None:
@@ -118,7 +125,12 @@ class Explainer:
             raise ValueError(f"unknown select {select!r}; choose one of {', '.join(SELECTS)}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        self.select, self.mode = select, mode
+        if fill not in FILLS:
+            raise ValueError(f"unknown fill {fill!r}; choose one of {', '.join(FILLS)}")
+        if fill == "preview" and get_preset(preset).name == "official":
+            raise ValueError("fill 'preview' does not apply to the 'official' preset (its weights are probabilities "
+                             "over every class); use fill 'zero'")
+        self.select, self.mode, self.fill = select, mode, fill
         self.bundle = load_bundle(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
                                   scale=scale, bgr=bgr or None, labels=labels)
         self.meta = self.bundle.meta
@@ -135,7 +147,8 @@ class Explainer:
                                                    self.engine.class_output)
         if self.meta.output_kind == "probabilities":
             self.head = None  # a softmax after the linear layer: the closed form does not hold
-        needs = "mode 'preview'" if mode == "preview" else "select 'relevance'" if select == "relevance" else None
+        needs = ("mode 'preview'" if mode == "preview" else "select 'relevance'" if select == "relevance"
+                 else "fill 'preview'" if fill == "preview" else None)
         if needs and self.head is None:
             raise BundleError(f"{needs} needs a global-pooling -> linear head after the target layer "
                               f"({self.meta.layer!r}), and this model has another head; "
@@ -245,9 +258,14 @@ class Explainer:
             masked = self.preview_scores(acts, classes)
         else:
             scored = self.channels_to_score(acts, skipped, classes)
+            filling = self.fill == "preview" and not scored.all() and self.head is not None
+            if filling and not self.preset.skip_constant:
+                scored = scored | skipped  # the all-zero mask: one pass, and the many dead channels are exact
             select = self.selection if self.max_channels is not None and self.max_channels < acts.shape[0] else "all"
             masked, passes = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0],
                                                  progress, count=True)
+            if filling:
+                masked, scored = self.fill_scores(acts, masked, scored, skipped, classes), np.ones_like(scored)
         maps = self._maps(acts, masked, base, classes, skipped, scored,
                           columns=self.mode == "preview" and self.preset.name != "official")
         probs = self._probabilities(base)
@@ -256,7 +274,7 @@ class Explainer:
                        score=float(base[m.class_index]), probability=float(probs[m.class_index]),
                        channels_used=int(scored.sum()), channels_skipped=int(skipped.sum()), seconds=seconds,
                        provider=self.provider, preset=self.preset.name, mode=self.mode, select=select,
-                       passes=passes, weights=m.weights)
+                       passes=passes, fill=self.fill if select != "all" else "zero", weights=m.weights)
                 for m in maps]
 
     def _maps(self, acts, masked, base, classes, skipped, scored, columns: bool = False):
@@ -272,6 +290,22 @@ class Explainer:
         for m, c in zip(maps, classes, strict=True):
             m.class_index = int(c)
         return maps
+
+    def fill_scores(self, acts: np.ndarray, masked: np.ndarray, scored: np.ndarray, skipped: np.ndarray,
+                    classes: list[int]) -> np.ndarray:
+        """``masked`` [K,C] with the rows of the channels not scored filled, in the columns of ``classes``, by
+        ``a s_k + b``: ``s`` the feature-space score, ``a >= 0, b`` the least-squares line of the exact scores
+        on ``s`` over the scored varying channels (a = 0, b = their mean when fewer than 3)."""
+        s = feature_scores(acts, self.head.weight, self.head.bias, classes)  # [K,n]
+        out = masked.astype(np.float64)
+        fit = scored & ~skipped
+        for i, c in enumerate(classes):
+            e, p = out[fit, c], s[fit, i]
+            a = float(np.polyfit(p, e, 1)[0]) if fit.sum() >= 3 and np.ptp(p) > 0 else 0.0
+            a = max(a, 0.0)
+            b = float(np.mean(e - a * p)) if fit.any() else 0.0
+            out[~scored, c] = a * s[~scored, i] + b
+        return out
 
     def preview_scores(self, acts: np.ndarray, classes: list[int]) -> np.ndarray:
         """The feature-space scores of :func:`runtime.selection.feature_scores`: [K,len(classes)], or [K,C]

@@ -8,7 +8,8 @@ them. A method is named on the command line as ``name[:key=value]...``, e.g. ``s
 ``scorecam``     Score-CAM, the explainer's engine; ``preset=`` paper (default) / gradcam / torchcam /
                  official (``scorecam-<preset>`` names each one)
 ``faster``       Faster Score-CAM: only ``n`` channels are scored, ranked by ``select`` (auto / std /
-                 relevance, see :mod:`runtime.selection`)
+                 relevance, see :mod:`runtime.selection`); ``fill=preview`` weighs the others by their
+                 calibrated feature-space score instead of 0
 ``preview``      the one-pass feature-space Score-CAM preview (``Explainer(mode="preview")``)
 ``reciprocam``   ReciproCAM (Byun & Lee 2022): the h*w spatially masked copies of the feature map
                  (3x3 Gaussian kernel around each cell, ``gaussian=1``; one cell, ``gaussian=0``) through
@@ -113,7 +114,7 @@ def run_method(spec: str, explainer, x: np.ndarray, class_index: int, **override
 
 
 def _variant(explainer, preset: str | None = None, max_channels: int | None = None, select: str = "auto",
-             mode: str = "scorecam"):
+             mode: str = "scorecam", fill: str = "zero"):
     """A shallow copy of the explainer (same engine and sessions) with another preset / channel cap /
     channel ranking / mode."""
     from .selection import SELECTS
@@ -127,7 +128,9 @@ def _variant(explainer, preset: str | None = None, max_channels: int | None = No
     if (mode == "preview" or select == "relevance") and ex.head is None:
         raise ValueError(f"{'preview' if mode == 'preview' else 'select=relevance'} needs a global-pooling -> "
                          "linear head after the target layer; this model has another head")
-    ex.select, ex.mode = select, mode
+    if fill not in ("zero", "preview") or (fill == "preview" and ex.head is None):
+        raise ValueError(f"fill {fill!r}: choose zero, or preview (needs a global-pooling -> linear head)")
+    ex.select, ex.mode, ex.fill = select, mode, fill
     return ex
 
 
@@ -140,10 +143,11 @@ for _p in PRESETS:
     register(f"scorecam-{_p}", f"Score-CAM, preset {_p}", preset=_p)(scorecam)
 
 
-@register("faster", "Faster Score-CAM: n channels, ranked by select= auto, std or relevance", n=10,
-          preset="paper", select="auto")
-def faster(explainer, x, class_index, n=10, preset="paper", select="auto"):
-    return _variant(explainer, preset, max_channels=n, select=select).explain_tensor(x, [class_index])[0].saliency
+@register("faster", "Faster Score-CAM: n channels, ranked by select= auto, std or relevance; fill= zero or preview",
+          n=10, preset="paper", select="auto", fill="zero")
+def faster(explainer, x, class_index, n=10, preset="paper", select="auto", fill="zero"):
+    ex = _variant(explainer, preset, max_channels=n, select=select, fill=fill)
+    return ex.explain_tensor(x, [class_index])[0].saliency
 
 
 @register("preview", "one-pass feature-space Score-CAM (closed form through the linear head)", preset="paper")
