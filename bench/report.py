@@ -108,7 +108,7 @@ def targets(res: dict) -> list[dict]:
         r = ratios(j)
         cands = []
         for name, c in j["contenders"].items():
-            if not c.get("fast") or c.get("kind") == "peer" or f"speedup:{name}" not in r:
+            if not c.get("fast") or c.get("kind", "fast") != "fast" or f"speedup:{name}" not in r:
                 continue
             mr = min_r(j, name)
             if mr is None:
@@ -147,8 +147,10 @@ def interactive_targets(res: dict) -> list[dict]:
             pair = next(((p, q) for p in a for q in b if p[0] != q[0]), None)
             ok = pair is not None
             best1 = pair[0] if ok else max(modes, key=lambda m: (m[2] >= r1, m[1] if m[2] >= r1 else m[2]))
-            best2 = pair[1] if ok else max(modes, key=lambda m: (m[2] >= r2, m[1] if m[2] >= r2 else m[2]))
-            for i, (best, good) in enumerate(((best1, ok or bool(a)), (best2, ok))):
+            best2 = pair[1] if ok else max(modes, key=lambda m: (m[1] >= x2 and m[2] >= r2, m[1]))
+            # the second target needs a mode other than the one meeting the first (when one does)
+            good2 = ok or (bool(b) and not a)
+            for i, (best, good) in enumerate(((best1, bool(a)), (best2, good2))):
                 status[i] = (status[i] is not False) and good
                 found[i].append(f"{_where(j)}: {best[0]} {best[1]:.1f} x, min r {best[2]:.3f}")
         pv, one = median(j, "preview"), median(j, "pass1")

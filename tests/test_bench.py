@@ -143,6 +143,7 @@ def test_interactive_targets():
     statuses = lambda res: [t["status"] for t in report.interactive_targets(res)]  # noqa: E731
     assert statuses(_interactive_job()) == ["PASS", "PASS", "PASS"]  # mc32: 22 x, mc16: 44 x, preview 1.8 x
     assert statuses(_interactive_job(mc16=0.85)) == ["PASS", "MISS", "PASS"]
+    assert statuses(_interactive_job(mc32=0.93, mc16=0.93)) == ["MISS", "PASS", "PASS"]  # the 40 x one alone counts
     # one mode cannot be both: the 40 x target needs ANOTHER mode than the 20 x one
     res = _interactive_job(mc32=0.5)
     assert statuses(res) == ["PASS", "MISS", "PASS"]

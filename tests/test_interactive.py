@@ -329,7 +329,8 @@ def test_reciprocam_matches_its_definition_on_a_linear_head(tiny):
     _, acts = ex.engine.classify_and_activations(x)
     k, h, w = acts.shape
     masks = spatial_masks(h, w, True)
-    assert masks.shape == (h * w, h, w) and masks[0, 0, 0] == 0.25 and masks[(h // 2) * w + w // 2].sum() == pytest.approx(1)
+    assert masks.shape == (h * w, h, w) and masks[0, 0, 0] == 0.25
+    assert masks[(h // 2) * w + w // 2].sum() == pytest.approx(1)
     logits = (acts[None] * masks[:, None]).reshape(h * w, k, -1).mean(2) @ ex.head.weight.T + ex.head.bias
     cam = softmax(logits, axis=1)[:, 3].reshape(h, w).astype(np.float32)
     from runtime.scorecam import upsample
