@@ -31,8 +31,9 @@ from .bundles import DEFAULT_CACHE, HERE, SAMPLES, ensure_bundle, extra_photos, 
 from .contenders import PRESETS, Context, fast_options, is_fast, kind, known, make, peer_map, peer_method
 
 RESULTS = HERE / "results"
-CPU_FAST = ("mc128", "mc64", "mc32", "mc32+std", "mc16", "int8", "int8+mc32", "int8+mc16", "preview")
-CUDA_FAST = ("fp16", "mc128", "mc32", "fp16+mc128", "fp16+mc32", "preview")
+CPU_FAST = ("mc128", "mc64", "mc32", "mc32+std", "mc16", "mc24+fill", "mc20+fill", "int8", "int8+mc32",
+            "int8+mc16+fill", "preview")
+CUDA_FAST = ("fp16", "mc128", "mc32", "fp16+mc128", "fp16+mc32", "mc20+fill", "preview")
 PEERS = ("reciprocam", "rise")
 GROUPS = {"exact": PRESETS, "peers": PEERS, "all": ("floor", *PRESETS, "top5", "torch", "pass1", "fast", "peers")}
 DEFAULT_RSS = ("floor", "paper", "top5", "torch", "int8")
