@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import report
-from .bundles import DEFAULT_CACHE, HERE, SAMPLES, ensure_bundle, sample_photos
-from .contenders import PRESETS, Context, fast_options, is_fast, known, make
+from .bundles import DEFAULT_CACHE, HERE, SAMPLES, ensure_bundle, extra_photos, sample_photos
+from .contenders import PRESETS, Context, fast_options, is_fast, kind, known, make, peer_map, peer_method
 
 RESULTS = HERE / "results"
-CPU_FAST = ("mc256", "mc128", "mc64", "int8", "int8+mc128", "int8+mc64")
-CUDA_FAST = ("fp16", "mc128", "fp16+mc128", "fp16+mc64")
-GROUPS = {"exact": PRESETS, "all": ("floor", *PRESETS, "top5", "torch", "fast")}
+CPU_FAST = ("mc128", "mc64", "mc32", "mc32+std", "mc16", "mc24+fill", "mc20+fill", "int8", "int8+mc32",
+            "int8+mc16+fill", "preview")
+CUDA_FAST = ("fp16", "mc128", "mc32", "fp16+mc128", "fp16+mc32", "mc20+fill", "preview")
+PEERS = ("reciprocam", "rise")
+GROUPS = {"exact": PRESETS, "peers": PEERS, "all": ("floor", *PRESETS, "top5", "torch", "pass1", "fast", "peers")}
 DEFAULT_RSS = ("floor", "paper", "top5", "torch", "int8")
 NOTES = [
     "floor: K preprocessed images through the bundle's classifier session at our batch size. paper, gradcam, "
@@ -41,6 +43,10 @@ NOTES = [
     "torch: torch eager reference of `paper` as peer libraries write it (all K masked inputs at once, batches of "
     "16, same thread count). mcN: `max_channels=N`; int8: the bundle's QDQ int8 classifier (calibrated on the "
     "five sample photos); fp16: CUDA only.",
+    "pass1: one classifier pass over the photo (decode, preprocess, classify). preview: `mode=\"preview\"`. "
+    "reciprocam, riseN: the peers on our engine (`runtime.methods`; rise = 2000 masks), end to end from the photo. "
+    "mcN ranks channels by `select=\"auto\"` (relevance on this head); +std forces the spatial-std ranking. "
+    "passes = masked inputs scored per photo (one per distinct mask; ReciproCAM: h*w through the tail).",
     "x floor = time / floor; torch / this = torch reference time / time; exact / this = paper time / time; "
     "min r = lowest Pearson r, over the five sample photos, of the map to the exact `paper` map (same class). "
     "Peak RSS = VmHWM of a process running that contender alone.",
@@ -92,7 +98,7 @@ def versions() -> dict:
 def expand(names: list[str], fast: list[str]) -> list[str]:
     out: list[str] = []
     for n in names:
-        for m in GROUPS.get(n, (n,)):
+        for m in [y for g in GROUPS.get(n, (n,)) for y in GROUPS.get(g, (g,)) if g != "all"]:
             for x in (fast if m == "fast" else [m]):
                 if not known(x):
                     raise SystemExit(f"error: unknown contender {x!r} (floor, {', '.join(PRESETS)}, top5, torch, "
@@ -144,19 +150,28 @@ def pearson(a, b) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def fidelity(ctx: Context, modes: list[str], photos: list[Path]) -> dict:
-    """Pearson r of each fast mode's [0,1] map to the exact ``paper`` map, per photo (same class)."""
+def fidelity(ctx: Context, modes: list[str], photos: list[Path]) -> tuple[dict, dict]:
+    """Pearson r of each fast mode's [0,1] map to the exact ``paper`` map, per photo (same class), and the
+    masked passes each one scored there: ``({mode: {photo: r}}, {mode: {photo: passes}})`` (exact included)."""
     from .contenders import explainer
 
     exact = explainer(ctx)
     base = {p.name: exact.explain(p)[0] for p in photos}
-    out = {}
+    out, passes = {}, {"paper": {k: r.passes for k, r in base.items()}}
     for m in modes:
-        ex = explainer(ctx, **fast_options(m))
-        out[m] = {p.name: round(pearson(base[p.name].saliency, ex.explain(p, targets=base[p.name].class_index)[0]
-                                        .saliency), 4) for p in photos}
+        out[m], passes[m] = {}, {}
+        ex = explainer(ctx, **(fast_options(m) or {}))
+        for p in photos:
+            c = base[p.name].class_index
+            if peer_method(m):
+                sal, _, n = peer_map(exact, peer_method(m), p, c)
+            else:
+                r = ex.explain(p, targets=c)[0]
+                sal, n = r.saliency, r.passes
+            out[m][p.name] = round(pearson(base[p.name].saliency, sal), 4)
+            passes[m][p.name] = int(n)
         log(f"  fidelity {m}: " + ", ".join(f"{k.split('.')[0]} {v:.3f}" for k, v in out[m].items()))
-    return out
+    return out, passes
 
 
 def run_job(job: Job, args) -> dict:
@@ -179,6 +194,7 @@ def run_job(job: Job, args) -> dict:
         res["contenders"][c] = {"runs_s": [], "setup_s": round(time.perf_counter() - t0, 3)}
         if is_fast(c):
             res["contenders"][c]["fast"] = True
+            res["contenders"][c]["kind"] = kind(c)
     # round robin: run i of every contender, then run i+1, so drift hits them all alike
     for i in range(args.runs):
         for c, run in runners.items():
@@ -193,7 +209,12 @@ def run_job(job: Job, args) -> dict:
     fast = [c for c in job.contenders if is_fast(c)]
     if job.fidelity and fast:
         log(f"{job.model}@{job.size}: fidelity on {len(args.photos)} photos")
-        res["fidelity"] = fidelity(ctx, fast, [Path(p) for p in args.photos])
+        res["fidelity"], res["passes"] = fidelity(ctx, fast, [Path(p) for p in args.photos])
+        if args.extra_photos:
+            log(f"{job.model}@{job.size}: fidelity of our modes on {len(args.extra_photos)} extra photos "
+                "(installed packages)")
+            ours = [c for c in fast if kind(c) != "peer"]  # the claim on extra photos is about our modes
+            res["fidelity_extra"], res["passes_extra"] = fidelity(ctx, ours, [Path(p) for p in args.extra_photos])
     for c in job.rss:
         log(f"{job.model}@{job.size}: peak RSS of {c} (own process)")
         res["contenders"][c].update(measure(ctx, c))
@@ -218,8 +239,8 @@ def parse_args(argv):
     ap.add_argument("--models", type=csv, help="comma list: lite0, resnet50, resnet50_kN, toy, toy_kN")
     ap.add_argument("--sizes", type=lambda s: [int(w) for w in csv(s)], help="input sizes, e.g. 224,448")
     ap.add_argument("--contenders", type=csv,
-                    help="comma list: floor, paper, gradcam, torchcam, official, top5, torch, mcN, int8, fp16, "
-                         "int8+mcN, ...; groups: exact, fast, all")
+                    help="comma list: floor, paper, gradcam, torchcam, official, top5, torch, pass1, mcN, int8, "
+                         "fp16, int8+mcN, mcN+std, preview, reciprocam, riseN, ...; groups: exact, fast, peers, all")
     ap.add_argument("--fast", type=csv, default=None,
                     help=f"the fast modes 'fast' stands for (default cpu: {','.join(CPU_FAST)}; "
                          f"cuda: {','.join(CUDA_FAST)})")
@@ -232,6 +253,9 @@ def parse_args(argv):
     ap.add_argument("--image", default=str(SAMPLES / "chelsea.png"), help="the image explained in the timings")
     ap.add_argument("--photos", type=csv, default=[str(p) for p in sample_photos()],
                     help="photos for the fidelity check (default: the five samples)")
+    ap.add_argument("--extra-photos", type=csv, default=[str(p) for p in extra_photos()],
+                    help="more photos whose r is reported beside the samples' (default: the photos that "
+                         "scikit-image and matplotlib ship, other than the samples; 'none' for none)")
     ap.add_argument("--no-fidelity", action="store_true", help="skip the fidelity check")
     ap.add_argument("--threads", type=int, default=cpu_count(), help="threads for ORT and torch (default: cores)")
     ap.add_argument("--batch-size", type=int, default=None, help="our batch size and the floor's (default: "
@@ -245,6 +269,8 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be >= 1")
+    if args.extra_photos == ["none"]:
+        args.extra_photos = []
     if args.fast is None:
         args.fast = list(CUDA_FAST if args.device == "cuda" else CPU_FAST)
     return args

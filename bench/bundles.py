@@ -89,6 +89,27 @@ def sample_photos() -> list[Path]:
     return [SAMPLES / n for n in names]
 
 
+#: photos other packages install (not the samples): r is reported on them too, never tuned on
+EXTRA_PHOTOS = (("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+                *(("skimage", f"data/{n}") for n in ("motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg",
+                                                       "coins.png", "camera.png", "ihc.png", "gravel.png",
+                                                       "horse.png")))
+
+
+def extra_photos() -> list[Path]:
+    """The photos of :data:`EXTRA_PHOTOS` whose package is installed (no download, no import of the package)."""
+    import importlib.util
+
+    out = []
+    for pkg, rel in EXTRA_PHOTOS:
+        spec = importlib.util.find_spec(pkg)
+        if spec and spec.submodule_search_locations:
+            p = Path(next(iter(spec.submodule_search_locations))) / rel
+            if p.is_file():
+                out.append(p)
+    return out
+
+
 def _project_export():
     try:
         from exporter import export

@@ -8,7 +8,14 @@
 - ``torch``: a torch eager reference of the ``paper`` algorithm written the way peer libraries
   (pytorch-grad-cam, torchcam) do it: every masked input built at once (K x 3 x H x W), then scored
   in batches of 16; ``torch.set_num_threads`` = the same thread count.
-- fast modes ``mcN`` (``max_channels=N``), ``int8``, ``fp16`` and combinations such as ``int8+mc128``.
+- fast modes ``mcN`` (``max_channels=N``, channels ranked by ``select="auto"``), ``+std`` / ``+rel`` (the
+  ranking forced to ``std`` / ``relevance``), ``+fill`` (``fill="preview"``), ``int8``, ``fp16`` and
+  combinations such as ``int8+mc32``;
+  ``preview`` (``mode="preview"``: one pass, closed-form feature-space scores).
+- ``pass1``: one classifier pass over the photo (``Explainer.predict(path)``: decode, preprocess,
+  classify), the yardstick of the preview.
+- the peers, on our engine (:mod:`runtime.methods`): ``reciprocam``; ``riseN`` (RISE, N masks; ``rise``:
+  2000), each end to end from the photo (decode, preprocess, the top-1 class, the map).
 
 Nothing here imports torch at module level: the ours/floor contenders run in torch-free processes
 (their peak RSS must not include torch).
@@ -38,11 +45,14 @@ class Context:
 
 
 def is_fast(name: str) -> bool:
-    return fast_options(name) is not None
+    """A contender whose map is compared with the exact one (fast modes, the preview and the peers)."""
+    return fast_options(name) is not None or peer_method(name) is not None
 
 
 def fast_options(name: str) -> dict | None:
-    """``int8+mc128`` -> {precision: int8, max_channels: 128}; None when ``name`` is no fast mode."""
+    """``int8+mc128`` -> {precision: int8, max_channels: 128}; ``mc32+std`` -> {max_channels: 32, select:
+    std}; ``mc16+fill`` -> {max_channels: 16, fill: preview}; ``preview`` -> {mode: preview}; None when ``name``
+    is no fast mode."""
     opts: dict = {}
     for tok in name.split("+"):
         m = re.fullmatch(r"mc(\d+)", tok)
@@ -50,13 +60,55 @@ def fast_options(name: str) -> dict | None:
             opts["max_channels"] = int(m.group(1))
         elif tok in ("int8", "fp16"):
             opts["precision"] = tok
+        elif tok in ("std", "rel") and opts:
+            opts["select"] = "std" if tok == "std" else "relevance"
+        elif tok == "fill" and opts:
+            opts["fill"] = "preview"
+        elif tok == "preview":
+            opts["mode"] = "preview"
         else:
             return None
     return opts or None
 
 
+def peer_method(name: str) -> str | None:
+    """``reciprocam`` -> ``reciprocam``; ``rise1000`` -> ``rise:n=1000`` (``rise``: 2000 masks); else None."""
+    if name == "reciprocam":
+        return "reciprocam"
+    m = re.fullmatch(r"rise(\d*)", name)
+    if m:
+        return f"rise:n={int(m.group(1) or 2000)}"
+    return None
+
+
+def kind(name: str) -> str:
+    """``peer``, ``preview``, ``fast`` or ``exact`` (everything else)."""
+    if peer_method(name):
+        return "peer"
+    opts = fast_options(name)
+    if opts and opts.get("mode") == "preview":
+        return "preview"
+    return "fast" if opts else "exact"
+
+
 def known(name: str) -> bool:
-    return name in ("floor", "top5", "torch", *PRESETS) or is_fast(name)
+    return name in ("floor", "top5", "torch", "pass1", *PRESETS) or is_fast(name)
+
+
+def peer_map(ex, spec: str, image: Path, class_index: int | None = None):
+    """(saliency, class, passes) of peer method ``spec`` on ``image``, end to end (decode, preprocess, class)."""
+    from runtime import images
+    from runtime.methods import run_method
+
+    x = images.preprocess(images.load_image(image), ex.pre)
+    c = int(np.argmax(ex.engine.classify(x)[0])) if class_index is None else int(class_index)
+    sal = run_method(spec, ex, x, c)
+    if spec.startswith("rise"):
+        passes = int(spec.split("n=")[1])
+    else:
+        h, w = ex.engine.activations(x).shape[1:]
+        passes = h * w  # through the tail only
+    return sal, c, passes
 
 
 def explainer(ctx: Context, **kwargs):
@@ -81,6 +133,15 @@ def make(name: str, ctx: Context) -> Callable[[], object]:
         return _floor(ctx)
     if name == "torch":
         return _torch_reference(ctx)
+    if name == "pass1":
+        ex = explainer(ctx)
+        ex.predict(ctx.image)
+        return lambda: ex.predict(ctx.image)
+    if peer_method(name):
+        ex = explainer(ctx)
+        spec = peer_method(name)
+        peer_map(ex, spec.split(":")[0] + (":n=16" if spec.startswith("rise") else ""), ctx.image)  # warm-up
+        return lambda: peer_map(ex, spec, ctx.image)
     if name in PRESETS or name == "top5":
         ex = explainer(ctx, preset="paper" if name == "top5" else name)
         top_k = 5 if name == "top5" else 1

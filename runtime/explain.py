@@ -27,9 +27,10 @@ import numpy as np
 from . import images, thirdparty
 from .contract import BundleError
 from .engine import DEVICES, PRECISIONS, EngineError
-from .explainer import Explainer, Result, TargetError
+from .explainer import FILLS, MODES, Explainer, Result, TargetError
 from .images import ImageError
 from .scorecam import PRESETS
+from .selection import SELECTS
 
 EXIT_USAGE = 2
 #: decoded images kept in memory between validation and explanation (beyond it: decoded again)
@@ -109,7 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="masked images scored per ONNX Runtime call (default: 16 on CPU, 128 on CUDA at 224x224, "
                         "scaled by the input area)")
     p.add_argument("--max-channels", metavar="N", type=_positive_int, default=None,
-                   help="Faster Score-CAM: score only the N channels of largest spatial std (default: all, exact)")
+                   help="Faster Score-CAM: score only N channels, ranked by --select (default: all, exact)")
+    p.add_argument("--select", choices=list(SELECTS), default="auto",
+                   help="how --max-channels ranks the channels: relevance (|W[c,k]| x spatial std, for the classes "
+                        "explained; needs a global-pooling -> linear head), std (spatial std, class-blind) or auto "
+                        "(default: relevance where the head allows it, else std)")
+    p.add_argument("--fill", choices=list(FILLS), default="zero",
+                   help="with --max-channels, what the channels left out weigh: zero (default, Faster Score-CAM) or "
+                        "preview (their feature-space score, calibrated on the scored ones; needs a global-pooling "
+                        "-> linear head)")
+    p.add_argument("--mode", choices=list(MODES), default="scorecam",
+                   help="scorecam (default) or preview: one classifier pass plus numpy, each channel's mask "
+                        "applied to the features and scored in closed form (needs a global-pooling -> linear "
+                        "head); for live video, thumbnails and dashboards")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32 (exact, default), int8 (the bundle's quantized classifier, from exporter --int8) "
                         "or fp16 (CUDA only) for the masked passes")
@@ -308,6 +321,7 @@ def _run(args: argparse.Namespace, stdout, stderr) -> int:
     items = _load_images(args.images, args.max_pixels)
     explainer = Explainer(args.model, device=args.device, batch_size=args.batch_size,
                           preset=args.preset, max_channels=args.max_channels, precision=args.precision,
+                          select=args.select, mode=args.mode, fill=args.fill,
                           tf32=args.tf32, threads=args.threads, **thirdparty.cli_kwargs(args))
     targets = None
     if args.target:

@@ -20,8 +20,13 @@ import numpy as np
 from . import images
 from .contract import BundleError
 from .engine import Engine, Progress, require_finite
-from .scorecam import channel_spread, constant_channels, get_preset, maps_from_scores, mask_safe, softmax
+from .head import LinearHead, linear_head
+from .scorecam import constant_channels, get_preset, maps_from_scores, mask_safe, softmax
+from .selection import SELECTS, distinct_masks, feature_scores, relevance, spatial_std, top_channels
 from .thirdparty import open_model
+
+MODES = ("scorecam", "preview")
+FILLS = ("zero", "preview")
 
 
 class TargetError(ValueError):
@@ -43,6 +48,10 @@ class Result:
     seconds: float
     provider: str
     preset: str = "paper"
+    mode: str = "scorecam"
+    select: str = "all"  # which channels were scored: all, std or relevance (with max_channels)
+    passes: int = 0  # masked inputs scored (one per distinct mask); 0 for the preview
+    fill: str = "zero"  # what the channels left out by max_channels weigh: zero or their calibrated preview score
     weights: np.ndarray | None = field(default=None, repr=False)  # a_k [K]
     image_shape: tuple[int, int] | None = None  # (h, w) of the original image, when known
 
@@ -62,7 +71,8 @@ class Result:
         return {"class_index": self.class_index, "label": self.label, "score": self.score,
                 "probability": self.probability, "channels_used": self.channels_used,
                 "channels_skipped": self.channels_skipped, "seconds": round(self.seconds, 4),
-                "provider": self.provider, "preset": self.preset}
+                "provider": self.provider, "preset": self.preset, "mode": self.mode, "select": self.select,
+                "fill": self.fill, "passes": self.passes}
 
 
 class Explainer:
@@ -74,8 +84,19 @@ class Explainer:
         batch_size: masked inputs scored per run (None: chosen for the device).
         preset: ``paper`` (default), ``gradcam``, ``torchcam`` or ``official`` (see DESIGN.md).
         threads: ONNX Runtime intra-op threads (None: ONNX Runtime's default, the physical cores).
-        max_channels: Faster Score-CAM: score only the N channels with the largest spatial standard
-            deviation; the others get weight 0 (None: all K channels, exact).
+        max_channels: Faster Score-CAM: score only N channels, ranked by ``select``; the others get
+            weight 0 (None: all K channels, exact).
+        select: how ``max_channels`` ranks the channels: ``relevance`` (|W[c,k]| std(A_k), union over the
+            classes explained; needs a global-pooling -> linear head after the target layer), ``std``
+            (spatial standard deviation, class-blind) or ``auto`` (default: relevance where the head
+            allows it, else std). See :mod:`runtime.selection`.
+        fill: with ``max_channels``, what the channels left out weigh: ``zero`` (default, Faster
+            Score-CAM: weight 0) or ``preview``: their feature-space score (as in ``mode="preview"``),
+            calibrated on the scored channels by a least-squares line ``s_exact ~ a s_preview + b`` (a >= 0)
+            per class; needs a global-pooling -> linear head; not with the ``official`` preset.
+        mode: ``scorecam`` (default) or ``preview``: the one-pass feature-space Score-CAM, each channel's
+            mask applied to the features instead of the input, scored in closed form through the linear
+            head (no masked passes: one classifier pass plus numpy; needs a global-pooling -> linear head).
         precision: ``fp32`` (exact), ``int8`` (the bundle's quantized classifier scores the masked
             inputs; export with ``--int8``) or ``fp16`` (CUDA only). The class decision, score and
             probability always come from the fp32 classifier.
@@ -89,7 +110,9 @@ class Explainer:
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int | None = None,
                  preset: str = "paper", threads: int | None = None, max_channels: int | None = None,
-                 precision: str = "fp32", *, tf32: bool = False, layer: str | None = None, output: str | None = None,
+                 precision: str = "fp32", *, select: str = "auto", mode: str = "scorecam", fill: str = "zero",
+                 tf32: bool = False,
+                 layer: str | None = None, output: str | None = None,
                  input_size: tuple[int, int] | None = None, mean=None, std=None, scale: float | None = None,
                  bgr: bool = False, labels=None) -> None:
         self.preset = get_preset(preset)
@@ -98,6 +121,16 @@ class Explainer:
         if max_channels is not None and int(max_channels) < 1:
             raise ValueError(f"max channels must be >= 1, got {max_channels}")
         self.max_channels = int(max_channels) if max_channels else None
+        if select not in SELECTS:
+            raise ValueError(f"unknown select {select!r}; choose one of {', '.join(SELECTS)}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if fill not in FILLS:
+            raise ValueError(f"unknown fill {fill!r}; choose one of {', '.join(FILLS)}")
+        if fill == "preview" and get_preset(preset).name == "official":
+            raise ValueError("fill 'preview' does not apply to the 'official' preset (its weights are probabilities "
+                             "over every class); use fill 'zero'")
+        self.select, self.mode, self.fill = select, mode, fill
         self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
                                   scale=scale, bgr=bgr or None, labels=labels)
         self.meta = self.bundle.meta
@@ -110,6 +143,24 @@ class Explainer:
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
             self.batch_size = self.bundle.max_batch
+        self.head: LinearHead | None = linear_head(self.engine.classifier_proto, self.engine.features_output,
+                                                   self.engine.class_output)
+        if self.meta.output_kind == "probabilities":
+            self.head = None  # a softmax after the linear layer: the closed form does not hold
+        needs = ("mode 'preview'" if mode == "preview" else "select 'relevance'" if select == "relevance"
+                 else "fill 'preview'" if fill == "preview" else None)
+        if needs and self.head is None:
+            raise BundleError(f"{needs} needs a global-pooling -> linear head after the target layer "
+                              f"({self.meta.layer!r}), and this model has another head; "
+                              + ("use mode 'scorecam' with max_channels instead" if mode == "preview"
+                                 else "use select 'std'"))
+
+    @property
+    def selection(self) -> str:
+        """The channel ranking ``max_channels`` uses here: ``relevance`` or ``std`` (``auto`` resolved)."""
+        if self.select == "auto":
+            return "relevance" if self.head is not None else "std"
+        return self.select
 
     # ---------------------------------------------------------------------------- properties
     @property
@@ -203,49 +254,103 @@ class Explainer:
         base = logits[0].astype(np.float64)
         classes = self.resolve_targets(targets, base, top_k)
         skipped = constant_channels(acts)
-        scored = self.channels_to_score(acts, skipped)
-        masked = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0], progress)
-        require_finite(masked[scored], masked=True)
-        maps = maps_from_scores(self.preset, acts, masked, base, classes, self.input_size, skipped=skipped,
-                                channel_mask=scored)
+        if self.mode == "preview":
+            scored, passes, select = (~skipped if self.preset.skip_constant else np.ones(acts.shape[0], bool)), 0, "all"
+            masked = self.preview_scores(acts, classes)
+        else:
+            scored = self.channels_to_score(acts, skipped, classes)
+            filling = self.fill == "preview" and not scored.all() and self.head is not None
+            if filling and not self.preset.skip_constant:
+                scored = scored | skipped  # the all-zero mask: one pass, and the many dead channels are exact
+            select = self.selection if self.max_channels is not None and self.max_channels < acts.shape[0] else "all"
+            masked, passes = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0],
+                                                 progress, count=True)
+            require_finite(masked[scored], masked=True)
+            if filling:
+                masked, scored = self.fill_scores(acts, masked, scored, skipped, classes), np.ones_like(scored)
+        maps = self._maps(acts, masked, base, classes, skipped, scored,
+                          columns=self.mode == "preview" and self.preset.name != "official")
         probs = self._probabilities(base)
         seconds = time.perf_counter() - t0
         return [Result(saliency=m.saliency, cam=m.cam, class_index=m.class_index, label=self.label_of(m.class_index),
                        score=float(base[m.class_index]), probability=float(probs[m.class_index]),
                        channels_used=int(scored.sum()), channels_skipped=int(skipped.sum()), seconds=seconds,
-                       provider=self.provider,
-                       preset=self.preset.name, weights=m.weights)
+                       provider=self.provider, preset=self.preset.name, mode=self.mode, select=select,
+                       passes=passes, fill=self.fill if select != "all" else "zero", weights=m.weights)
                 for m in maps]
 
-    def score_channels(self, x: np.ndarray, acts: np.ndarray, varying: np.ndarray, constant: np.ndarray,
-                       n_classes: int, progress: Progress | None = None) -> np.ndarray:
-        """Logits [K,C] of ``x * H_k`` for the channels in ``varying | constant`` (other rows 0).
+    def _maps(self, acts, masked, base, classes, skipped, scored, columns: bool = False):
+        """:func:`maps_from_scores` on the columns of ``classes`` alone (all columns for ``official``, whose
+        weight is a softmax over every class): the [K,C] matrix is not copied three times for one class.
+        ``columns``: ``masked`` already holds just those columns ([K,len(classes)], in their order)."""
+        if self.preset.name == "official":
+            return maps_from_scores(self.preset, acts, masked, base, classes, self.input_size, skipped=skipped,
+                                    channel_mask=scored)
+        cols = masked if columns else masked[:, classes]
+        maps = maps_from_scores(self.preset, acts, cols, base[classes], list(range(len(classes))),
+                                self.input_size, skipped=skipped, channel_mask=scored)
+        for m, c in zip(maps, classes, strict=True):
+            m.class_index = int(c)
+        return maps
 
-        Every constant channel has the same all-zero mask, hence the same masked input ``x * 0``:
-        it is scored once and shared, which on real networks (many dead ReLU channels) saves
-        a large share of the K passes without changing any output.
+    def fill_scores(self, acts: np.ndarray, masked: np.ndarray, scored: np.ndarray, skipped: np.ndarray,
+                    classes: list[int]) -> np.ndarray:
+        """``masked`` [K,C] with the rows of the channels not scored filled, in the columns of ``classes``, by
+        ``a s_k + b``: ``s`` the feature-space score, ``a >= 0, b`` the least-squares line of the exact scores
+        on ``s`` over the scored varying channels (a = 0, b = their mean when fewer than 3)."""
+        s = feature_scores(acts, self.head.weight, self.head.bias, classes)  # [K,n]
+        out = masked.astype(np.float64)
+        fit = scored & ~skipped
+        for i, c in enumerate(classes):
+            e, p = out[fit, c], s[fit, i]
+            a = float(np.polyfit(p, e, 1)[0]) if fit.sum() >= 3 and np.ptp(p) > 0 else 0.0
+            a = max(a, 0.0)
+            b = float(np.mean(e - a * p)) if fit.any() else 0.0
+            out[~scored, c] = a * s[~scored, i] + b
+        return out
+
+    def preview_scores(self, acts: np.ndarray, classes: list[int]) -> np.ndarray:
+        """The feature-space scores of :func:`runtime.selection.feature_scores`: [K,len(classes)], or [K,C]
+        for the ``official`` preset, whose weight is a softmax over every class."""
+        if self.preset.name == "official":
+            return feature_scores(acts, self.head.weight, self.head.bias)
+        return feature_scores(acts, self.head.weight, self.head.bias, classes)
+
+    def score_channels(self, x: np.ndarray, acts: np.ndarray, varying: np.ndarray, constant: np.ndarray,
+                       n_classes: int, progress: Progress | None = None, count: bool = False):
+        """Logits [K,C] of ``x * H_k`` for the channels in ``varying | constant`` (other rows 0);
+        with ``count=True`` also the number of masked inputs scored.
+
+        One pass per distinct mask: every constant channel has the same all-zero mask (masked input
+        ``x * 0``), and varying channels whose maps are equal after min-max normalisation have equal
+        masks (:func:`runtime.selection.distinct_masks`); each mask is scored once and its row shared.
+        On real networks (dead and saturated ReLU channels) that saves a large share of the K passes
+        without changing any output.
         """
         masked = np.zeros((acts.shape[0], n_classes), np.float32)
-        maps = mask_safe(acts[varying])
+        idx = np.flatnonzero(varying)
+        safe = mask_safe(acts[idx])  # huge channels rescaled: the same masks, finite in float32
+        first, inverse = distinct_masks(safe, self.preset.mask)
+        maps = safe[first]
         if constant.any():
             maps = np.concatenate([maps, np.zeros((1, *acts.shape[1:]), acts.dtype)])
         if maps.shape[0]:
             scores = self.engine.score(x, maps, self.preset.mask, self.batch_size, progress)
-            masked[varying] = scores[: int(varying.sum())]
+            masked[idx] = scores[inverse]
             if constant.any():
                 masked[constant] = scores[-1]
-        return masked
+        return (masked, int(maps.shape[0])) if count else masked
 
-    def channels_to_score(self, acts: np.ndarray, skipped: np.ndarray) -> np.ndarray:
-        """Boolean [K]: the channels whose masks are scored (all, less the preset's skips and,
-        with ``max_channels=N``, all but the N of largest spatial standard deviation)."""
+    def channels_to_score(self, acts: np.ndarray, skipped: np.ndarray, classes=None) -> np.ndarray:
+        """Boolean [K]: the channels whose masks are scored (all, less the preset's skips and, with
+        ``max_channels=N``, all but the N ranked first by :attr:`selection` for ``classes``)."""
         scored = ~skipped if self.preset.skip_constant else np.ones(acts.shape[0], bool)
         if self.max_channels is not None and self.max_channels < int(scored.sum()):
-            std = channel_spread(acts)
-            std = np.where(scored, std, -np.inf)
-            keep = np.argsort(-std, kind="stable")[: self.max_channels]
-            scored = np.zeros_like(scored)
-            scored[keep] = True
+            if self.selection == "relevance" and classes is not None:
+                rank = relevance(acts, self.head.weight, classes)
+            else:
+                rank = spatial_std(acts)
+            scored = top_channels(rank, scored, self.max_channels)
         return scored
 
     def predict(self, image) -> np.ndarray:

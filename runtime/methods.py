@@ -7,7 +7,15 @@ them. A method is named on the command line as ``name[:key=value]...``, e.g. ``s
 =============== ==================================================================================
 ``scorecam``     Score-CAM, the explainer's engine; ``preset=`` paper (default) / gradcam / torchcam /
                  official (``scorecam-<preset>`` names each one)
-``faster``       Faster Score-CAM: only the ``n`` channels of largest spatial std are scored
+``faster``       Faster Score-CAM: only ``n`` channels are scored, ranked by ``select`` (auto / std /
+                 relevance, see :mod:`runtime.selection`); ``fill=preview`` weighs the others by their
+                 calibrated feature-space score instead of 0
+``preview``      the one-pass feature-space Score-CAM preview (``Explainer(mode="preview")``)
+``reciprocam``   ReciproCAM (Byun & Lee 2022): the h*w spatially masked copies of the feature map
+                 (3x3 Gaussian kernel around each cell, ``gaussian=1``; one cell, ``gaussian=0``) through
+                 the classifier's tail after the target layer; map[i,j] = softmax(tail(A * M_ij))_c
+``rise``         RISE (Petsiuk et al. 2018): ``n`` random binary ``cells`` x ``cells`` grids (keep ``p``),
+                 bilinearly upsampled and randomly shifted; map = sum_i softmax(f(x * M_i))_c M_i / (n p)
 ``sscam``        SS-CAM: s_k = 1/N sum_i f_c(x * (H_k + d_ik)), d_ik ~ N(0, sigma^2) at H x W
                  (torchcam ``SSCAM``: N = 35, sigma = 2, masks up(norm(A_k)))
 ``iscam``        IS-CAM: s_k = 1/N sum_i f_c(g_i x * H_k), g_i = sum_{j<=i} j/N (torchcam ``ISCAM``, N = 10)
@@ -31,7 +39,7 @@ import numpy as np
 
 from .engine import require_finite
 from .maskgraph import EPS, GAIN, IMAGE, MAPS, NOISE, build_scorer
-from .scorecam import PRESETS, constant_channels, get_preset, maps_from_scores, minmax
+from .scorecam import PRESETS, constant_channels, get_preset, maps_from_scores, minmax, upsample
 
 #: ``noise(i, start, stop) -> float32 [stop - start, H, W]``: the noise of channels start..stop-1 in pass i.
 NoiseFn = Callable[[int, int, int], np.ndarray]
@@ -105,12 +113,24 @@ def run_method(spec: str, explainer, x: np.ndarray, class_index: int, **override
 # ------------------------------------------------------------------------------ Score-CAM family
 
 
-def _variant(explainer, preset: str | None = None, max_channels: int | None = None):
-    """A shallow copy of the explainer (same engine and sessions) with another preset / channel cap."""
+def _variant(explainer, preset: str | None = None, max_channels: int | None = None, select: str = "auto",
+             mode: str = "scorecam", fill: str = "zero"):
+    """A shallow copy of the explainer (same engine and sessions) with another preset / channel cap /
+    channel ranking / mode."""
+    from .selection import SELECTS
+
     ex = copy.copy(explainer)
     if preset is not None:
         ex.preset = get_preset(preset)
     ex.max_channels = int(max_channels) if max_channels else None
+    if select not in SELECTS:
+        raise ValueError(f"unknown select {select!r}; choose one of {', '.join(SELECTS)}")
+    if (mode == "preview" or select == "relevance") and ex.head is None:
+        raise ValueError(f"{'preview' if mode == 'preview' else 'select=relevance'} needs a global-pooling -> "
+                         "linear head after the target layer; this model has another head")
+    if fill not in ("zero", "preview") or (fill == "preview" and ex.head is None):
+        raise ValueError(f"fill {fill!r}: choose zero, or preview (needs a global-pooling -> linear head)")
+    ex.select, ex.mode, ex.fill = select, mode, fill
     return ex
 
 
@@ -123,9 +143,16 @@ for _p in PRESETS:
     register(f"scorecam-{_p}", f"Score-CAM, preset {_p}", preset=_p)(scorecam)
 
 
-@register("faster", "Faster Score-CAM: the n channels of largest spatial std", n=10, preset="paper")
-def faster(explainer, x, class_index, n=10, preset="paper"):
-    return _variant(explainer, preset, max_channels=n).explain_tensor(x, [class_index])[0].saliency
+@register("faster", "Faster Score-CAM: n channels, ranked by select= auto, std or relevance; fill= zero or preview",
+          n=10, preset="paper", select="auto", fill="zero")
+def faster(explainer, x, class_index, n=10, preset="paper", select="auto", fill="zero"):
+    ex = _variant(explainer, preset, max_channels=n, select=select, fill=fill)
+    return ex.explain_tensor(x, [class_index])[0].saliency
+
+
+@register("preview", "one-pass feature-space Score-CAM (closed form through the linear head)", preset="paper")
+def preview(explainer, x, class_index, preset="paper"):
+    return _variant(explainer, preset, mode="preview").explain_tensor(x, [class_index])[0].saliency
 
 
 def _scorer(engine, spec, noise: bool, gain: bool):
@@ -227,6 +254,101 @@ def iscam(explainer, x, class_index, n=10, preset="torchcam"):
     if int(n) < 1:
         raise ValueError(f"iscam: n must be >= 1, got {n}")
     return _repeated_map(explainer, x, class_index, preset, int(n), gains=iscam_gains(int(n)))
+
+
+# ----------------------------------------------------------------------------------- the peers
+
+def _tail(engine):
+    """The session of the classifier after the target layer (input A [N,K,h,w] -> class scores), made once
+    per engine (under its lock)."""
+    from .head import tail_graph
+
+    def build():
+        tail = tail_graph(engine.classifier_proto, engine.features_output, engine.class_output)
+        if tail is None:
+            raise ValueError("reciprocam needs the classifier after the target layer as its own graph, and this "
+                             "model's output also depends on the image by another path")
+        return engine.session(tail.SerializeToString(), "tail graph")
+
+    return engine.extra_session(("methods", "tail"), build)
+
+
+GAUSS3 = np.asarray([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16
+
+
+def spatial_masks(h: int, w: int, gaussian: bool = True) -> np.ndarray:
+    """ReciproCAM's [h*w, h, w] masks: cell (i,j) alone, or a 3x3 Gaussian kernel centred on it (clipped)."""
+    out = np.zeros((h * w, h, w), np.float32)
+    for i in range(h):
+        for j in range(w):
+            if not gaussian:
+                out[i * w + j, i, j] = 1
+                continue
+            for di in (-1, 0, 1):
+                for dj in (-1, 0, 1):
+                    if 0 <= i + di < h and 0 <= j + dj < w:
+                        out[i * w + j, i + di, j + dj] = GAUSS3[di + 1, dj + 1]
+    return out
+
+
+def _probs(out: np.ndarray, explainer) -> np.ndarray:
+    out = np.asarray(out, np.float64)
+    return out if explainer.meta.output_kind == "probabilities" else _softmax_rows(out)
+
+
+def _softmax_rows(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@register("reciprocam", "ReciproCAM: h*w spatially masked feature maps through the classifier's tail", gaussian=1)
+def reciprocam(explainer, x, class_index, gaussian=1):
+    engine = explainer.engine
+    sess = _tail(engine)
+    _, acts = engine.classify_and_activations(x)
+    k, h, w = acts.shape
+    masks = spatial_masks(h, w, bool(int(gaussian)))
+    name, out_name = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+    bs = max(1, int(explainer.batch_size))
+    scores = []
+    for start in range(0, h * w, bs):  # O(batch) memory: [B,K,h,w] mosaics at a time
+        mosaic = np.ascontiguousarray(acts[None] * masks[start:start + bs, None], np.float32)
+        scores.append(_probs(sess.run([out_name], {name: mosaic})[0], explainer)[:, class_index])
+    cam = minmax(np.concatenate(scores).reshape(h, w).astype(np.float32))
+    return minmax(upsample(cam, explainer.input_size))
+
+
+def rise_masks(rng: np.random.Generator, n: int, size: tuple[int, int], cells: int, p: float) -> np.ndarray:
+    """``n`` RISE masks [n,H,W]: binary cells x cells grids (1 with probability p), bilinearly upsampled to
+    (cells + 1) * cell size and cropped at a random shift in [0, cell size)."""
+    import cv2
+
+    hh, ww = size
+    ch, cw = -(-hh // cells), -(-ww // cells)
+    grids = (rng.random((n, cells, cells)) < p).astype(np.float32)
+    out = np.empty((n, hh, ww), np.float32)
+    for i in range(n):
+        big = cv2.resize(grids[i], ((cells + 1) * cw, (cells + 1) * ch), interpolation=cv2.INTER_LINEAR)
+        dy, dx = int(rng.integers(0, ch)), int(rng.integers(0, cw))
+        out[i] = big[dy:dy + hh, dx:dx + ww]
+    return out
+
+
+@register("rise", "RISE: n random upsampled binary input masks", n=2000, cells=8, p=0.5, seed=0)
+def rise(explainer, x, class_index, n=2000, cells=8, p=0.5, seed=0):
+    if int(n) < 1 or int(cells) < 1 or not 0 < float(p) <= 1:
+        raise ValueError(f"rise: need n >= 1, cells >= 1 and 0 < p <= 1, got n={n}, cells={cells}, p={p}")
+    engine = explainer.engine
+    sess, name = engine.classifier, engine.input_name
+    rng = np.random.default_rng(int(seed))
+    size = tuple(np.shape(x)[-2:])
+    bs = max(1, int(explainer.batch_size))
+    total = np.zeros(size, np.float64)
+    for start in range(0, int(n), bs):  # O(batch) memory: masks and masked inputs made per batch
+        m = rise_masks(rng, min(bs, int(n) - start), size, int(cells), float(p))
+        out = sess.run([engine.class_output], {name: np.ascontiguousarray(x * m[:, None], np.float32)})[0]
+        total += np.tensordot(_probs(out, explainer)[:, class_index], m, axes=1)
+    return minmax((total / (int(n) * float(p))).astype(np.float32))
 
 
 # ------------------------------------------------------------------------------------ baselines

@@ -14,7 +14,7 @@ pytest.importorskip("torch")
 
 from bench import report  # noqa: E402
 from bench.__main__ import machine_slug, main  # noqa: E402
-from bench.contenders import fast_options, known  # noqa: E402
+from bench.contenders import fast_options, kind, known, peer_method  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_quick_run_writes_json_and_markdown(quick_run, capsys):
         assert set(per_photo) == set(report.PHOTOS)
         assert all(-1.0 <= r <= 1.0 for r in per_photo.values())
     assert {"x_floor:paper", "torch_over:paper", "top5/paper"} <= set(job["ratios"])
-    assert len(res["targets"]) == 6
+    assert len(res["targets"]) == 9
     assert {t["status"] for t in res["targets"]} <= {"PASS", "MISS", "n/a"}
     md = (out / "test-box.md").read_text()
     assert "## toy at 32x32 (K = 16)" in md and "## Targets" in md
@@ -94,7 +94,14 @@ def test_contender_names():
     assert fast_options("int8+mc128") == {"precision": "int8", "max_channels": 128}
     assert fast_options("mc64") == {"max_channels": 64}
     assert fast_options("paper") is None and fast_options("mcx") is None
-    assert all(known(n) for n in ("floor", "paper", "official", "top5", "torch", "fp16+mc32"))
+    assert fast_options("mc32+std") == {"max_channels": 32, "select": "std"}
+    assert fast_options("int8+mc16+rel") == {"precision": "int8", "max_channels": 16, "select": "relevance"}
+    assert fast_options("preview") == {"mode": "preview"} and fast_options("std") is None
+    assert peer_method("reciprocam") == "reciprocam" and peer_method("rise") == "rise:n=2000"
+    assert peer_method("rise500") == "rise:n=500" and peer_method("mc32") is None
+    assert [kind(n) for n in ("paper", "mc32", "preview", "rise")] == ["exact", "fast", "preview", "peer"]
+    assert all(known(n) for n in ("floor", "paper", "official", "top5", "torch", "fp16+mc32", "pass1", "preview",
+                                  "reciprocam", "rise100"))
     assert not known("bogus")
 
 
@@ -110,14 +117,44 @@ def test_targets_logic():
     job["twin"] = {"model": "m_k256", "channels": 256, "peak_rss_mb": 290.0}
     job["fidelity"] = {"mc64": dict.fromkeys(report.PHOTOS, 0.97), "int8": dict.fromkeys(report.PHOTOS, 0.99)}
     res = {"jobs": [job]}
-    assert [t["status"] for t in report.targets(res)] == ["PASS"] * 6
+    assert [t["status"] for t in report.targets(res)[:6]] == ["PASS"] * 6
     job["fidelity"]["mc64"]["rocket.jpg"] = 0.5
     job["contenders"]["paper"]["median_s"] = 12.0
-    assert [t["status"] for t in report.targets(res)] == ["MISS", "PASS", "PASS", "PASS", "PASS", "MISS"]
+    assert [t["status"] for t in report.targets(res)[:6]] == ["MISS", "PASS", "PASS", "PASS", "PASS", "MISS"]
     assert report.targets({"jobs": [_job(paper=1.0)]})[0]["status"] == "n/a"
     big = _job(model="resnet50", floor=10.0, paper=10.0)
     big["contenders"]["paper"]["peak_rss_mb"] = 1300.0  # outside the bound's scope: reported, not judged
     assert report.targets({"jobs": [big]})[3]["status"] == "n/a"
+
+
+def _interactive_job(**r):
+    job = _job(model="lite0", floor=10.0, paper=2.0, pass1=0.010, mc32=0.09, mc16=0.045, preview=0.018,
+               reciprocam=0.02)
+    for n in ("mc32", "mc16"):
+        job["contenders"][n]["kind"] = "fast"
+    job["contenders"]["preview"].update(fast=True, kind="preview")
+    job["contenders"]["reciprocam"].update(fast=True, kind="peer")
+    job["fidelity"] = {n: dict.fromkeys(report.PHOTOS, r.get(n, 0.97))
+                       for n in ("mc32", "mc16", "preview", "reciprocam")}
+    return {"jobs": [job]}
+
+
+def test_interactive_targets():
+    statuses = lambda res: [t["status"] for t in report.interactive_targets(res)]  # noqa: E731
+    assert statuses(_interactive_job()) == ["PASS", "PASS", "PASS"]  # mc32: 22 x, mc16: 44 x, preview 1.8 x
+    assert statuses(_interactive_job(mc16=0.85)) == ["PASS", "MISS", "PASS"]
+    assert statuses(_interactive_job(mc32=0.93, mc16=0.93)) == ["MISS", "PASS", "PASS"]  # the 40 x one alone counts
+    # one mode cannot be both: the 40 x target needs ANOTHER mode than the 20 x one
+    res = _interactive_job(mc32=0.5)
+    assert statuses(res) == ["PASS", "MISS", "PASS"]
+    assert statuses(_interactive_job(preview=0.89)) == ["PASS", "PASS", "MISS"]
+    res = _interactive_job()
+    res["jobs"][0]["contenders"]["preview"]["median_s"] = 0.025  # 2.5 x one pass
+    assert statuses(res)[2] == "MISS"
+    # the peers never count as our fast modes (the reciprocam here is 100 x at r 0.97)
+    res = _interactive_job(mc32=0.5, mc16=0.5)
+    assert statuses(res)[:2] == ["MISS", "MISS"]
+    assert statuses({"jobs": [_job(paper=1.0)]}) == ["n/a"] * 3
 
 
 def test_default_plan_is_the_documented_one():

@@ -60,7 +60,7 @@ def test_max_channels_scores_n_channels(toy, n):
 
 
 def test_max_channels_keeps_the_largest_spread(toy):
-    ex = Explainer(toy, device="cpu", max_channels=4)
+    ex = Explainer(toy, device="cpu", max_channels=4, select="std")
     from runtime import images
 
     acts = ex.engine.activations(images.preprocess(photo(), ex.pre))
