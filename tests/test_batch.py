@@ -154,6 +154,26 @@ def test_changed_settings_are_refused_unless_force(bundle, tmp_path, capsys):
     assert {r["preset"] for r in _rows(out)} == {"gradcam"}
 
 
+def test_select_mode_and_passes_are_recorded_and_maps_match(bundle, tmp_path, capsys):
+    imgs, _, _ = _dataset(tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    assert main([str(bundle), str(imgs[0]), "--out", str(out), "--workers", "1", "--max-channels", "5",
+                 "--select", "std"]) == 0
+    (row,) = _rows(out)
+    want = Explainer(bundle, device="cpu", max_channels=5, select="std").explain(imgs[0])[0]
+    assert (row["select"], row["mode"], row["passes"]) == ("std", "scorecam", want.passes)
+    np.testing.assert_allclose(np.load(out / row["map"]), want.saliency, atol=1e-6, rtol=0)
+    capsys.readouterr()
+    assert main([str(bundle), str(imgs[0]), "--out", str(out), "--max-channels", "5", "--select", "relevance"]) == 2
+    assert "select: 'std' -> 'relevance'" in capsys.readouterr().err
+    out2 = tmp_path / "preview"
+    assert main([str(bundle), str(imgs[0]), "--out", str(out2), "--workers", "1", "--mode", "preview"]) == 0
+    (row,) = _rows(out2)
+    want = Explainer(bundle, device="cpu", mode="preview").explain(imgs[0])[0]
+    assert (row["mode"], row["passes"]) == ("preview", 0)
+    np.testing.assert_allclose(np.load(out2 / row["map"]), want.saliency, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["{data}/nothing-here"], "no such file, folder or manifest"),
     (["{data}/*.webp"], "the pattern matches no files"),

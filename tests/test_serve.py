@@ -131,6 +131,25 @@ def test_targets_preset_max_channels_and_overlay(server, models):
     assert again["preset"] == "paper" and again["channels_used"] == 16
 
 
+def test_select_mode_and_fill_pass_through_to_the_explainer(server, models):
+    bundle = models / "zoo" / "fruit"
+    for params, kw in (({"max_channels": 5, "select": "std"}, {"max_channels": 5, "select": "std"}),
+                       ({"max_channels": 5, "select": "relevance", "fill": "preview"},
+                        {"max_channels": 5, "select": "relevance", "fill": "preview"}),
+                       ({"mode": "preview"}, {"mode": "preview"})):
+        r = explain_json(server, parameters=params)
+        assert r.status_code == 200, r.text
+        got = r.json()["explanations"][0]["results"]
+        want = Explainer(bundle, **kw).explain(PHOTO, top_k=2)
+        for g, w in zip(got, want, strict=True):
+            assert (g["class_index"], g["mode"], g["select"], g["fill"], g["passes"]) == \
+                (w.class_index, w.mode, w.select, w.fill, w.passes)
+            np.testing.assert_allclose(decode_saliency(g["saliency"]), w.saliency, atol=1e-6, rtol=0)
+    bad = explain_json(server, parameters={"select": "loudest"})
+    assert bad.status_code == 422 and "select must be one of" in bad.json()["error"]
+    assert explain_json(server).json()["explanations"][0]["results"][0]["mode"] == "scorecam"
+
+
 def test_raw_image_body_answers_json_or_the_png_itself(server, fruit):
     url = f"{server.url}/v1/models/fruit:explain"
     want = fruit.explain(PHOTO, targets=["cherry"])[0]

@@ -17,7 +17,9 @@ from pathlib import Path
 from .. import thirdparty
 from ..engine import DEVICES, PRECISIONS, cpu_count
 from ..explain import UsageError, _one_line, _Parser, _positive_int
+from ..explainer import FILLS, MODES
 from ..scorecam import PRESETS
+from ..selection import SELECTS
 from . import job
 from .inputs import InputError, expand
 from .progress import Progress, summary
@@ -84,7 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --target, explain each image's K most probable classes (default 1)")
     p.add_argument("--preset", choices=list(PRESETS), default="paper", help="Score-CAM variant (default paper)")
     p.add_argument("--max-channels", metavar="N", type=_positive_int, default=None,
-                   help="Faster Score-CAM: score only the N channels of largest spatial std (default: all, exact)")
+                   help="Faster Score-CAM: score only N channels, ranked by --select (default: all, exact)")
+    p.add_argument("--select", choices=list(SELECTS), default="auto",
+                   help="how --max-channels ranks channels: relevance (|W[c,k]| x spatial std; needs a global-"
+                        "pooling -> linear head), std, or auto (default: relevance where the head allows it)")
+    p.add_argument("--mode", choices=list(MODES), default="scorecam",
+                   help="scorecam (default) or preview (one classifier pass, closed form; needs that head)")
+    p.add_argument("--fill", choices=list(FILLS), default="zero",
+                   help="with --max-channels: zero (default) or preview (channels left out get their calibrated "
+                        "feature-space score)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32 (default), int8 (the bundle's quantized classifier) or fp16 (CUDA only)")
     p.add_argument("--device", choices=DEVICES, default="auto",
@@ -143,7 +153,8 @@ def run(args: argparse.Namespace, stdout, stderr) -> int:
     job.pyarrow()
     sources = expand(args.inputs)
     settings = job.Settings.make(args.model, args.target, top_k=args.top_k, preset=args.preset,
-                                 max_channels=args.max_channels, precision=args.precision, overlays=args.overlays,
+                                 max_channels=args.max_channels, select=args.select, mode=args.mode, fill=args.fill,
+                                 precision=args.precision, overlays=args.overlays,
                                  alpha=args.alpha, thirdparty=thirdparty.cli_kwargs(args))
     out: Path = args.out
     if out.exists() and not out.is_dir():

@@ -58,6 +58,9 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("seconds", "float64"),        # explanation time of the image (all its classes at once)
     ("provider", "string"),        # the ONNX Runtime execution provider
     ("preset", "string"),
+    ("mode", "string"),            # scorecam, or preview (one pass, closed form)
+    ("select", "string"),          # all channels, or how --max-channels ranked them (std, relevance)
+    ("passes", "int32"),           # masked inputs actually scored (one per distinct mask)
     ("map", "string"),             # the .npy, relative to DIR
     ("overlay", "string"),         # the overlay .png relative to DIR (null without --overlays)
     ("error", "string"),           # null, or why the image has no explanation
@@ -110,6 +113,9 @@ class Settings:
     top_k: int = 1
     preset: str = "paper"
     max_channels: int | None = None
+    select: str = "auto"
+    mode: str = "scorecam"
+    fill: str = "zero"
     precision: str = "fp32"
     overlays: bool = False
     alpha: float = 0.5
@@ -143,7 +149,8 @@ class Settings:
             if tp.get(k) is not None:
                 tp[k] = tuple(tp[k])
         return Explainer(self.model, device=device, batch_size=batch_size, preset=self.preset, threads=threads,
-                         max_channels=self.max_channels, precision=self.precision, **tp)
+                         max_channels=self.max_channels, precision=self.precision, select=self.select,
+                         mode=self.mode, fill=self.fill, **tp)
 
 
 @dataclass(frozen=True)
@@ -235,7 +242,8 @@ def explain_file(explainer: Explainer, source: str, task: Task) -> list[dict]:
             _atomic_write(out / rel_png, lambda f, pic=pic: _save_png(pic, f))
         rows.append(_row(source, key, sha256=sha, width=width, height=height, class_index=r.class_index,
                          label=r.label, probability=r.probability, score=r.score, channels_used=r.channels_used,
-                         seconds=seconds, provider=r.provider, preset=r.preset, map=rel_map, overlay=rel_png))
+                         seconds=seconds, provider=r.provider, preset=r.preset, mode=r.mode, select=r.select,
+                         passes=r.passes, map=rel_map, overlay=rel_png))
     return rows
 
 

@@ -48,6 +48,9 @@ class ServeConfig:
     device: str = "auto"
     preset: str = "paper"
     max_channels: int | None = None
+    select: str = "auto"
+    mode: str = "scorecam"
+    fill: str = "zero"
     batch_size: int | None = None
     threads: int | None = None
     thirdparty: dict = field(default_factory=dict)  # Explainer kwargs for bare .onnx files
@@ -90,7 +93,8 @@ class State:
     def _load(self) -> dict[str, ServedModel]:
         c = self.config
         specs = find_models(c.models, c.model_name)
-        kwargs = {"device": c.device, "preset": c.preset, "max_channels": c.max_channels,
+        kwargs = {"device": c.device, "preset": c.preset, "max_channels": c.max_channels, "select": c.select,
+                  "mode": c.mode, "fill": c.fill,
                   "batch_size": c.batch_size, "threads": c.threads}
         return load_models(specs, kwargs, c.thirdparty, log=log.info)
 
@@ -145,7 +149,10 @@ def _decode(inst: P.Instance, i: int, max_pixels: int) -> np.ndarray:
 def _explain_all(model: ServedModel, instances: list[P.Instance], opts: P.Options, state: State, token: Token,
                  want_png: bool = False):
     """Runs in a worker thread: decode, explain (stopping at the token's deadline), encode."""
-    ex = model.variant(opts.preset, opts.max_channels, opts.exact)
+    try:
+        ex = model.variant(opts.preset, opts.max_channels, opts.exact, opts.select, opts.mode, opts.fill)
+    except ValueError as e:  # e.g. preview / relevance asked of a model whose head does not allow it
+        raise P.ProtocolError(422, str(e)) from None
     chunks = state.metrics.chunks.labels(model.name)
 
     def progress(done: int, total: int) -> None:
@@ -254,7 +261,8 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
             q = request.query_params
             if not body:
                 raise P.ProtocolError(400, "empty request body; send the image file's bytes")
-            params = {k: q[k] for k in ("saliency_encoding", "overlay", "alpha", "preset", "max_channels") if k in q}
+            params = {k: q[k] for k in ("saliency_encoding", "overlay", "alpha", "preset", "max_channels", "select",
+                                            "mode", "fill") if k in q}
             opts = P.parse_options(params)
             inst = P.Instance(body, P.split_query_targets(q.getlist("targets") + q.getlist("target")),
                               P.parse_int(q.get("top_k", 1), "top_k", 1, P.MAX_TOP_K))

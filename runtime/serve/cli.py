@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from .. import images, thirdparty
 from ..contract import BundleError
 from ..engine import DEVICES
+from ..explainer import FILLS, MODES
 from ..scorecam import PRESETS
+from ..selection import SELECTS
 
 EXIT_USAGE = 2
 MODEL_ENV = "SCORECAM_MODEL"  # MODEL when none is given (the container sets /mnt/models)
@@ -99,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                                           "may ask for another)")
     p.add_argument("--max-channels", type=_positive(int), default=None,
                    help="default Faster Score-CAM channel cap (default: all channels, exact)")
+    p.add_argument("--select", choices=list(SELECTS), default="auto",
+                   help="how --max-channels ranks channels: relevance, std, or auto (default: relevance where the "
+                        "head is global pooling -> linear, else std); a request may ask for another")
+    p.add_argument("--mode", choices=list(MODES), default="scorecam",
+                   help="scorecam (default) or preview (one classifier pass, closed-form; needs a global-pooling -> "
+                        "linear head); a request may ask for another")
+    p.add_argument("--fill", choices=list(FILLS), default="zero",
+                   help="with --max-channels: zero (default) or preview (channels left out get their calibrated "
+                        "feature-space score); a request may ask for another")
     p.add_argument("--batch-size", type=_positive(int), default=None, help="masked inputs per ONNX Runtime run")
     p.add_argument("--threads", type=_positive(int), default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--max-concurrency", type=_positive(int), default=1,
@@ -121,7 +132,8 @@ def config_from_args(args: argparse.Namespace):
 
     kw = thirdparty.cli_kwargs(args)
     return ServeConfig(models=list(args.models), model_name=args.model_name, device=args.device, preset=args.preset,
-                       max_channels=args.max_channels, batch_size=args.batch_size, threads=args.threads,
+                       max_channels=args.max_channels, select=args.select, mode=args.mode, fill=args.fill,
+                       batch_size=args.batch_size, threads=args.threads,
                        thirdparty=kw, max_concurrency=args.max_concurrency, queue_size=args.queue_size,
                        timeout=args.timeout, max_body_mb=args.max_body_mb, max_pixels=args.max_pixels,
                        max_instances=args.max_instances)

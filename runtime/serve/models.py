@@ -72,14 +72,18 @@ class ServedModel:
     load_seconds: float
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def variant(self, preset: str | None, max_channels: int | None, exact: bool = False) -> Explainer:
-        """The explainer for one request. A variant shares the engine and its sessions; the scorer
-        session of a new mask kind is built here, under a lock, so two requests never race to make it."""
+    def variant(self, preset: str | None, max_channels: int | None, exact: bool = False, select: str | None = None,
+                mode: str | None = None, fill: str | None = None) -> Explainer:
+        """The explainer for one request (None: the server's setting). A variant shares the engine and its
+        sessions; the scorer session of a new mask kind is built here, under a lock, so two requests never
+        race to make it. ValueError when the model's head does not allow the mode / selection asked for."""
         ex = self.explainer
         mc = None if exact else (max_channels if max_channels is not None else ex.max_channels)
-        if (preset is None or preset == ex.preset.name) and mc == ex.max_channels:
+        select, mode, fill = select or ex.select, mode or ex.mode, fill or ex.fill
+        if (preset is None or preset == ex.preset.name) and mc == ex.max_channels and \
+                (select, mode, fill) == (ex.select, ex.mode, ex.fill):
             return ex
-        v = _variant(ex, preset or ex.preset.name, mc)
+        v = _variant(ex, preset or ex.preset.name, mc, select, mode, fill)
         with self._lock:
             v.engine.scorer(v.preset.mask)
         return v
@@ -93,7 +97,8 @@ class ServedModel:
                 "preprocessing": {"input_size": [h, w], "color_order": pre.color_order,
                                   "scale": pre.scale, "mean": list(pre.mean), "std": list(pre.std)},
                 "target_layer": ex.meta.layer, "provider": ex.provider, "preset": ex.preset.name,
-                "max_channels": ex.max_channels, "batch_size": ex.batch_size}
+                "max_channels": ex.max_channels, "select": ex.select, "mode": ex.mode, "fill": ex.fill,
+                "batch_size": ex.batch_size}
 
 
 def load_models(specs: list[ModelSpec], explainer_kwargs: dict, thirdparty_kwargs: dict,

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..explainer import FILLS, MODES
 from ..scorecam import PRESETS
+from ..selection import SELECTS
 
 ENCODINGS = ("b64", "list", "png16")
 MAX_TOP_K = 1000
@@ -57,6 +59,9 @@ class Options:
     preset: str | None = None  # None: the server's
     max_channels: int | None = None  # None: the server's
     exact: bool = False  # True: max_channels explicitly off (all channels) even if the server caps them
+    select: str | None = None  # None: the server's (auto, std, relevance: how max_channels ranks channels)
+    mode: str | None = None  # None: the server's (scorecam, preview)
+    fill: str | None = None  # None: the server's (zero, preview)
 
 
 @dataclass
@@ -196,6 +201,12 @@ def parse_options(params, base: Options | None = None) -> Options:
             raise ProtocolError(422, f"preset must be one of {', '.join(PRESETS)}, "
                                      f"got {json.dumps(params['preset'], default=str)}")
         opts.preset = params["preset"]
+    for key, allowed in (("select", SELECTS), ("mode", MODES), ("fill", FILLS)):
+        if params.get(key) is not None:
+            if params[key] not in allowed:
+                raise ProtocolError(422, f"{key} must be one of {', '.join(allowed)}, "
+                                         f"got {json.dumps(params[key], default=str)}")
+            setattr(opts, key, params[key])
     if "max_channels" in params:
         mc = params["max_channels"]
         if mc in (None, 0, "0", "", "all", "exact"):
@@ -326,7 +337,8 @@ def result_v1(r, options: Options, overlay_png: bytes | None = None) -> dict:
     d = {"class_index": int(r.class_index), "label": str(r.label), "probability": finite(r.probability),
          "score": finite(r.score), "channels_used": int(r.channels_used),
          "channels_skipped": int(r.channels_skipped), "seconds": round(finite(r.seconds), 4),
-         "provider": str(r.provider), "preset": str(r.preset),
+         "provider": str(r.provider), "preset": str(r.preset), "mode": str(r.mode), "select": str(r.select),
+         "fill": str(r.fill), "passes": int(r.passes),
          "saliency": encode_saliency(r.saliency, options.saliency_encoding)}
     if overlay_png is not None:
         d["overlay"] = {"format": "png", "b64": base64.b64encode(overlay_png).decode("ascii")}
@@ -379,7 +391,7 @@ def parse_v2(data: dict, limits: Limits) -> tuple[list[Instance], Options]:
     if isinstance(params.get("targets"), str) and "," in params["targets"]:
         targets = split_query_targets([params["targets"]])
     top_k = parse_int(params.get("top_k", 1), "parameters.top_k", 1, MAX_TOP_K)
-    opts = parse_options({k: v for k, v in params.items() if k in ("preset", "max_channels")})
+    opts = parse_options({k: v for k, v in params.items() if k in ("preset", "max_channels", "select", "mode", "fill")})
     return [Instance(decode_b64(v, f"image[{i}]"), targets, top_k) for i, v in enumerate(values)], opts
 
 
