@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from runtime.serve import protocol as P
@@ -27,11 +27,14 @@ v1_like = st.fixed_dictionaries({}, optional={
             optional={"targets": json_values, "top_k": json_values})), max_size=5)),
     "parameters": st.one_of(json_values, st.fixed_dictionaries({}, optional={
         "saliency_encoding": json_values, "overlay": json_values, "preset": json_values,
-        "max_channels": json_values, "alpha": json_values}))})
+        "max_channels": json_values, "alpha": json_values, "select": json_values, "mode": json_values,
+        "fill": json_values}))})
 
 
 @settings(max_examples=300, deadline=None)
 @given(v1_like)
+@example({"parameters": {"preset": []}, "instances": [{"image": {"b64": "YWJj"}}]})  # was a TypeError (unhashable)
+@example({"parameters": {"select": {}}, "instances": [{"image": {"b64": "YWJj"}}]})
 def test_parse_v1_returns_or_refuses_with_a_client_status(data):
     try:
         instances, opts = P.parse_v1(data, LIMITS)

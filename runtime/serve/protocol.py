@@ -197,13 +197,13 @@ def parse_options(params, base: Options | None = None) -> Options:
                                      f"{json.dumps(params['alpha'], default=str)}")
         opts.alpha = a
     if params.get("preset") is not None:
-        if params["preset"] not in PRESETS:
+        if not isinstance(params["preset"], str) or params["preset"] not in PRESETS:
             raise ProtocolError(422, f"preset must be one of {', '.join(PRESETS)}, "
                                      f"got {json.dumps(params['preset'], default=str)}")
         opts.preset = params["preset"]
     for key, allowed in (("select", SELECTS), ("mode", MODES), ("fill", FILLS)):
         if params.get(key) is not None:
-            if params[key] not in allowed:
+            if not isinstance(params[key], str) or params[key] not in allowed:
                 raise ProtocolError(422, f"{key} must be one of {', '.join(allowed)}, "
                                          f"got {json.dumps(params[key], default=str)}")
             setattr(opts, key, params[key])
