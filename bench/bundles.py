@@ -65,7 +65,7 @@ def ensure_bundle(name: str, size: int, cache: Path = DEFAULT_CACHE, int8: bool 
     if int8 and not _int8_current(out):
         from exporter.quantize import quantize_bundle
 
-        files = calib or sample_photos()
+        files = calib or calibration_photos()
         _log(f"quantizing {out.name} to int8 with {len(files)} calibration photos ...")
         quantize_bundle(out, files)
     return out
@@ -87,6 +87,42 @@ def _int8_current(bundle: Path) -> bool:
 def sample_photos() -> list[Path]:
     names = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png")
     return [SAMPLES / n for n in names]
+
+
+# photos shipped by installed packages (CC0 / public domain), never downloaded. The two lists are disjoint:
+# int8 is calibrated on the first (and the samples, augmented), its fidelity is reported on the second.
+PACKAGE_CALIBRATION = (
+    ("skimage", "data/camera.png"), ("skimage", "data/coins.png"), ("skimage", "data/brick.png"),
+    ("skimage", "data/grass.png"), ("skimage", "data/gravel.png"), ("skimage", "data/moon.png"),
+    ("skimage", "data/ihc.png"), ("matplotlib", "mpl-data/sample_data/Minduka_Present_Blue_Pack.png"))
+PACKAGE_EVALUATION = (
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"), ("skimage", "data/hubble_deep_field.jpg"),
+    ("skimage", "data/retina.jpg"), ("skimage", "data/motorcycle_right.png"), ("skimage", "data/color.png"))
+
+
+def package_photos(which: tuple[tuple[str, str], ...]) -> list[Path]:
+    """The photos of ``which`` (package, path inside it) that the installed packages have."""
+    import importlib.util
+
+    out = []
+    for pkg, rel in which:
+        spec = importlib.util.find_spec(pkg)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            if (Path(root) / rel).is_file():
+                out.append(Path(root) / rel)
+                break
+    return out
+
+
+def calibration_photos() -> list[Path]:
+    """int8 calibration: the five samples and the package photos of :data:`PACKAGE_CALIBRATION`
+    (the quantizer adds mirrored, cropped and zoomed-out copies of each)."""
+    return sample_photos() + package_photos(PACKAGE_CALIBRATION)
+
+
+def outside_photos() -> list[Path]:
+    """Photos outside the repository, never calibrated on: fidelity is reported on them too."""
+    return package_photos(PACKAGE_EVALUATION)
 
 
 def _project_export():

@@ -104,9 +104,11 @@ class Explainer:
         self.pre = self.meta.preprocessing
         if precision == "int8":
             self.bundle.load_int8()  # fail now, not in the middle of the first explanation
-        self.engine = Engine(self.bundle.model, self.bundle.features, device=device, threads=threads,
+        self.engine = Engine(self.bundle.load_model, self.bundle.load_features, device=device, threads=threads,
                              input_size=self.pre.input_size, precision=precision,
-                             int8_classifier=self.bundle.load_int8, tf32=tf32, mask=self.preset.mask)
+                             int8_classifier=self.bundle.load_int8, tf32=tf32, mask=self.preset.mask,
+                             features_output=self.bundle.features_output,
+                             key=f"{self.bundle.model_sha256}:{self.bundle.features_sha256}")
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
             self.batch_size = self.bundle.max_batch
