@@ -108,6 +108,10 @@ def expand(names: list[str], fast: list[str]) -> list[str]:
 
 def make_plan(args) -> list[Job]:
     fast = args.fast
+    if args.plan == "memory-int8":  # issue 15's targets only: RSS against a bare session, two explainers, int8
+        int8 = expand(["paper", "int8", "int8+mc128", "int8+mc64", "mc128", "mc64"], fast)
+        return [Job("lite0", 224, int8, ["bare", "paper", "pair", "int8"], not args.no_fidelity),
+                Job("resnet50", 224, [], ["bare", "paper", "pair"], False, f"resnet50_k{args.twin_k}")]
     rss = list(args.rss or (["paper"] if args.quick else DEFAULT_RSS))
     rss = [] if rss == ["none"] else rss
     if args.quick and not (args.models or args.sizes or args.contenders):
@@ -237,6 +241,10 @@ def parse_args(argv):
     ap.add_argument("--twin-k", type=int, default=256, help="K of the twin network for the RSS-vs-K claim (256)")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per contender, median reported (>= 3)")
     ap.add_argument("--quick", action="store_true", help="short plan: lite0@224, a few contenders, RSS of paper")
+    ap.add_argument("--plan", choices=("default", "memory-int8"), default="default",
+                    help="memory-int8: only what issue 15's targets need (lite0@224: paper, int8 and int8 fast "
+                         "modes timed, their fidelity, RSS of bare/paper/pair/int8; resnet50@224 and its K=256 "
+                         "twin: RSS of bare/paper/pair, no timings)")
     ap.add_argument("--image", default=str(SAMPLES / "chelsea.png"), help="the image explained in the timings")
     ap.add_argument("--photos", type=csv, default=[str(p) for p in sample_photos() + outside_photos()],
                     help="photos for the fidelity check (default: the five samples and the photos of installed "
