@@ -104,8 +104,10 @@ class Bundle:
 
     def _load(self, which: str, path: Path, what: str) -> onnx.ModelProto:
         held = self._held[which]
-        if held is not None:
-            return held
+        if held is not None:  # a copy: the caller owns what it gets (and may build on it in place)
+            copy = onnx.ModelProto()
+            copy.CopyFrom(held)
+            return copy
         if _stat(path) != self._stat[which]:
             raise BundleError(f"{path} changed since the bundle was opened; open it again")
         return load_onnx(path, what)

@@ -211,3 +211,17 @@ def test_heavy_bundle_is_a_valid_bundle(tmp_path):
     shutil.copytree(path, tmp_path / "copy")
     r = Explainer(tmp_path / "copy", device="cpu").explain(photo())[0]
     assert r.saliency.shape == (8, 8) and np.isfinite(r.saliency).all()
+
+
+def test_a_bundle_held_in_memory_is_not_changed_by_the_engine(bundle):
+    """A bundle derived in memory (no file to reload from) hands out copies: the engine builds its
+    scorer in place on what it gets, and the bundle's own graphs stay as they were."""
+    from runtime.bundle import Bundle
+    from runtime.engine import Engine
+
+    model, feat = onnx.load(str(bundle / MODEL_FILE)), onnx.load(str(bundle / FEATURES_FILE))
+    b = Bundle(bundle, bundle / MODEL_FILE, bundle / FEATURES_FILE, model, feat, load_bundle(bundle).meta)
+    before = b.model_sha256
+    eng = Engine(b.load_model, b.load_features, device="cpu", input_size=(32, 32))
+    assert eng.fused and graph_sha256(b.model) == before == graph_sha256(model)
+    assert len(b.model.graph.node) == len(model.graph.node)
