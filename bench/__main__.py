@@ -36,19 +36,23 @@ CPU_FAST = ("mc128", "mc64", "mc32", "mc32+std", "mc16", "mc24+fill", "mc20+fill
 CUDA_FAST = ("fp16", "mc128", "mc32", "fp16+mc128", "fp16+mc32", "mc20+fill", "preview")
 PEERS = ("reciprocam", "rise")
 GROUPS = {"exact": PRESETS, "peers": PEERS, "all": ("floor", *PRESETS, "top5", "torch", "pass1", "fast", "peers")}
-DEFAULT_RSS = ("floor", "paper", "top5", "torch", "int8")
+DEFAULT_RSS = ("floor", "bare", "paper", "pair", "top5", "torch", "int8")
+RSS_ONLY = ("bare", "pair")  # measured for memory only (no timing of their own)
 NOTES = [
     "floor: K preprocessed images through the bundle's classifier session at our batch size. paper, gradcam, "
     "torchcam, official: ours, exact, end to end (`Explainer.explain(path)`). top5: five classes from one pass. "
     "torch: torch eager reference of `paper` as peer libraries write it (all K masked inputs at once, batches of "
     "16, same thread count). mcN: `max_channels=N`; int8: the bundle's QDQ int8 classifier (calibrated on the "
-    "five sample photos); fp16: CUDA only.",
+    "five sample photos and eight package photos, each also mirrored, cropped and zoomed out; last two weighted "
+    "layers in fp32); fp16: CUDA only. bare: a bare ONNX Runtime session of model.onnx running K images at our "
+    "batch size (RSS yardstick); pair: two explainers of the bundle in one process, each explaining once.",
     "pass1: one classifier pass over the photo (decode, preprocess, classify). preview: `mode=\"preview\"`. "
     "reciprocam, riseN: the peers on our engine (`runtime.methods`; rise = 2000 masks), end to end from the photo. "
     "mcN ranks channels by `select=\"auto\"` (relevance on this head); +std forces the spatial-std ranking. "
     "passes = masked inputs scored per photo (one per distinct mask; ReciproCAM: h*w through the tail).",
     "x floor = time / floor; torch / this = torch reference time / time; exact / this = paper time / time; "
-    "min r = lowest Pearson r, over the five sample photos, of the map to the exact `paper` map (same class). "
+    "min r = lowest Pearson r, over the five sample photos, of the map to the exact `paper` map (same class); "
+    "min / mean r on the extra photos: photos from installed packages never calibrated or tuned on. "
     "Peak RSS = VmHWM of a process running that contender alone.",
 ]
 
@@ -110,6 +114,10 @@ def expand(names: list[str], fast: list[str]) -> list[str]:
 
 def make_plan(args) -> list[Job]:
     fast = args.fast
+    if args.plan == "memory-int8":  # issue 15's targets only: RSS against a bare session, two explainers, int8
+        int8 = expand(["paper", "int8", "int8+mc128", "int8+mc64", "mc128", "mc64"], fast)
+        return [Job("lite0", 224, int8, ["bare", "paper", "pair", "int8"], not args.no_fidelity),
+                Job("resnet50", 224, [], ["bare", "paper", "pair"], False, f"resnet50_k{args.twin_k}")]
     rss = list(args.rss or (["paper"] if args.quick else DEFAULT_RSS))
     rss = [] if rss == ["none"] else rss
     if args.quick and not (args.models or args.sizes or args.contenders):
@@ -126,15 +134,15 @@ def make_plan(args) -> list[Job]:
             base, _ = zoo.parse(m)
             for s in args.sizes or [zoo.spec(m).default_size]:
                 twin = f"{base}_k{args.twin_k}" if base != "lite0" and zoo.spec(m).channels != args.twin_k else None
-                jobs.append(Job(m, s, contenders, [c for c in rss if c in contenders],
+                jobs.append(Job(m, s, contenders, [c for c in rss if c in contenders or c in RSS_ONLY],
                                 any(is_fast(c) for c in contenders) and not args.no_fidelity, twin))
         return jobs
     return [
-        Job("lite0", 224, expand(["all"], fast), [c for c in rss if c in expand(["all"], fast)],
+        Job("lite0", 224, expand(["all"], fast), [c for c in rss if c in (*expand(["all"], fast), *RSS_ONLY)],
             not args.no_fidelity),
         Job("lite0", 448, expand(["floor", "paper", "int8", "mc128"], fast), [c for c in rss if c in ("floor", "paper",
                                                                                                     "int8")]),
-        Job("resnet50", 224, ["floor", "paper"], ["paper"] if "paper" in rss else [], False,
+        Job("resnet50", 224, ["floor", "paper"], [c for c in ("bare", "paper", "pair") if c in rss], False,
             f"resnet50_k{args.twin_k}"),
     ]
 
@@ -217,7 +225,7 @@ def run_job(job: Job, args) -> dict:
             res["fidelity_extra"], res["passes_extra"] = fidelity(ctx, ours, [Path(p) for p in args.extra_photos])
     for c in job.rss:
         log(f"{job.model}@{job.size}: peak RSS of {c} (own process)")
-        res["contenders"][c].update(measure(ctx, c))
+        res["contenders"].setdefault(c, {"rss_only": True}).update(measure(ctx, c))
         log(f"  {c}: {res['contenders'][c]['peak_rss_mb']:.0f} MB")
     if job.twin and "paper" in job.rss:
         tb = ensure_bundle(job.twin, job.size, args.cache)
@@ -225,6 +233,10 @@ def run_job(job: Job, args) -> dict:
         log(f"{job.twin}@{job.size}: peak RSS of paper (own process)")
         res["twin"] = {"model": job.twin, "channels": channels(tctx), **measure(tctx, "paper")}
         log(f"  twin: {res['twin']['peak_rss_mb']:.0f} MB")
+        if "bare" in job.rss:
+            log(f"{job.twin}@{job.size}: peak RSS of bare (own process)")
+            res["twin"]["bare"] = measure(tctx, "bare")
+            log(f"  twin bare: {res['twin']['bare']['peak_rss_mb']:.0f} MB")
     res["ratios"] = report.ratios(res)
     return res
 
@@ -250,12 +262,16 @@ def parse_args(argv):
     ap.add_argument("--twin-k", type=int, default=256, help="K of the twin network for the RSS-vs-K claim (256)")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per contender, median reported (>= 3)")
     ap.add_argument("--quick", action="store_true", help="short plan: lite0@224, a few contenders, RSS of paper")
+    ap.add_argument("--plan", choices=("default", "memory-int8"), default="default",
+                    help="memory-int8: only what issue 15's targets need (lite0@224: paper, int8 and int8 fast "
+                         "modes timed, their fidelity, RSS of bare/paper/pair/int8; resnet50@224 and its K=256 "
+                         "twin: RSS of bare/paper/pair, no timings)")
     ap.add_argument("--image", default=str(SAMPLES / "chelsea.png"), help="the image explained in the timings")
     ap.add_argument("--photos", type=csv, default=[str(p) for p in sample_photos()],
                     help="photos for the fidelity check (default: the five samples)")
     ap.add_argument("--extra-photos", type=csv, default=[str(p) for p in extra_photos()],
-                    help="more photos whose r is reported beside the samples' (default: the photos that "
-                         "scikit-image and matplotlib ship, other than the samples; 'none' for none)")
+                    help="more photos whose r is reported beside the samples' (default: photos that "
+                         "scikit-image and matplotlib ship, never calibrated or tuned on; 'none' for none)")
     ap.add_argument("--no-fidelity", action="store_true", help="skip the fidelity check")
     ap.add_argument("--threads", type=int, default=cpu_count(), help="threads for ORT and torch (default: cores)")
     ap.add_argument("--batch-size", type=int, default=None, help="our batch size and the floor's (default: "
@@ -274,6 +290,11 @@ def parse_args(argv):
     if args.fast is None:
         args.fast = list(CUDA_FAST if args.device == "cuda" else CPU_FAST)
     return args
+
+
+def _in_repo(path) -> bool:
+    """A photo of the repository's samples/ (the venv may live in the repository: site-packages is not it)."""
+    return Path(path).resolve().parent == SAMPLES.resolve()
 
 
 def print_targets(res: dict) -> None:
@@ -313,6 +334,7 @@ def main(argv=None) -> int:
     res = {"schema": 1, "machine": machine, "cpu": cpu, "cores": cores, "threads": args.threads,
            "device": args.device, "created": _dt.datetime.now().isoformat(timespec="seconds"),
            "settings": {"runs": args.runs, "batch_size": args.batch_size or "default", "image": Path(args.image).name,
+                        "outside_photos": [Path(p).name for p in args.extra_photos if not _in_repo(p)],
                         "fast": args.fast, "argv": list(sys.argv[1:] if argv is None else argv)},
            "jobs": [], "notes": NOTES}
     for job in plan:

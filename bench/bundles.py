@@ -65,7 +65,7 @@ def ensure_bundle(name: str, size: int, cache: Path = DEFAULT_CACHE, int8: bool 
     if int8 and not _int8_current(out):
         from exporter.quantize import quantize_bundle
 
-        files = calib or sample_photos()
+        files = calib or calibration_photos()
         _log(f"quantizing {out.name} to int8 with {len(files)} calibration photos ...")
         quantize_bundle(out, files)
     return out
@@ -89,25 +89,46 @@ def sample_photos() -> list[Path]:
     return [SAMPLES / n for n in names]
 
 
-#: photos other packages install (not the samples): r is reported on them too, never tuned on
-EXTRA_PHOTOS = (("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
-                *(("skimage", f"data/{n}") for n in ("motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg",
-                                                       "coins.png", "camera.png", "ihc.png", "gravel.png",
-                                                       "horse.png")))
+# photos shipped by installed packages (CC0 / public domain), never downloaded. The two lists are disjoint:
+# int8 is calibrated on the first (and the samples, augmented), its fidelity is reported on the second.
+PACKAGE_CALIBRATION = (
+    ("skimage", "data/camera.png"), ("skimage", "data/coins.png"), ("skimage", "data/brick.png"),
+    ("skimage", "data/grass.png"), ("skimage", "data/gravel.png"), ("skimage", "data/moon.png"),
+    ("skimage", "data/ihc.png"), ("matplotlib", "mpl-data/sample_data/Minduka_Present_Blue_Pack.png"))
+PACKAGE_EVALUATION = (
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"), ("skimage", "data/hubble_deep_field.jpg"),
+    ("skimage", "data/retina.jpg"), ("skimage", "data/motorcycle_right.png"), ("skimage", "data/color.png"),
+    ("skimage", "data/horse.png"))
 
 
-def extra_photos() -> list[Path]:
-    """The photos of :data:`EXTRA_PHOTOS` whose package is installed (no download, no import of the package)."""
+def package_photos(which: tuple[tuple[str, str], ...]) -> list[Path]:
+    """The photos of ``which`` (package, path inside it) that the installed packages have."""
     import importlib.util
 
     out = []
-    for pkg, rel in EXTRA_PHOTOS:
+    for pkg, rel in which:
         spec = importlib.util.find_spec(pkg)
-        if spec and spec.submodule_search_locations:
-            p = Path(next(iter(spec.submodule_search_locations))) / rel
-            if p.is_file():
-                out.append(p)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            if (Path(root) / rel).is_file():
+                out.append(Path(root) / rel)
+                break
     return out
+
+
+def calibration_photos() -> list[Path]:
+    """int8 calibration: the five samples and the package photos of :data:`PACKAGE_CALIBRATION`
+    (the quantizer adds mirrored, cropped and zoomed-out copies of each)."""
+    return sample_photos() + package_photos(PACKAGE_CALIBRATION)
+
+
+def outside_photos() -> list[Path]:
+    """Photos outside the repository, never calibrated on: fidelity is reported on them too."""
+    return package_photos(PACKAGE_EVALUATION)
+
+
+def extra_photos() -> list[Path]:
+    """The photos fidelity is also reported on (never calibrated or tuned on): :func:`outside_photos`."""
+    return outside_photos()
 
 
 def _project_export():

@@ -8,6 +8,9 @@
 - ``torch``: a torch eager reference of the ``paper`` algorithm written the way peer libraries
   (pytorch-grad-cam, torchcam) do it: every masked input built at once (K x 3 x H x W), then scored
   in batches of 16; ``torch.set_num_threads`` = the same thread count.
+- ``bare``: a bare ONNX Runtime session of the bundle's ``model.onnx`` (loaded from its path, nothing of ours
+  but the batch) running K images at our batch size: the memory yardstick for "weights held once".
+- ``pair``: two explainers of the same bundle in one process (the service's workers), each explaining once.
 - fast modes ``mcN`` (``max_channels=N``, channels ranked by ``select="auto"``), ``+std`` / ``+rel`` (the
   ranking forced to ``std`` / ``relevance``), ``+fill`` (``fill="preview"``), ``int8``, ``fp16`` and
   combinations such as ``int8+mc32``;
@@ -92,7 +95,7 @@ def kind(name: str) -> str:
 
 
 def known(name: str) -> bool:
-    return name in ("floor", "top5", "torch", "pass1", *PRESETS) or is_fast(name)
+    return name in ("floor", "bare", "pair", "top5", "torch", "pass1", *PRESETS) or is_fast(name)
 
 
 def peer_map(ex, spec: str, image: Path, class_index: int | None = None):
@@ -133,6 +136,13 @@ def make(name: str, ctx: Context) -> Callable[[], object]:
         return _floor(ctx)
     if name == "torch":
         return _torch_reference(ctx)
+    if name == "bare":
+        return _bare(ctx)
+    if name == "pair":
+        first, second = explainer(ctx), explainer(ctx)
+        _warm(first, ctx.image)
+        _warm(second, ctx.image)
+        return lambda: (first.explain(ctx.image), second.explain(ctx.image))
     if name == "pass1":
         ex = explainer(ctx)
         ex.predict(ctx.image)
@@ -175,6 +185,35 @@ def _floor(ctx: Context) -> Callable[[], object]:
     out = [ex.engine.class_output]
     if ex.engine.on_cuda:
         return _floor_cuda(sess, name, out[0], batch, k)
+    sess.run(out, {name: batch})  # warm-up
+
+    def run():
+        for start in range(0, k, bs):
+            sess.run(out, {name: batch[: min(bs, k - start)]})
+
+    return run
+
+
+def _bare(ctx: Context) -> Callable[[], object]:
+    """A plain ``onnxruntime.InferenceSession(model.onnx)`` (no Explainer in the process) running K images
+    in batches of our size (K from the bench's stamp, the batch size the runtime's default)."""
+    import json
+
+    import onnxruntime as ort
+
+    from runtime import images
+    from runtime.bundle import load_bundle
+    from runtime.engine import DEFAULT_BATCH, providers_for, session_options
+
+    pre = load_bundle(ctx.bundle).meta.preprocessing
+    k = int(json.loads((Path(ctx.bundle) / "bench.json").read_text())["channels"])
+    providers = providers_for(ctx.device)
+    h, w = pre.input_size
+    bs = ctx.batch_size or max(1, min(256, round(DEFAULT_BATCH[providers[0]] * 224 * 224 / (h * w))))
+    sess = ort.InferenceSession(str(ctx.bundle / "model.onnx"), session_options(ctx.threads), providers=providers)
+    x = images.preprocess(images.load_image(ctx.image), pre)
+    batch = np.ascontiguousarray(np.repeat(x, bs, axis=0))
+    name, out = sess.get_inputs()[0].name, [sess.get_outputs()[0].name]
     sess.run(out, {name: batch})  # warm-up
 
     def run():

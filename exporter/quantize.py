@@ -1,10 +1,13 @@
 """int8 classifier for a bundle: static QDQ quantization of ``model.onnx`` -> ``model.int8.onnx``.
 
 ``quantize_bundle(bundle_dir, calib)`` runs ONNX Runtime's ``quantize_static`` (QDQ format, per-channel
-int8 weights, uint8 activations, MinMax calibration) on the bundle's classifier. Calibration inputs are
-the given photos preprocessed exactly as the bundle's metadata says (``runtime.images``) and, since the
-int8 graph only ever scores *masked* inputs ``x * H_k``, a few Score-CAM masked copies of each photo
-(masks from the bundle's own feature graph), so the activation ranges cover what the runtime feeds it.
+int8 weights, uint8 activations, MinMax calibration) on the bundle's classifier, leaving the last
+``keep_fp32`` weighted layers (the head convolution and the classifier: few FLOPs, but their error goes
+straight into every score) in fp32. Calibration inputs are the given photos and their augmented copies
+(mirrored, centre-cropped, zoomed out: :func:`augmentations`), preprocessed exactly as the bundle's
+metadata says (``runtime.images``) and, since the int8 graph only ever scores *masked* inputs
+``x * H_k``, a few Score-CAM masked copies of each (masks from the bundle's own feature graph), so the
+activation ranges cover what the runtime feeds it.
 
 The result carries the classifier's bundle metadata (role ``classifier``, ``sibling_sha256`` = hash of
 ``features.onnx``'s graph, so :meth:`runtime.bundle.Bundle.load_int8` accepts it) plus the version
@@ -32,8 +35,10 @@ from runtime.contract import FEATURES_FILE, INT8_FILE, BundleError, graph_sha256
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 MASKED_PER_IMAGE = 8
+KEEP_FP32 = 2  # the last weighted layers left in fp32 (chosen by measurement: bench/README.md)
+AUGMENT = ("flip", "crop", "zoom")
 #: bumped whenever the quantization settings change (``version.quantization_recipe`` in the file)
-RECIPE = "qdq-u8s8-minmax-1"
+RECIPE = "qdq-u8s8-minmax-aug-keep2-2"
 
 
 class QuantizeError(RuntimeError):
@@ -58,10 +63,36 @@ def calibration_files(calib: str | os.PathLike | Sequence[str | os.PathLike]) ->
     return files
 
 
+def augmentations(rgb: np.ndarray, kinds: Sequence[str] = AUGMENT) -> Iterator[np.ndarray]:
+    """``rgb`` [H,W,3] uint8, then for each of ``kinds``: ``flip`` (mirrored left-right), ``crop`` (the
+    central 70 %, so objects fill more of the frame), ``zoom`` (shrunk to half size and padded to the
+    original frame with its mean colour, so objects fill less of it)."""
+    yield rgb
+    h, w = rgb.shape[:2]
+    for kind in kinds:
+        if kind == "flip":
+            yield np.ascontiguousarray(rgb[:, ::-1])
+        elif kind == "crop":
+            dh, dw = int(h * 0.15), int(w * 0.15)
+            yield np.ascontiguousarray(rgb[dh:h - dh or h, dw:w - dw or w])
+        elif kind == "zoom":
+            from PIL import Image
+
+            small = np.asarray(Image.fromarray(rgb).resize((max(1, w // 2), max(1, h // 2)), Image.BILINEAR))
+            out = np.empty_like(rgb)
+            out[:] = rgb.reshape(-1, 3).mean(axis=0).astype(np.uint8)
+            y0, x0 = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
+            out[y0:y0 + small.shape[0], x0:x0 + small.shape[1]] = small
+            yield out
+        else:
+            raise QuantizeError(f"unknown augmentation {kind!r}; choose from {', '.join(AUGMENT)}")
+
+
 def calibration_inputs(bundle, files: Sequence[Path], masked_per_image: int = MASKED_PER_IMAGE,
-                       seed: int = 0) -> Iterator[np.ndarray]:
-    """[1,3,H,W] float32 inputs: each photo as preprocessed by the bundle, then ``masked_per_image``
-    copies ``x * norm(up(A_k))`` for channels k drawn (seeded) among those with the largest spread."""
+                       seed: int = 0, augment: Sequence[str] = AUGMENT) -> Iterator[np.ndarray]:
+    """[1,3,H,W] float32 inputs: each photo and its ``augment`` copies as preprocessed by the bundle, each
+    followed by ``masked_per_image`` copies ``x * norm(up(A_k))`` for channels k drawn (seeded) among
+    those with the largest spread."""
     import onnxruntime as ort
 
     from runtime import images
@@ -75,20 +106,25 @@ def calibration_inputs(bundle, files: Sequence[Path], masked_per_image: int = MA
         feats = ort.InferenceSession(bundle.features.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     for f in files:
-        x = images.preprocess(images.load_image(f), pre).astype(np.float32)
-        yield x
-        if feats is None:
-            continue
-        acts = feats.run(None, {feats.get_inputs()[0].name: x})[0][0]
-        spread = acts.reshape(acts.shape[0], -1).std(axis=1)
-        live = np.flatnonzero(spread > 0)
-        if live.size == 0:
-            continue
-        top = live[np.argsort(-spread[live], kind="stable")][: max(4 * masked_per_image, 1)]
-        pick = rng.choice(top, size=min(masked_per_image, top.size), replace=False)
-        masks = make_masks(acts[pick], pre.input_size, MaskSpec())
-        for m in masks:
-            yield (x * m[None, None]).astype(np.float32)
+        for rgb in augmentations(images.load_image(f), augment):
+            yield from _with_masked(images.preprocess(rgb, pre).astype(np.float32), feats, masked_per_image, rng,
+                                    pre.input_size, make_masks, MaskSpec)
+
+
+def _with_masked(x, feats, masked_per_image, rng, size, make_masks, spec_cls) -> Iterator[np.ndarray]:
+    """``x``, then ``masked_per_image`` masked copies of it (none without a feature session)."""
+    yield x
+    if feats is None:
+        return
+    acts = feats.run(None, {feats.get_inputs()[0].name: x})[0][0]
+    spread = acts.reshape(acts.shape[0], -1).std(axis=1)
+    live = np.flatnonzero(spread > 0)
+    if live.size == 0:
+        return
+    top = live[np.argsort(-spread[live], kind="stable")][: max(4 * masked_per_image, 1)]
+    pick = rng.choice(top, size=min(masked_per_image, top.size), replace=False)
+    for m in make_masks(acts[pick], size, spec_cls()):
+        yield (x * m[None, None]).astype(np.float32)
 
 
 class _Reader:
@@ -106,7 +142,8 @@ class _Reader:
 def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Sequence[str | os.PathLike],
                     masked_per_image: int = MASKED_PER_IMAGE, per_channel: bool = True,
                     preprocess: bool = True, reduce_range: bool = False, out_name: str = INT8_FILE,
-                    quiet: bool = True) -> Path:
+                    quiet: bool = True, keep_fp32: int = KEEP_FP32, augment: Sequence[str] = AUGMENT,
+                    nodes_to_exclude: Sequence[str] = ()) -> Path:
     """Write ``<bundle_dir>/model.int8.onnx`` (static QDQ int8 of ``model.onnx``); return its path.
 
     Args:
@@ -117,6 +154,9 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
         preprocess: run ``onnxruntime.quantization.quant_pre_process`` (shape inference + graph
             optimisation) first, as ONNX Runtime recommends; falls back to the raw graph if it fails.
         reduce_range: 7-bit weights, for x86 CPUs without VNNI where u8 x s8 products can saturate.
+        keep_fp32: the last N weighted nodes (Conv, Gemm, MatMul, in graph order) left in fp32.
+        augment: augmented copies of each calibration photo (:func:`augmentations`; () for none).
+        nodes_to_exclude: more node names left in fp32.
 
     Activations are uint8 (asymmetric), weights int8 (symmetric): with that pairing ONNX Runtime's CPU
     provider fuses every DQ-Conv-Q into QLinearConv and every residual Add into QLinearAdd (int8
@@ -128,12 +168,14 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
     bundle = load_bundle(bundle_dir)
     directory = bundle.directory
     files = calibration_files(calib)
-    in_name = bundle.model.graph.input[0].name
-    inputs = list(calibration_inputs(bundle, files, masked_per_image))
+    model = bundle.model
+    in_name = model.graph.input[0].name
+    inputs = list(calibration_inputs(bundle, files, masked_per_image, augment=augment))
 
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=directory) as tmp:
         src = Path(tmp) / "model.fp32.onnx"
-        onnx.save(bundle.model, str(src))
+        onnx.save(model, str(src))
+        del model
         if preprocess:
             pre = Path(tmp) / "model.pre.onnx"
             try:
@@ -146,10 +188,18 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
                     print(f"warning: quant_pre_process failed ({type(e).__name__}: {e}); quantizing the raw graph",
                           file=sys.stderr)
         raw = Path(tmp) / "model.int8.raw.onnx"
+        exclude = list(nodes_to_exclude)
+        if keep_fp32 > 0:
+            graph = onnx.load(str(src))
+            if _name_nodes(graph):
+                onnx.save(graph, str(src))
+            exclude = [*last_weighted_nodes(graph, keep_fp32), *exclude]
+            del graph
         try:
             quantize_static(str(src), str(raw), _Reader(in_name, inputs), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=exclude)
         except Exception as e:
             raise QuantizeError(f"ONNX Runtime could not quantize {bundle.model_path}: "
                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -159,7 +209,9 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
                                     f"{'per-channel' if per_channel else 'per-tensor'} weights"
                                     f"{' reduced range' if reduce_range else ''}, MinMax)")
         versions["quantization_recipe"] = RECIPE
+        versions["quantization_fp32_nodes"] = ",".join(exclude)
         versions["calibration_images"] = str(len(files))
+        versions["calibration_augment"] = ",".join(augment)
         versions["calibration_inputs"] = str(len(inputs))
         meta = replace(bundle.meta.with_role("classifier", graph_sha256(bundle.features)), versions=versions)
         write_metadata(q, meta)
@@ -173,6 +225,27 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
             Path(tmp_out).unlink(missing_ok=True)
             raise
     return directory / out_name
+
+
+def last_weighted_nodes(model: onnx.ModelProto, n: int) -> list[str]:
+    """Names of the last ``n`` Conv / Gemm / MatMul nodes of ``model``, in graph order."""
+    weighted = [node.name for node in model.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]
+    return weighted[-n:] if n > 0 else []
+
+
+def _name_nodes(model: onnx.ModelProto) -> bool:
+    """Give every unnamed node a unique name (``nodes_to_exclude`` works by name); True if any was."""
+    taken = {node.name for node in model.graph.node}
+    changed = False
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            changed = True
+    return changed
 
 
 def _umask() -> int:
@@ -197,11 +270,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per-channel)")
     ap.add_argument("--no-preprocess", action="store_true", help="skip quant_pre_process")
     ap.add_argument("--reduce-range", action="store_true", help="7-bit weights (x86 CPUs without VNNI)")
+    ap.add_argument("--keep-fp32", type=int, default=KEEP_FP32, metavar="N",
+                    help=f"leave the last N Conv/Gemm/MatMul nodes in fp32 (default {KEEP_FP32})")
+    ap.add_argument("--no-augment", action="store_true",
+                    help="calibrate on the photos only (default: also mirrored, cropped and zoomed-out copies)")
     args = ap.parse_args(argv)
     try:
         out = quantize_bundle(args.bundle, args.calib, masked_per_image=args.masked_per_image,
                               per_channel=not args.per_tensor, preprocess=not args.no_preprocess,
-                              reduce_range=args.reduce_range, quiet=False)
+                              reduce_range=args.reduce_range, quiet=False, keep_fp32=args.keep_fp32,
+                              augment=() if args.no_augment else AUGMENT)
     except (BundleError, QuantizeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

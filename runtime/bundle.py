@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -53,18 +52,65 @@ def load_onnx(path: Path, what: str) -> onnx.ModelProto:
         raise BundleError(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
 
 
-@dataclass
 class Bundle:
-    """A loaded bundle: both graphs (protos) and the classifier's metadata."""
+    """An opened bundle: its paths, the classifier's metadata and both graphs' sha256 (taken at load).
 
-    directory: Path
-    model_path: Path
-    features_path: Path
-    model: onnx.ModelProto
-    features: onnx.ModelProto
-    meta: BundleMeta
-    source: Path | None = None  # the third-party model this bundle was derived from (runtime.thirdparty)
-    max_batch: int | None = None  # the classifier's fixed batch size, when it could not be made dynamic
+    No graph is kept in memory: :attr:`model` and :attr:`features` load the proto again from its file
+    each time they are asked for (and refuse a file changed since the bundle was opened), so whoever
+    builds on a graph holds it only as long as it needs it. A bundle derived in memory (a third-party
+    model with the cache off) holds its two protos, as there is no file to reload them from.
+    """
+
+    def __init__(self, directory: Path, model_path: Path, features_path: Path, model: onnx.ModelProto | None,
+                 features: onnx.ModelProto | None, meta: BundleMeta, source: Path | None = None,
+                 max_batch: int | None = None, *, model_sha256: str | None = None,
+                 features_sha256: str | None = None, features_output: str | None = None) -> None:
+        self.directory, self.model_path, self.features_path = Path(directory), Path(model_path), Path(features_path)
+        self.meta = meta
+        self.source = source  # the third-party model this bundle was derived from (runtime.thirdparty)
+        self.max_batch = max_batch  # the classifier's fixed batch size, when it could not be made dynamic
+        self._held = {"model": model, "features": features}
+        self._stat = {k: _stat(p) for k, p in (("model", self.model_path), ("features", self.features_path))
+                      if self._held[k] is None}
+        self._sha = {"model": model_sha256 or (graph_sha256(model) if model is not None else None),
+                     "features": features_sha256 or (graph_sha256(features) if features is not None else None)}
+        if features_output is None and features is not None and features.graph.output:
+            features_output = features.graph.output[0].name
+        self.features_output = features_output
+
+    @property
+    def model_sha256(self) -> str | None:
+        return self._sha["model"]
+
+    @property
+    def features_sha256(self) -> str | None:
+        return self._sha["features"]
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The classifier graph (loaded from ``model_path`` now; the caller owns it)."""
+        return self._load("model", self.model_path, "classifier graph")
+
+    @property
+    def features(self) -> onnx.ModelProto:
+        """The feature graph (loaded from ``features_path`` now; the caller owns it)."""
+        return self._load("features", self.features_path, "feature graph")
+
+    def load_model(self) -> onnx.ModelProto:
+        return self.model
+
+    def load_features(self) -> onnx.ModelProto:
+        return self.features
+
+    def _load(self, which: str, path: Path, what: str) -> onnx.ModelProto:
+        held = self._held[which]
+        if held is not None:  # a copy: the caller owns what it gets (and may build on it in place)
+            copy = onnx.ModelProto()
+            copy.CopyFrom(held)
+            return copy
+        if _stat(path) != self._stat[which]:
+            raise BundleError(f"{path} changed since the bundle was opened; open it again")
+        return load_onnx(path, what)
 
     @property
     def int8_path(self) -> Path:
@@ -80,7 +126,7 @@ class Bundle:
                               "to use precision 'int8'")
         proto = load_onnx(self.int8_path, "int8 classifier")
         meta = BundleMeta.from_props(read_props(proto), source=str(self.int8_path))
-        if meta.role != "classifier" or meta.sibling_sha256 != graph_sha256(self.features):
+        if meta.role != "classifier" or meta.sibling_sha256 != self.features_sha256:
             raise BundleError(f"{self.int8_path} does not belong to this bundle's {FEATURES_FILE}; export again")
         return proto
 
@@ -96,6 +142,18 @@ def is_bundle_graph(proto: onnx.ModelProto) -> bool:
     return any(k.startswith(PREFIX) for k in read_props(proto))
 
 
+# hashes of the bundles opened in this process, by path and (size, mtime) of both files
+_opened: dict[tuple, dict] = {}
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def load_bundle(model: str | os.PathLike, **derive) -> Bundle:
     """Open a bundle from its directory or its ``model.onnx``; refuse a mismatched pair.
 
@@ -104,7 +162,24 @@ def load_bundle(model: str | os.PathLike, **derive) -> Bundle:
     depends on this module, never the other way round.
     """
     directory, model_path = bundle_paths(model)
+    seen = opened_before(directory, model_path, **derive)
+    if seen is not None:
+        return seen
     return open_bundle(directory, model_path, load_onnx(model_path, "classifier graph"), **derive)
+
+
+def _key(directory: Path, model_path: Path) -> tuple:
+    return str(model_path.resolve()), _stat(model_path), _stat(directory / FEATURES_FILE)
+
+
+def opened_before(directory: Path, model_path: Path, **derive) -> Bundle | None:
+    """The bundle of this very pair of files (unchanged since), when this process opened it before: its
+    hashes are known, nothing is parsed again. None otherwise."""
+    seen = _opened.get(_key(directory, model_path))
+    if seen is None:
+        return None
+    _ignored(model_path, derive)
+    return Bundle(directory, model_path, directory / FEATURES_FILE, None, None, **seen)
 
 
 def open_bundle(directory: Path, model_path: Path, proto: onnx.ModelProto, **derive) -> Bundle:
@@ -113,21 +188,34 @@ def open_bundle(directory: Path, model_path: Path, proto: onnx.ModelProto, **der
     if not is_bundle_graph(proto):
         raise BundleError(f"{model_path} carries no Score-CAM bundle metadata: it is not a bundle "
                           "(runtime.thirdparty.open_model, which Explainer uses, derives one from any classifier)")
-    given = sorted(k for k, v in derive.items() if v is not None and v is not False)
-    if given:
-        print(f"warning: {model_path} is a Score-CAM bundle; its layer and preprocessing are fixed at export, "
-              f"ignoring {', '.join(given)}", file=sys.stderr)
+    _ignored(model_path, derive)
+    features_path = directory / FEATURES_FILE
+    opened = _key(directory, model_path)
     meta = BundleMeta.from_props(read_props(proto), source=str(model_path))
     if meta.role != "classifier":
         raise BundleError(f"{model_path} is the {meta.role} graph of a bundle; pass the bundle's {MODEL_FILE}")
-    features_path = directory / FEATURES_FILE
     if not features_path.is_file():
         raise BundleError(f"{features_path} is missing: a bundle needs {MODEL_FILE} and {FEATURES_FILE} side by side")
+    # hash at load, one graph at a time, and keep neither: sessions are built from the files later
+    model_sha = graph_sha256(proto)
+    del proto
     fproto = load_onnx(features_path, "feature graph")
     fmeta = BundleMeta.from_props(read_props(fproto), source=str(features_path))
     if fmeta.role != "features":
         raise BundleError(f"{features_path} is not a feature graph (role {fmeta.role!r})")
-    if meta.sibling_sha256 != graph_sha256(fproto) or fmeta.sibling_sha256 != graph_sha256(proto):
+    features_sha = graph_sha256(fproto)
+    features_output = fproto.graph.output[0].name if fproto.graph.output else None
+    del fproto
+    if meta.sibling_sha256 != features_sha or fmeta.sibling_sha256 != model_sha:
         raise BundleError(f"{model_path.name} and {features_path.name} in {directory} do not come from the same "
                           "export (sibling hashes differ); export the bundle again")
-    return Bundle(directory, model_path, features_path, proto, fproto, meta)
+    seen = dict(meta=meta, model_sha256=model_sha, features_sha256=features_sha, features_output=features_output)
+    _opened[opened] = seen
+    return Bundle(directory, model_path, features_path, None, None, **seen)
+
+
+def _ignored(model_path: Path, derive: dict) -> None:
+    given = sorted(k for k, v in derive.items() if v is not None and v is not False)
+    if given:
+        print(f"warning: {model_path} is a Score-CAM bundle; its layer and preprocessing are fixed at export, "
+              f"ignoring {', '.join(given)}", file=sys.stderr)

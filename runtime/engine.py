@@ -7,12 +7,18 @@ and the same session scores the masks, so the weights are loaded once, not three
 (classifier, feature graph, scorer). Plain classifier and feature-graph sessions are made only
 when asked for (``classifier``, ``features``: batches of images, the benchmark's floor).
 
+No ONNX proto outlives the session built from it: the engine takes the graphs as loaders (a bundle's
+``load_model``/``load_features``, which read the file again) and keeps only names and hashes, so the one
+copy of the weights in the process is ONNX Runtime's (prepacked), as for a bare session of the classifier.
+Sessions are shared by every engine of the same graph (same sha256) and settings in a process (a
+weak cache), so a second explainer of a bundle (a service's workers) costs no second copy of the weights.
+
 Threads and processes. One Engine may be shared by any number of threads: ONNX Runtime sessions are
 safe to run concurrently, and the sessions made on first use are made under a lock (once). A process
 forked after load (multiprocessing's ``fork``, gunicorn/uvicorn workers, ``os.fork``) must not use or
 destroy the sessions it inherits (their thread pools belong to the parent: a run may stall and
 destroying one hangs in ``pthread_join``, onnxruntime PR #31961), so in the child every inherited
-session is dropped without being destroyed and rebuilt from the in-memory graphs on first use.
+session is dropped without being destroyed and rebuilt on first use (from the files, or the graphs a bundle holds).
 
 Scoring runs chunk by chunk, so memory grows with the batch size and never with the channel count K.
 On CUDA the image is bound on the device once (IO binding), every chunk has the same size (the last
@@ -44,6 +50,12 @@ PRECISIONS = ("fp32", "int8", "fp16")
 DEFAULT_BATCH = {CPU: 16, CUDA: 128}  # masked inputs per run at 224 x 224; scaled by the input area
 
 Progress = Callable[[int, int], None]
+Graph = onnx.ModelProto | Callable[[], onnx.ModelProto]  # a proto, or a loader that reads it again
+
+# sessions shared by every engine of the same graph and settings in this process (freed with the last engine)
+_shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_shared_lock = threading.RLock()
+_infos: dict[tuple, tuple] = {}  # names read from a graph, by its key: a second engine need not load it
 
 
 class EngineError(RuntimeError):
@@ -85,12 +97,35 @@ def _keep_forever(obj: object) -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _shared_lock
+    _shared_lock = threading.RLock()  # another thread may have held it at the fork
     for engine in list(_ENGINES):
         engine._forget_inherited_sessions()
+    for sess in list(_shared.values()):  # the process-wide cache would hand the parent's sessions out again
+        _keep_forever(sess)
+    _shared.clear()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def release_freed_memory() -> None:
+    """Give the heap memory freed so far back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Parsing and serializing a graph in Python leaves freed-but-retained heap pages of the weights' size;
+    ONNX Runtime's own copy is allocated elsewhere (mmap), so without this the process keeps both."""
+    global _trim
+    if _trim is None:
+        try:
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -124,10 +159,16 @@ def providers_for(device: str) -> list[str]:
 class Engine:
     """The sessions of one bundle on one device."""
 
-    def __init__(self, classifier: onnx.ModelProto, features: onnx.ModelProto, device: str = "auto",
+    def __init__(self, classifier: Graph, features: Graph, device: str = "auto",
                  threads: int | None = None, input_size: tuple[int, int] = (224, 224),
                  precision: str = "fp32", int8_classifier: Callable[[], onnx.ModelProto] | None = None,
-                 tf32: bool = False, mask: MaskSpec | None = None) -> None:
+                 tf32: bool = False, mask: MaskSpec | None = None, *, features_output: str | None = None,
+                 key: str | None = None, inspect: Callable[[onnx.ModelProto, Engine], None] | None = None) -> None:
+        """``classifier``/``features``: the graphs, or loaders returning them (then no proto is kept).
+        ``features_output``: the feature graph's output (None: read from the graph). ``key``: names
+        the two graphs (their sha256s); engines with the same key and settings share their sessions.
+        ``inspect(classifier, engine)``: called with the classifier graph when the engine loads it, before
+        the main session is built on it (read what you need of it then: it is not kept)."""
         if precision not in PRECISIONS:
             raise EngineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.device = device
@@ -135,31 +176,55 @@ class Engine:
         self.input_size = input_size
         self.precision = precision
         self.tf32 = bool(tf32)
-        self.classifier_proto = classifier  # the fp32 classifier graph, for graphs built on top of it
-        self.features_proto = features
+        self._load_classifier = classifier if callable(classifier) else (lambda: classifier)
+        self._load_features = features if callable(features) else (lambda: features)
         self._int8_classifier = int8_classifier
+        self.key = key
         self.providers = providers_for(device)
         if precision == "fp16" and self.providers[0] != CUDA:
             raise EngineError("precision 'fp16' needs the CUDA provider; on CPU use 'fp32' or 'int8'")
         self.mask = mask if mask is not None else get_preset("paper").mask
-        inits = {i.name for i in classifier.graph.initializer}
-        inputs = [i for i in classifier.graph.input if i.name not in inits]
-        if not inputs or not classifier.graph.output or not features.graph.output:
-            raise EngineError("the classifier or the feature graph has no input or no output")
-        self.input_name = inputs[0].name
-        self.class_output = classifier.graph.output[0].name
-        self.features_output = features.graph.output[0].name
-        produced = {o for n in classifier.graph.node for o in n.output}
-        self.fused = self.features_output in produced  # the target layer is a tensor of the classifier
+        info = _infos.get((key, features_output)) if key else None
+        model = None
+        if info is None:
+            model = self._load_classifier()
+            input_name, class_output, num_classes, produced = _graph_info(model)
+            if features_output is None:
+                features_output = _graph_info(self._load_features())[1]
+            if not input_name or not class_output or not features_output:
+                raise EngineError("the classifier or the feature graph has no input or no output")
+            info = (input_name, class_output, num_classes, features_output, features_output in produced)
+            del produced
+        # the target layer is a tensor of the classifier (fused): the main session gives A too
+        self.input_name, self.class_output, self.num_classes, self.features_output, self.fused = info
         self._lock = threading.RLock()  # made-on-first-use sessions are made once, whatever the threads
         self._plain: dict[str, ort.InferenceSession] = {}
         self._scorers: dict[str, ort.InferenceSession] = {}  # by mask kind and precision
         self._extra: dict[object, ort.InferenceSession] = {}  # other graphs on this classifier (runtime.methods)
         _ENGINES.add(self)
+        if model is not None and inspect is not None:
+            inspect(model, self)
+        # a proto we loaded ourselves is handed over (and built on in place); one we were given is not touched
+        handed = [model] if model is not None and callable(classifier) else []
+        del model
         if self.fused:
-            self.scorer(self.mask, "fp32")  # the main session, now: a graph ONNX Runtime refuses fails here
+            self.scorer(self.mask, "fp32", _take=handed)  # the main session, now: a refused graph fails here
         else:
+            handed.clear()
             self.classifier, self.features  # noqa: B018 - both made now, for the same reason
+        if key:
+            _infos[(key, features_output)] = info
+
+    @property
+    def classifier_proto(self) -> onnx.ModelProto:
+        """The fp32 classifier graph, for graphs built on top of it (loaded again on each use: the
+        caller owns it and should drop it once its session exists)."""
+        return self._load_classifier()
+
+    @property
+    def features_proto(self) -> onnx.ModelProto:
+        """The feature graph (loaded again on each use)."""
+        return self._load_features()
 
     # -------------------------------------------------------------------------------- sessions
     def cached(self, store: dict, key, build: Callable[[], ort.InferenceSession]) -> ort.InferenceSession:
@@ -189,6 +254,8 @@ class Engine:
         """An ONNX Runtime session of ``proto`` (or its serialized bytes) on this engine's providers
         (CPU fallback, one-line errors)."""
         data = proto if isinstance(proto, bytes) else proto.SerializeToString()
+        del proto
+        release_freed_memory()  # the graph's parsed copy is gone: before ONNX Runtime makes its own
         try:
             sess = ort.InferenceSession(data, session_options(self.threads),
                                         providers=self._provider_args())
@@ -208,21 +275,30 @@ class Engine:
         otherwise round fp32 convolutions and GEMMs to a 10-bit mantissa on Ampere and later)."""
         return [(p, {"use_tf32": "1" if self.tf32 else "0"}) if p == CUDA else p for p in self.providers]
 
+    def shared_session(self, kind: str, build: Callable[[], onnx.ModelProto | bytes],
+                       what: str) -> ort.InferenceSession:
+        """The session of graph ``kind`` built on this classifier: taken from another live engine of the
+        same classifier (``key``) and settings when there is one, else ``build()`` and made now."""
+        key = (self.key, kind, tuple(self.providers), self.threads, self.tf32, self.input_size) if self.key else None
+        with _shared_lock:
+            sess = _shared.get(key) if key else None
+            if sess is None:
+                sess = self.session(build(), what)
+                if key and self.providers[0] == key[2][0]:  # not after a CPU fallback
+                    _shared[key] = sess
+            return sess
+
     @property
     def classifier(self) -> ort.InferenceSession:
         """A plain session of the classifier (made on first use)."""
-        return self.cached(self._plain, "classifier", lambda: self.session(self.classifier_proto, "classifier"))
+        return self.cached(self._plain, "classifier", lambda: self.shared_session(
+            "classifier", lambda: self.classifier_proto.SerializeToString(), "classifier"))
 
     @property
     def features(self) -> ort.InferenceSession:
         """A plain session of the feature graph (made on first use)."""
-        return self.cached(self._plain, "features", lambda: self.session(self.features_proto, "feature graph"))
-
-    @property
-    def num_classes(self) -> int | None:
-        """The class dimension of the classifier's output, when the graph states it."""
-        dims = self.classifier_proto.graph.output[0].type.tensor_type.shape.dim
-        return int(dims[-1].dim_value) if dims and dims[-1].dim_value > 0 else None
+        return self.cached(self._plain, "features", lambda: self.shared_session(
+            "features", lambda: self.features_proto.SerializeToString(), "feature graph"))
 
     @property
     def provider(self) -> str:
@@ -252,19 +328,27 @@ class Engine:
             return convert_float_to_float16(self.classifier_proto, keep_io_types=True)
         return self.classifier_proto
 
-    def scorer(self, spec: MaskSpec, precision: str | None = None) -> ort.InferenceSession:
+    def scorer(self, spec: MaskSpec, precision: str | None = None,
+               _take: list[onnx.ModelProto] | None = None) -> ort.InferenceSession:
         """The session of the mask graph + classifier for this kind of mask and precision (built once)."""
         precision = precision or self.precision
+        key = f"{spec.key}/{precision}"
 
-        def build() -> ort.InferenceSession:
+        def make() -> ort.InferenceSession:
             main = self._is_main(spec, precision)
-            # serialized at once, so the graph's copy of the weights is freed before ONNX Runtime makes its own
-            data = build_scorer(self.scoring_classifier(precision), spec, self.input_size,
-                                input_name=self.input_name, offset=main,
-                                extra_outputs=[self.features_output] if main else ()).SerializeToString()
-            return self.session(data, "scoring graph")
 
-        return self.cached(self._scorers, f"{spec.key}/{precision}", build)
+            def build() -> bytes:
+                # serialized at once and the proto dropped, so ONNX Runtime's copy is the only one left
+                own = bool(_take)
+                proto = _take.pop() if own else self.scoring_classifier(precision)
+                return build_scorer(proto, spec, self.input_size, input_name=self.input_name, offset=main,
+                                    extra_outputs=[self.features_output] if main else (),
+                                    in_place=own).SerializeToString()
+
+            kind = f"scorer/{key}" + (f"/main:{self.features_output}" if main else "")
+            return self.shared_session(kind, build, "scoring graph")
+
+        return self.cached(self._scorers, key, make)
 
     def _is_main(self, spec: MaskSpec, precision: str) -> bool:
         return self.fused and precision == "fp32" and spec.key == self.mask.key
@@ -359,6 +443,22 @@ class Engine:
                 if progress:
                     progress(min(start + bs, k), k)
         return np.concatenate(results, axis=0) if results else np.zeros((0, 0), np.float32)
+
+
+def _graph_info(model: onnx.ModelProto) -> tuple[str | None, str | None, int | None, set[str]]:
+    """(first real input, first output, class count if stated, every tensor a node produces) of a graph,
+    as plain Python values (a reference into a proto would keep the whole proto, weights included, alive)."""
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    inputs = [str(i.name) for i in g.input if i.name not in inits]
+    out = str(g.output[0].name) if g.output else None
+    classes = None
+    if g.output:
+        dims = g.output[0].type.tensor_type.shape.dim
+        classes = int(dims[-1].dim_value) if len(dims) and dims[-1].dim_value > 0 else None
+        del dims
+    produced = {str(o) for n in g.node for o in n.output}
+    return (inputs[0] if inputs else None), out, classes, produced
 
 
 def cpu_count() -> int:

@@ -26,6 +26,8 @@ from .selection import SELECTS, distinct_masks, feature_scores, relevance, spati
 from .thirdparty import open_model
 
 MODES = ("scorecam", "preview")
+#: the linear head of each classifier opened in this process (by graph hashes and tensor names): read once
+_HEADS: dict[tuple, LinearHead | None] = {}
 FILLS = ("zero", "preview")
 
 
@@ -137,14 +139,26 @@ class Explainer:
         self.pre = self.meta.preprocessing
         if precision == "int8":
             self.bundle.load_int8()  # fail now, not in the middle of the first explanation
-        self.engine = Engine(self.bundle.model, self.bundle.features, device=device, threads=threads,
+        key = f"{self.bundle.model_sha256}:{self.bundle.features_sha256}"
+        seen: list[LinearHead | None] = []
+
+        def inspect(proto, engine: Engine) -> None:  # the head is read from the graph the engine loads anyway
+            seen.append(linear_head(proto, engine.features_output, engine.class_output))
+
+        self.engine = Engine(self.bundle.load_model, self.bundle.load_features, device=device, threads=threads,
                              input_size=self.pre.input_size, precision=precision,
-                             int8_classifier=self.bundle.load_int8, tf32=tf32, mask=self.preset.mask)
+                             int8_classifier=self.bundle.load_int8, tf32=tf32, mask=self.preset.mask,
+                             features_output=self.bundle.features_output, key=key, inspect=inspect)
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
             self.batch_size = self.bundle.max_batch
-        self.head: LinearHead | None = linear_head(self.engine.classifier_proto, self.engine.features_output,
-                                                   self.engine.class_output)
+        head_key = (key, self.engine.features_output, self.engine.class_output)
+        if seen:
+            _HEADS[head_key] = seen[0]
+        elif head_key not in _HEADS:  # an engine built on graphs read before: read the head once
+            _HEADS[head_key] = linear_head(self.engine.classifier_proto, self.engine.features_output,
+                                           self.engine.class_output)
+        self.head: LinearHead | None = _HEADS[head_key]
         if self.meta.output_kind == "probabilities":
             self.head = None  # a softmax after the linear layer: the closed form does not hold
         needs = ("mode 'preview'" if mode == "preview" else "select 'relevance'" if select == "relevance"

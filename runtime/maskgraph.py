@@ -125,17 +125,21 @@ def mask_nodes(spec: MaskSpec, size: tuple[int, int], opset: int, out: str, nois
 
 def build_scorer(classifier: onnx.ModelProto, spec: MaskSpec, size: tuple[int, int],
                  input_name: str | None = None, noise: bool = False, gain: bool = False,
-                 offset: bool = False, extra_outputs: Sequence[str] = ()) -> onnx.ModelProto:
+                 offset: bool = False, extra_outputs: Sequence[str] = (), in_place: bool = False) -> onnx.ModelProto:
     """The classifier with the mask nodes in front: inputs ``IMAGE``, ``MAPS``, ``EPS``; same outputs.
 
     ``input_name`` is the classifier input the masked batch feeds (default: its only real input).
     ``noise`` / ``gain`` / ``offset`` add the inputs ``NOISE`` [B,1,H,W] / ``GAIN`` [B,1,1,1] /
     ``OFFSET`` [B,1,1,1] (see :func:`mask_nodes`). ``extra_outputs`` names intermediate tensors of
     the classifier to output too (the target layer: one session then gives the logits and the
-    activations of the image, and scores the masks, with one copy of the weights).
+    activations of the image, and scores the masks, with one copy of the weights). ``in_place``: build
+    on ``classifier`` itself (no copy of its weights) and return it.
     """
-    model = onnx.ModelProto()
-    model.CopyFrom(classifier)
+    if in_place:
+        model = classifier
+    else:
+        model = onnx.ModelProto()
+        model.CopyFrom(classifier)
     g = model.graph
     inits = {i.name for i in g.initializer}
     real_inputs = [i for i in g.input if i.name not in inits]

@@ -48,7 +48,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .bundle import Bundle, bundle_paths, is_bundle_graph, load_bundle, load_onnx, open_bundle, resolve_model_path
+from .bundle import (
+    Bundle,
+    bundle_paths,
+    is_bundle_graph,
+    load_bundle,
+    load_onnx,
+    open_bundle,
+    opened_before,
+    resolve_model_path,
+)
 from .contract import (
     FEATURES_FILE,
     FEATURES_NAME,
@@ -685,6 +694,9 @@ def open_model(model, **derive) -> Bundle:
     a classifier without bundle metadata gets its feature graph derived (:func:`derive_bundle`, which
     takes ``derive``: layer, output, input_size, mean, std, scale, bgr, labels)."""
     directory, model_path = bundle_paths(model)
+    seen = opened_before(directory, model_path, **derive)  # a bundle this process opened: nothing parsed again
+    if seen is not None:
+        return seen
     proto = load_onnx(model_path, "classifier graph")
     if is_bundle_graph(proto):
         return open_bundle(directory, model_path, proto, **derive)

@@ -36,16 +36,23 @@ def test_quick_run_writes_json_and_markdown(quick_run, capsys):
     assert (job["model"], job["size"], job["channels"]) == ("toy", 32, 16)
     assert {"floor", "paper", "top5", "torch", "int8"} <= set(job["contenders"])
     for c in job["contenders"].values():
+        if c.get("rss_only"):
+            continue
         assert len(c["runs_s"]) == 3 and c["median_s"] == pytest.approx(float(np.median(c["runs_s"])), abs=1e-4)
     assert job["contenders"]["paper"]["peak_rss_mb"] > 0
     assert job["twin"]["channels"] == 4 and job["twin"]["peak_rss_mb"] > 0
     assert not job["twin"]["torch_imported"] and not job["contenders"]["paper"]["torch_imported"]
     assert set(job["fidelity"]) == {c for c in job["contenders"] if job["contenders"][c].get("fast")}
+    outside = res["settings"]["outside_photos"]
+    assert len(outside) >= 4 and not set(outside) & set(report.PHOTOS)  # photos of installed packages
     for per_photo in job["fidelity"].values():
         assert set(per_photo) == set(report.PHOTOS)
         assert all(-1.0 <= r <= 1.0 for r in per_photo.values())
+    assert set(job["fidelity_extra"]) == {c for c in job["fidelity"] if job["contenders"][c].get("kind") != "peer"}
+    for per_photo in job["fidelity_extra"].values():
+        assert set(per_photo) == set(outside) and all(-1.0 <= r <= 1.0 for r in per_photo.values())
     assert {"x_floor:paper", "torch_over:paper", "top5/paper"} <= set(job["ratios"])
-    assert len(res["targets"]) == 9
+    assert len(res["targets"]) == 13  # 6 of issue 4, 3 of issue 14, 4 of issue 15
     assert {t["status"] for t in res["targets"]} <= {"PASS", "MISS", "n/a"}
     md = (out / "test-box.md").read_text()
     assert "## toy at 32x32 (K = 16)" in md and "## Targets" in md
@@ -117,10 +124,10 @@ def test_targets_logic():
     job["twin"] = {"model": "m_k256", "channels": 256, "peak_rss_mb": 290.0}
     job["fidelity"] = {"mc64": dict.fromkeys(report.PHOTOS, 0.97), "int8": dict.fromkeys(report.PHOTOS, 0.99)}
     res = {"jobs": [job]}
-    assert [t["status"] for t in report.targets(res)[:6]] == ["PASS"] * 6
+    assert [t["status"] for t in report.targets(res)][:6] == ["PASS"] * 6
     job["fidelity"]["mc64"]["rocket.jpg"] = 0.5
     job["contenders"]["paper"]["median_s"] = 12.0
-    assert [t["status"] for t in report.targets(res)[:6]] == ["MISS", "PASS", "PASS", "PASS", "PASS", "MISS"]
+    assert [t["status"] for t in report.targets(res)][:6] == ["MISS", "PASS", "PASS", "PASS", "PASS", "MISS"]
     assert report.targets({"jobs": [_job(paper=1.0)]})[0]["status"] == "n/a"
     big = _job(model="resnet50", floor=10.0, paper=10.0)
     big["contenders"]["paper"]["peak_rss_mb"] = 1300.0  # outside the bound's scope: reported, not judged
@@ -155,6 +162,32 @@ def test_interactive_targets():
     res = _interactive_job(mc32=0.5, mc16=0.5)
     assert statuses(res)[:2] == ["MISS", "MISS"]
     assert statuses({"jobs": [_job(paper=1.0)]}) == ["n/a"] * 3
+
+
+def test_memory_and_int8_targets_logic():
+    job = _job(model="resnet50", paper=10.0, int8=5.0, **{"int8+mc64": 0.5})
+    job["contenders"]["paper"]["peak_rss_mb"] = 600.0
+    job["contenders"]["bare"] = {"rss_only": True, "peak_rss_mb": 550.0}
+    job["contenders"]["pair"] = {"rss_only": True, "peak_rss_mb": 610.0}
+    job["twin"] = {"model": "resnet50_k256", "channels": 256, "peak_rss_mb": 480.0, "bare": {"peak_rss_mb": 500.0}}
+    job["fidelity"] = {"int8": dict.fromkeys(report.PHOTOS, 0.98), "int8+mc64": dict.fromkeys(report.PHOTOS, 0.96)}
+    job["fidelity_extra"] = {"int8": {"grace_hopper.jpg": 0.98}, "int8+mc64": {"grace_hopper.jpg": 0.96}}
+    res = {"jobs": [job], "settings": {"outside_photos": ["grace_hopper.jpg"]}}
+    got = {t["target"].split(":")[0].split(" <=")[0]: t for t in report.memory_and_int8_targets(res)}
+    assert [t["status"] for t in got.values()] == ["PASS"] * 4
+    assert "K=2048: 600 vs 550 MB = 1.09 x" in got["explanation peak RSS"]["detail"]
+    assert "K=256: 480 vs 500 MB = 0.96 x" in got["explanation peak RSS"]["detail"]
+    assert "0.50 x exact's time" in got["int8"]["detail"] and "1 photos outside the repository 0.980" in \
+        got["int8"]["detail"]
+    job["contenders"]["pair"]["peak_rss_mb"] = 900.0  # a second explainer with its own weights: MISS
+    job["fidelity_extra"]["int8"]["grace_hopper.jpg"] = 0.9  # outside the repository: counts as much as the samples
+    job["contenders"]["int8"]["median_s"] = 7.0
+    job["fidelity"]["int8+mc64"]["chelsea.png"] = 0.94
+    status = [t["status"] for t in report.memory_and_int8_targets(res)]
+    assert status == ["PASS", "MISS", "MISS", "MISS"]
+    detail = report.memory_and_int8_targets(res)[2]["detail"]
+    assert "0.70 x exact's time, min r 0.900 (samples 0.980, 1 photos outside the repository 0.900)" in detail
+    assert [t["status"] for t in report.memory_and_int8_targets({"jobs": [_job(paper=1.0)]})] == ["n/a"] * 4
 
 
 def test_default_plan_is_the_documented_one():

@@ -123,8 +123,21 @@ def test_quantize_cli(tmp_path, capsys):
     assert (b / INT8_FILE).is_file()
     meta = BundleMeta.from_props(read_props(onnx.load(str(b / INT8_FILE))))
     assert meta.versions["calibration_images"] == "2"
-    assert meta.versions["calibration_inputs"] == "6"
+    assert meta.versions["calibration_inputs"] == "24"  # 2 photos x (itself, mirrored, cropped, zoomed out) x (1 + 2)
+    assert meta.versions["calibration_augment"] == "flip,crop,zoom"
+    q = onnx.load(str(b / INT8_FILE))
+    fp32_nodes = meta.versions["quantization_fp32_nodes"].split(",")
+    assert len(fp32_nodes) == 2  # the last two weighted nodes (second Conv, Gemm) stay fp32: no DQ feeds their weights
+    dq_out = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    for node in q.graph.node:
+        if node.name in fp32_nodes:
+            assert node.op_type in ("Conv", "Gemm") and node.input[1] not in dq_out
+    assert any(n.op_type == "Conv" and n.input[1] in dq_out for n in q.graph.node)  # the first is int8
     Explainer(b, device="cpu", precision="int8").explain(photo())
+    assert main([str(b), str(SAMPLES / "chelsea.png"), "--masked-per-image", "2", "--no-augment",
+                 "--keep-fp32", "0"]) == 0
+    meta = BundleMeta.from_props(read_props(onnx.load(str(b / INT8_FILE))))
+    assert meta.versions["calibration_inputs"] == "3" and meta.versions["quantization_fp32_nodes"] == ""
 
 
 def test_quantize_without_images_fails_cleanly(tmp_path, capsys):
@@ -189,3 +202,16 @@ def test_cuda_sessions_ask_for_tf32_only_when_told(toy):
     ex.engine.tf32 = True
     assert ex.engine._provider_args() == [(CUDA, {"use_tf32": "1"}), CPU]
     assert Explainer(toy, device="cpu", tf32=True).engine._provider_args() == [CPU]
+
+
+def test_calibration_augmentations():
+    from exporter.quantize import augmentations
+
+    rgb = photo(40, 60)
+    orig, flip, crop, zoom = augmentations(rgb)
+    assert orig is rgb and np.array_equal(flip, rgb[:, ::-1])
+    assert crop.shape == (28, 42, 3) and np.array_equal(crop, rgb[6:34, 9:51])
+    assert zoom.shape == rgb.shape and zoom.dtype == np.uint8
+    assert np.array_equal(zoom[0, 0], rgb.reshape(-1, 3).mean(axis=0).astype(np.uint8))  # padded with the mean
+    with pytest.raises(QuantizeError, match="unknown augmentation"):
+        list(augmentations(rgb, ("rotate",)))
