@@ -10,16 +10,21 @@ computes in Python (DESIGN.md, "Score-CAM, exactly"):
    as the engine's main session: ``x * 1``) and gives the logits ``f(x)`` [1,C] and the target layer ``A``
    [K,h,w] (loop-carried). From ``A`` the body computes the schedule (:class:`_Schedule`), with no
    ``NonZero``: a channel is *constant* when ``max A_k == min A_k``; ``scored`` = all channels
-   (``official``: the varying ones), then with ``max_channels=N`` the selection rule (:data:`SELECTIONS`,
-   today ``std``: the N of largest spatial std, lower index first on ties, as
-   ``Explainer.channels_to_score``). The maps run are the scored varying channels plus ONE all-zero map
-   shared by every scored constant channel (its mask is 0 in every preset), put first in channel order by
-   ``TopK``; the loop stops after ``1 + ceil(n_run / B)`` iterations. Iteration i >= 1 scores chunk i-1;
-   the scan output is the logits padded to [B,C]: [T,B,C] in all;
-3. after the Loop: the same schedule from the same ``A``; the masked logits [K,C] gathered back per
-   channel (not scored: a zero row, weight 0), the class (``class_index`` < 0: the top-1 class), the
-   preset's weights (``exp(-inf) = 0`` drops ignored channels out of the softmax), ``S = sum_k a_k A_k``
-   and the preset's finishing, the bilinear resize being the interpolation matrices of
+   (``official``: the varying ones), then with ``max_channels=N`` the selection rule (:data:`SELECTIONS`, as
+   ``Explainer.channels_to_score`` for the ONE class explained, lower index first on ties): ``std``, the N
+   of largest spatial std, or ``relevance``, the N of largest ``|W[c,k]| std(A_k)`` (normalised by its
+   max, in float64) with ``W`` the linear head's weight read where the classifier keeps it in the body
+   and ``c`` the class explained (``class_index``, or the top-1 class of iteration 0's logits); ``auto``
+   is resolved when the graph is built, as ``Explainer.selection``: ``relevance`` where
+   :func:`runtime.head.linear_head` finds a global-pooling -> linear head, else ``std``. The class and
+   the scored channels are loop-carried, so the main graph never reads ``W``. The maps run are the scored
+   varying channels plus ONE all-zero map shared by every scored constant channel (its mask is 0 in every
+   preset), put first in channel order by ``TopK``; the loop stops after ``1 + ceil(n_run / B)``
+   iterations. Iteration i >= 1 scores chunk i-1; the scan output is the logits padded to [B,C]: [T,B,C];
+3. after the Loop: the same schedule from the same ``A`` and the body's scored channels; the masked logits
+   [K,C] gathered back per channel (not scored: a zero row, weight 0), the class (``class_index`` < 0: the
+   top-1 class), the preset's weights (``exp(-inf) = 0`` drops ignored channels out of the softmax),
+   ``S = sum_k a_k A_k`` and the preset's finishing, the bilinear resize being the interpolation matrices of
    :func:`runtime.scorecam.upsample`.
 
 The classifier's weights are initializers of the Loop body, stored once. Read from the outer scope instead
