@@ -251,9 +251,11 @@ def test_graph_contract(tmp_path):
 
 
 def test_class_out_of_range_is_an_error_not_a_wrong_map(tmp_path):
-    sess = session(build_explainer(open_model(make_bundle(tmp_path / "tiny")), Options()), "enabled")
-    with pytest.raises(Exception, match="(?i)out of (bounds|range)|invalid"):
-        run_graph(sess, photo(32, 32), 5)
+    bundle = open_model(make_bundle(tmp_path / "tiny"))
+    for options in (Options(), Options(max_channels=5)):  # the latter reads the class's row of W in the Loop
+        sess = session(build_explainer(bundle, options), "enabled")
+        with pytest.raises(Exception, match="(?i)out of (bounds|range)|invalid"):
+            run_graph(sess, photo(32, 32), 5)
 
 
 def test_build_errors(tmp_path):
