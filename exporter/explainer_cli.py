@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     from runtime import thirdparty
     from runtime.scorecam import PRESETS
 
-    from .explainer_graph import SELECTIONS
+    from .explainer_graph import SELECTS
 
     p = _Parser(prog="python -m exporter explainer",
                 description="Write the Score-CAM explainer of MODEL as one self-contained ONNX graph "
@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="paper", choices=list(PRESETS), help="Score-CAM variant (default paper)")
     p.add_argument("--max-channels", type=int, metavar="N", default=None,
                    help="score only N channels, chosen in the graph by --select (default: all, exact)")
-    p.add_argument("--select", default="std", choices=list(SELECTIONS),
-                   help="the --max-channels rule: std = the N of largest spatial std (default)")
+    p.add_argument("--select", default="auto", choices=list(SELECTS),
+                   help="the --max-channels rule: relevance = the N of largest |W[c,k]| * spatial std for the class "
+                   "explained (needs a global-pooling -> linear head), std = the N of largest spatial std, auto "
+                   "(default) = relevance where the head allows it, else std (as the Python Explainer)")
     p.add_argument("--chunk", type=int, metavar="B", default=None,
                    help="masked inputs per Loop iteration (default: the Python engine's CPU batch, 16 at 224x224)")
     p.add_argument("--triton", metavar="REPO", default=None,

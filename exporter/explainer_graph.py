@@ -10,16 +10,21 @@ computes in Python (DESIGN.md, "Score-CAM, exactly"):
    as the engine's main session: ``x * 1``) and gives the logits ``f(x)`` [1,C] and the target layer ``A``
    [K,h,w] (loop-carried). From ``A`` the body computes the schedule (:class:`_Schedule`), with no
    ``NonZero``: a channel is *constant* when ``max A_k == min A_k``; ``scored`` = all channels
-   (``official``: the varying ones), then with ``max_channels=N`` the selection rule (:data:`SELECTIONS`,
-   today ``std``: the N of largest spatial std, lower index first on ties, as
-   ``Explainer.channels_to_score``). The maps run are the scored varying channels plus ONE all-zero map
-   shared by every scored constant channel (its mask is 0 in every preset), put first in channel order by
-   ``TopK``; the loop stops after ``1 + ceil(n_run / B)`` iterations. Iteration i >= 1 scores chunk i-1;
-   the scan output is the logits padded to [B,C]: [T,B,C] in all;
-3. after the Loop: the same schedule from the same ``A``; the masked logits [K,C] gathered back per
-   channel (not scored: a zero row, weight 0), the class (``class_index`` < 0: the top-1 class), the
-   preset's weights (``exp(-inf) = 0`` drops ignored channels out of the softmax), ``S = sum_k a_k A_k``
-   and the preset's finishing, the bilinear resize being the interpolation matrices of
+   (``official``: the varying ones), then with ``max_channels=N`` the selection rule (:data:`SELECTIONS`, as
+   ``Explainer.channels_to_score`` for the ONE class explained, lower index first on ties): ``std``, the N
+   of largest spatial std, or ``relevance``, the N of largest ``|W[c,k]| std(A_k)`` (normalised by its
+   max, in float64) with ``W`` the linear head's weight read where the classifier keeps it in the body
+   and ``c`` the class explained (``class_index``, or the top-1 class of iteration 0's logits); ``auto``
+   is resolved when the graph is built, as ``Explainer.selection``: ``relevance`` where
+   :func:`runtime.head.linear_head` finds a global-pooling -> linear head, else ``std``. The class and
+   the scored channels are loop-carried, so the main graph never reads ``W``. The maps run are the scored
+   varying channels plus ONE all-zero map shared by every scored constant channel (its mask is 0 in every
+   preset), put first in channel order by ``TopK``; the loop stops after ``1 + ceil(n_run / B)``
+   iterations. Iteration i >= 1 scores chunk i-1; the scan output is the logits padded to [B,C]: [T,B,C];
+3. after the Loop: the same schedule from the same ``A`` and the body's scored channels; the masked logits
+   [K,C] gathered back per channel (not scored: a zero row, weight 0), the class (``class_index`` < 0: the
+   top-1 class), the preset's weights (``exp(-inf) = 0`` drops ignored channels out of the softmax),
+   ``S = sum_k a_k A_k`` and the preset's finishing, the bilinear resize being the interpolation matrices of
    :func:`runtime.scorecam.upsample`.
 
 The classifier's weights are initializers of the Loop body, stored once. Read from the outer scope instead
@@ -44,6 +49,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from runtime.bundle import Bundle
 from runtime.contract import PREFIX, BundleError
+from runtime.head import linear_head
 from runtime.maskgraph import EPS, IMAGE, MAPS, OFFSET, mask_nodes
 from runtime.scorecam import GRADCAM_EPS, MASK_EPS, Preset, get_preset, interp_matrix
 
@@ -144,25 +150,52 @@ class _Builder:
 # ------------------------------------------------------------------------------------ selection
 
 
-Selection = Callable[[_Builder, str, str, int], str]
+Selection = Callable[[_Builder, str, str, int, "str | None"], str]
 
 
-def select_std(b: _Builder, flat: str, scored: str, n: int) -> str:
-    """``max_channels=N`` by spatial std: of the ``scored`` channels keep the N of largest
-    ``std(A_k)`` (TopK: lower index first on ties, as the runtime's stable argsort). -> bool [K]."""
+def _spread(b: _Builder, flat: str) -> str:
+    """``std_hw(A_k)`` [K] of ``flat`` [K,hw] (population std, in ``flat``'s type)."""
     mean = b.reduce("ReduceMean", flat, [1], keepdims=1)
     d = b.op("Sub", [flat, mean])
-    std = b.op("Sqrt", [b.reduce("ReduceMean", b.op("Mul", [d, d]), [1], keepdims=0)])
-    key = b.op("Where", [scored, std, b.const(-np.inf, np.float32)])
+    return b.op("Sqrt", [b.reduce("ReduceMean", b.op("Mul", [d, d]), [1], keepdims=0)])
+
+
+def _top(b: _Builder, rank: str, scored: str, n: int, dtype) -> str:
+    """``runtime.selection.top_channels``: of the ``scored`` channels the N of largest ``rank`` (TopK: the lower
+    index first on ties, as the runtime's stable argsort). -> bool [K]."""
+    key = b.op("Where", [scored, rank, b.const(-np.inf, dtype)])
     _, idx = b.op("TopK", [key, b.const([n], np.int64)], n_out=2, axis=0, largest=1, sorted=1)
     ones = b.op("Expand", [b.const(1.0, np.float32), b.const([n], np.int64)])
-    zeros = b.op("Mul", [std, b.const(0.0, np.float32)])  # [K] zeros
+    zeros = b.op("ConstantOfShape", [b.op("Shape", [rank])], value=numpy_helper.from_array(np.zeros(1, np.float32)))
     picked = b.op("ScatterElements", [zeros, idx, ones], axis=0)
     return b.op("And", [b.op("Greater", [picked, b.const(0.5, np.float32)]), scored])
 
 
-#: the ``max_channels`` selection rules, by name (the rule's name is recorded in the metadata)
-SELECTIONS: dict[str, Selection] = {"std": select_std}
+def select_std(b: _Builder, flat: str, scored: str, n: int, row: str | None = None) -> str:
+    """``max_channels=N`` by spatial std: of the ``scored`` channels keep the N of largest ``std(A_k)``
+    (class-blind; ``row`` unused). -> bool [K]."""
+    return _top(b, _spread(b, flat), scored, n, np.float32)
+
+
+def select_relevance(b: _Builder, flat: str, scored: str, n: int, row: str | None = None) -> str:
+    """``max_channels=N`` by class relevance (``runtime.selection.relevance`` for the one class explained):
+    ``r_k = |W[c,k]| std(A_k) / max_j |W[c,j]| std(A_j)`` in float64, ``row`` [K] being ``|W[c,:]|`` (float64,
+    read from the classifier's own weight in the Loop body). -> bool [K]."""
+    if row is None:
+        raise GraphBuildError("select 'relevance' needs the class's row of the linear head's weight")
+    rel = b.op("Mul", [row, _spread(b, b.cast(flat, TensorProto.DOUBLE))])
+    top = b.reduce("ReduceMax", rel, [0], keepdims=1)
+    pos = b.op("Greater", [top, b.const(0.0, np.float64)])
+    rel = b.op("Where", [pos, b.op("Div", [rel, b.op("Where", [pos, top, b.const(1.0, np.float64)])]),
+                         b.const(0.0, np.float64)])
+    return _top(b, rel, scored, n, np.float64)
+
+
+#: the ``max_channels`` selection rules, by name (the rule's name is recorded in the metadata); ``auto``, the
+#: default, is resolved when the graph is built: ``relevance`` where the head after the target layer is
+#: global pooling -> linear (``runtime.head.linear_head``, as ``Explainer.selection``), else ``std``
+SELECTIONS: dict[str, Selection] = {"std": select_std, "relevance": select_relevance}
+SELECTS = ("auto", *SELECTIONS)
 
 
 # ------------------------------------------------------------------------------------ the graph
@@ -173,7 +206,7 @@ class Options:
     preset: str = "paper"
     max_channels: int | None = None
     chunk: int | None = None
-    select: str = "std"
+    select: str = "auto"
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -251,14 +284,17 @@ class _Schedule:
         return b.op("Concat", [acts, b.const(np.zeros((1, h, w)), np.float32, "zero_map"),
                                b.const(ramp, np.float32, "pad_map")], axis=0)  # [K+2,h,w]
 
-    def plan(self, b: _Builder, flat: str) -> dict[str, str]:
+    def plan(self, b: _Builder, flat: str, row: str | None = None, scored: str | None = None) -> dict[str, str]:
+        """The schedule from ``flat`` [K,hw]; ``row``: ``|W[c,:]|`` for ``relevance``; ``scored``: the scored
+        channels when already known (after the Loop: the body's, carried out)."""
         k, chunk = self.k, self.chunk
         f32, i64 = TensorProto.FLOAT, TensorProto.INT64
         constant = b.op("Equal", [b.reduce("ReduceMax", flat, [1], 0), b.reduce("ReduceMin", flat, [1], 0)])
         varying = b.op("Not", [constant])
-        scored = varying if self.preset.skip_constant else b.const(np.ones(k, bool), np.bool_, "all")
-        if self.budget is not None and self.budget < k:
-            scored = SELECTIONS[self.select](b, flat, scored, self.budget)
+        if scored is None:
+            scored = varying if self.preset.skip_constant else b.const(np.ones(k, bool), np.bool_, "all")
+            if self.budget is not None and self.budget < k:
+                scored = SELECTIONS[self.select](b, flat, scored, self.budget, row)
         run_varying = b.op("And", [scored, varying])
         run_constant = b.op("And", [scored, constant])
         any_constant = b.reduce("ReduceMax", b.cast(run_constant, f32), [0], keepdims=1)  # [1], 0 or 1
@@ -278,8 +314,8 @@ class _Schedule:
 def build_explainer(bundle: Bundle, options: Options = Options(), source: Path | None = None) -> onnx.ModelProto:
     """The explainer graph of ``bundle`` (see the module docstring); checked with ``full_check``."""
     preset = get_preset(options.preset)
-    if options.select not in SELECTIONS:
-        raise GraphBuildError(f"unknown channel selection {options.select!r}; choose one of {', '.join(SELECTIONS)}")
+    if options.select not in SELECTS:
+        raise GraphBuildError(f"unknown channel selection {options.select!r}; choose one of {', '.join(SELECTS)}")
     if options.max_channels is not None and int(options.max_channels) < 1:
         raise GraphBuildError(f"max channels must be >= 1, got {options.max_channels}")
     if options.chunk is not None and int(options.chunk) < 1:
@@ -311,10 +347,18 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     k, h, w = (int(v) for v in feat_shape[1:])
     chunk = int(options.chunk or default_chunk(size))
     budget = int(options.max_channels) if options.max_channels else None
+    # the selection rule, resolved as Explainer.selection: relevance needs a global-pooling -> linear head
+    head = linear_head(classifier, features_output, class_output)
+    if meta.output_kind == "probabilities":
+        head = None  # a softmax after the linear layer (as the runtime: no closed form)
+    select = options.select if options.select != "auto" else "relevance" if head is not None else "std"
+    if select == "relevance" and (head is None or not head.weight_name):
+        raise GraphBuildError(f"select 'relevance' needs a global-pooling -> linear head after the target layer "
+                              f"({meta.layer!r}), and this model has another head; use select 'std'")
 
     b = _Builder(opset, _G)
     f32, i64, boolean = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
-    sched = _Schedule(k, h, w, chunk, preset, budget, options.select)
+    sched = _Schedule(k, h, w, chunk, preset, budget, select)
 
     # 1. preprocessing: uint8 [1,H,W,3] RGB -> float32 [1,3,H,W]
     pix = b.cast(PIXELS, f32)
@@ -327,9 +371,12 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
 
     # 2. the Loop. Iteration 0 runs the image itself (the zero map with offset 1: x * 1) and gives the logits
     # f(x) and the activations A, from which the schedule (which maps, in which order, how many chunks) is
-    # computed; iteration i >= 1 runs chunk i-1 of B maps. Loop-carried: A [K,h,w] and the schedule perm.
+    # computed; iteration i >= 1 runs chunk i-1 of B maps. Loop-carried: A [K,h,w], the schedule perm, the
+    # number of maps run, the class explained and the scored channels (the main graph's schedule takes them
+    # from the body, which alone reads the head's weight W).
     lb = _Builder(opset, _L + "x/")
-    it, cond, acts_in, perm_in, nrun_in = (_L + t for t in ("iter", "cond", "acts_in", "perm_in", "nrun_in"))
+    it, cond, acts_in, perm_in, nrun_in, cls_in, scored_in = (
+        _L + t for t in ("iter", "cond", "acts_in", "perm_in", "nrun_in", "cls_in", "scored_in"))
     first = lb.op("Equal", [it, lb.const(0, np.int64)])
     start = lb.op("Where", [first, lb.const(0, np.int64),
                             lb.op("Mul", [lb.op("Sub", [it, lb.const(1, np.int64)]), lb.const(chunk, np.int64)])])
@@ -353,10 +400,25 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     lb.nodes += body_nodes
     feats = lb.op("Gather", [renamed[features_output], lb.const(0, np.int64)], axis=0)  # [K,h,w] of row 0
     acts_out = lb.op("Where", [first, lb.reshape(feats, [k, h, w]), acts_in])
-    plan = sched.plan(lb, lb.reshape(acts_out, [k, h * w]))
+    # the class: class_index, or (negative) the top-1 class of iteration 0's logits f(x); then carried
+    top1 = lb.op("Slice", [lb.op("ArgMax", [renamed[class_output]], axis=1, keepdims=0), lb.const([0], np.int64),
+                           lb.const([1], np.int64)])
+    cls_now = lb.op("Where", [lb.op("Less", [CLASS_INDEX, lb.const([0], np.int64)]), top1, CLASS_INDEX])
+    cls_out = lb.op("Where", [first, cls_now, cls_in])
+    row = None
+    if select == "relevance" and budget is not None and budget < k:  # |W[c,:]| [K] float64, W = scale * T
+        axis = int(head.weight_axis)
+        row = lb.reshape(lb.op("Gather", [renamed.get(head.weight_name, head.weight_name), cls_out], axis=axis), [k])
+        row = lb.cast(row, TensorProto.DOUBLE)
+        if head.weight_scale != 1.0:
+            row = lb.op("Mul", [row, lb.const(head.weight_scale, np.float64)])
+        row = lb.op("Abs", [row])
+    plan = sched.plan(lb, lb.reshape(acts_out, [k, h * w]), row)
     lb.nodes.append(helper.make_node("Identity", [acts_out], [_L + "acts_out"], name=_L + "acts_out"))
     lb.nodes.append(helper.make_node("Identity", [plan["perm"]], [_L + "perm_out"], name=_L + "perm_out"))
     lb.nodes.append(helper.make_node("Identity", [plan["n_run"]], [_L + "nrun_out"], name=_L + "nrun_out"))
+    lb.nodes.append(helper.make_node("Identity", [cls_out], [_L + "cls_out"], name=_L + "cls_out"))
+    lb.nodes.append(helper.make_node("Identity", [plan["scored"]], [_L + "scored_out"], name=_L + "scored_out"))
     lb.nodes.append(helper.make_node("Less", [it, plan["trips"]], [_L + "cond_out"], name=_L + "cond_out"))
     pads = lb.op("Concat", [lb.const([0, 0], np.int64), lb.unsqueeze(lb.op("Sub", [lb.const(chunk, np.int64), n]), [0]),
                             lb.const([0], np.int64)], axis=0)
@@ -365,20 +427,24 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
         lb.nodes, "scorecam_chunk",
         [helper.make_tensor_value_info(it, i64, []), helper.make_tensor_value_info(cond, boolean, []),
          helper.make_tensor_value_info(acts_in, f32, [k, h, w]),
-         helper.make_tensor_value_info(perm_in, i64, [k + 1 + chunk]), helper.make_tensor_value_info(nrun_in, i64, [])],
+         helper.make_tensor_value_info(perm_in, i64, [k + 1 + chunk]), helper.make_tensor_value_info(nrun_in, i64, []),
+         helper.make_tensor_value_info(cls_in, i64, [1]), helper.make_tensor_value_info(scored_in, boolean, [k])],
         [helper.make_tensor_value_info(_L + "cond_out", boolean, []),
          helper.make_tensor_value_info(_L + "acts_out", f32, [k, h, w]),
          helper.make_tensor_value_info(_L + "perm_out", i64, [k + 1 + chunk]),
          helper.make_tensor_value_info(_L + "nrun_out", i64, []),
+         helper.make_tensor_value_info(_L + "cls_out", i64, [1]),
+         helper.make_tensor_value_info(_L + "scored_out", boolean, [k]),
          helper.make_tensor_value_info(_L + "scores", f32, [chunk, n_classes])],
         list(g0.initializer) + lb.inits)  # the weights live in the body: stored once, and ONNX Runtime's layout
     # optimisations (NCHWc on CPU) apply to them, which they do not to weights read from an outer scope
     acts0 = b.op("ConstantOfShape", [b.const([k, h, w], np.int64)], value=numpy_helper.from_array(
         np.zeros(1, np.float32)))
     perm0 = b.const(np.full(k + 1 + chunk, k), np.int64, "perm0")  # iteration 0 reads slot K, the zero map
-    acts, _, _, scan = b.op("Loop", [b.const(1 + -(-(k + 1) // chunk), np.int64, "max_trips"),
-                                     b.const(True, np.bool_, "true"), acts0, perm0, b.const(1, np.int64, "nrun0")],
-                            n_out=4, tag="loop", body=body)
+    acts, _, _, _, loop_scored, scan = b.op(
+        "Loop", [b.const(1 + -(-(k + 1) // chunk), np.int64, "max_trips"), b.const(True, np.bool_, "true"), acts0,
+                 perm0, b.const(1, np.int64, "nrun0"), b.const([0], np.int64, "cls0"),
+                 b.const(np.zeros(k, bool), np.bool_, "scored0")], n_out=6, tag="loop", body=body)
     base = b.reshape(b.op("Slice", [scan, b.const([0, 0], np.int64), b.const([1, 1], np.int64),
                                     b.const([0, 1], np.int64)]), [1, n_classes])  # f(x)
     scores = b.reshape(b.op("Slice", [scan, b.const([1], np.int64), b.const([2 ** 62], np.int64),
@@ -390,7 +456,7 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     # 3. back to channels: the same schedule from the same A; the row of channel k in the scores (a scored
     # constant channel: the zero map's row; a channel not scored: a zero row)
     flat = b.reshape(acts, [k, h * w])
-    plan = sched.plan(b, flat)
+    plan = sched.plan(b, flat, scored=loop_scored)
     pos = b.cast(b.op("Sub", [b.op("CumSum", [plan["sel"], b.const(0, np.int64)]), b.const(1.0, np.float32)]), i64)
     pos_k = b.op("Slice", [pos, b.const([0], np.int64), b.const([k], np.int64)])
     pos_zero = b.op("Slice", [pos, b.const([k], np.int64), b.const([k + 1], np.int64)])
@@ -444,7 +510,7 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
                               producer_name="scorecam-onnx exporter explainer")
     model.ir_version = classifier.ir_version  # onnx writes its newest IR; older runtimes refuse it
     source = Path(source or bundle.source or bundle.model_path)
-    props = explainer_metadata(bundle, preset, budget, options.select, chunk, k, (h, w), n_classes,
+    props = explainer_metadata(bundle, preset, budget, select, chunk, k, (h, w), n_classes,
                                file_sha256(source) if source.is_file() else "")
     for key, value in props.items():
         entry = model.metadata_props.add()

@@ -343,8 +343,8 @@ class Explainer:
         """
         masked = np.zeros((acts.shape[0], n_classes), np.float32)
         idx = np.flatnonzero(varying)
-        safe = mask_safe(acts[idx])  # huge channels rescaled: the same masks, finite in float32
-        first, inverse = distinct_masks(safe, self.preset.mask)
+        safe = mask_safe(acts[idx]) if idx.size else acts[:0]  # huge channels rescaled: same masks, finite
+        first, inverse = distinct_masks(safe, self.preset.mask) if idx.size else (idx, idx)
         maps = safe[first]
         if constant.any():
             maps = np.concatenate([maps, np.zeros((1, *acts.shape[1:]), acts.dtype)])

@@ -24,10 +24,18 @@ PASS_OPS = frozenset({"Dropout", "Identity", "Flatten", "Reshape", "Squeeze"})
 
 @dataclass(frozen=True)
 class LinearHead:
-    """``logits = W @ mean_hw(A) + b``: W float64 [C,K], b float64 [C]."""
+    """``logits = W @ mean_hw(A) + b``: W float64 [C,K], b float64 [C].
+
+    Where W is stored in the graph: ``W = weight_scale * T`` with ``T`` the tensor ``weight_name`` (an
+    initializer or a Constant node's output), read as [C,K] (``weight_axis`` 0: Gemm with transB) or [K,C]
+    (``weight_axis`` 1: the class is its axis 1; Gemm without transB, MatMul).
+    """
 
     weight: np.ndarray
     bias: np.ndarray
+    weight_name: str = ""
+    weight_axis: int = 0
+    weight_scale: float = 1.0
 
     @property
     def classes(self) -> int:
@@ -79,6 +87,7 @@ def linear_head(model: onnx.ModelProto, target: str, output: str | None = None) 
     cur = target
     pooled = False
     weight = bias = None
+    source: tuple[str, int, float] = ("", 0, 1.0)
     rank = 4
     for _ in range(32):
         if cur == output and weight is not None:
@@ -116,6 +125,7 @@ def linear_head(model: onnx.ModelProto, target: str, output: str | None = None) 
                     return None
                 w = w if a.get("transB", 0) else w.T
                 weight = float(a.get("alpha", 1.0)) * w
+                source = (n.input[1], 0 if a.get("transB", 0) else 1, float(a.get("alpha", 1.0)))
                 c = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
                 bias = (float(a.get("beta", 1.0)) * np.broadcast_to(np.asarray(c, np.float64).reshape(-1),
                                                                     (w.shape[0],)) if c is not None
@@ -125,6 +135,7 @@ def linear_head(model: onnx.ModelProto, target: str, output: str | None = None) 
                 if w.ndim != 2:
                     return None
                 weight, bias = w.T, np.zeros(w.shape[1])
+                source = (n.input[1], 1, 1.0)
             else:
                 return None
         else:
@@ -142,7 +153,7 @@ def linear_head(model: onnx.ModelProto, target: str, output: str | None = None) 
         return None
     if cur != output or weight is None:
         return None
-    return LinearHead(np.ascontiguousarray(weight), np.ascontiguousarray(bias, np.float64))
+    return LinearHead(np.ascontiguousarray(weight), np.ascontiguousarray(bias, np.float64), *source)
 
 
 def tail_graph(model: onnx.ModelProto, target: str, output: str | None = None) -> onnx.ModelProto | None:

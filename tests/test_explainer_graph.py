@@ -20,7 +20,8 @@ from bundles import make_bundle, photo
 
 from exporter.explainer_graph import CLASS_INDEX, PIXELS, GraphBuildError, Options, build_explainer
 from runtime import Explainer, images
-from runtime.contract import FEATURES_FILE, MODEL_FILE, graph_sha256, read_props, write_metadata
+from runtime.contract import FEATURES_FILE, MODEL_FILE, BundleError, graph_sha256, read_props, write_metadata
+from runtime.head import linear_head
 from runtime.scorecam import PRESETS
 from runtime.thirdparty import open_model
 
@@ -46,15 +47,22 @@ def sized(rgb: np.ndarray, bundle) -> np.ndarray:
 
 
 def assert_parity(bundle_dir, rgb: np.ndarray, preset: str, max_channels: int | None, levels=("disabled", "enabled"),
-                  chunk: int | None = None, explicit: bool = True, **derive) -> list[float]:
-    """Graph vs Python for the top-1 class (class_index -1) and, with ``explicit``, the second-ranked class."""
+                  chunk: int | None = None, explicit: bool = True, select: str = "auto", resolved: str | None = None,
+                  **derive) -> list[float]:
+    """Graph vs Python for the top-1 class (class_index -1) and, with ``explicit``, the second-ranked class;
+    each class explained alone (``relevance`` ranks the channels for the classes explained together)."""
     bundle = open_model(bundle_dir, **derive)
     rgb = sized(rgb, bundle)
-    model = build_explainer(bundle, Options(preset, max_channels, chunk))
-    ex = Explainer(bundle_dir, device="cpu", preset=preset, max_channels=max_channels, **derive)
+    model = build_explainer(bundle, Options(preset, max_channels, chunk, select))
+    ex = Explainer(bundle_dir, device="cpu", preset=preset, max_channels=max_channels, select=select, **derive)
     x = ex.pre.apply(rgb)[None]
     top2 = [int(i) for i in np.argsort(-ex.engine.classify(x)[0], kind="stable")[:2]]
-    want = {r.class_index: r for r in ex.explain_tensor(x, targets=top2 if explicit else top2[:1])}
+    classes = top2 if explicit else top2[:1]
+    if max_channels is not None and ex.selection == "relevance":
+        want = {c: ex.explain_tensor(x, targets=[c])[0] for c in classes}
+    else:  # class-blind: one call explains both
+        want = {r.class_index: r for r in ex.explain_tensor(x, targets=classes)}
+    assert read_props(model)["scorecam.select"] == ex.selection == (resolved or ex.selection)
     probs_ref = ex._probabilities(ex.engine.classify(x)[0].astype(np.float64))
     errors = []
     for level in levels:
@@ -75,10 +83,12 @@ def assert_parity(bundle_dir, rgb: np.ndarray, preset: str, max_channels: int | 
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-@pytest.mark.parametrize("max_channels", [None, 12])
-def test_toy_parity(toy_bundle, preset, max_channels):
+@pytest.mark.parametrize("max_channels, select", [(None, "auto"), (12, "auto"), (12, "relevance"), (12, "std")])
+def test_toy_parity(toy_bundle, preset, max_channels, select):
+    """The toy's head is global pooling -> linear: ``auto`` is ``relevance``, ranked for the class explained."""
     rgb = np.asarray(images.load_image(ROOT / "samples" / "chelsea.png"))
-    assert_parity(toy_bundle, rgb, preset, max_channels)
+    assert_parity(toy_bundle, rgb, preset, max_channels, select=select,
+                  resolved="std" if select == "std" else "relevance")
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 16])
@@ -118,6 +128,69 @@ def test_every_channel_constant(tmp_path, preset):
         sal, _, _ = run_graph(session(build_explainer(open_model(bundle), Options(preset, max_channels)), "enabled"),
                               photo(32, 32), -1)
         assert np.isfinite(sal).all() and float(np.abs(sal).max()) == 0.0
+
+
+def _head_bundle(directory: Path, head: str) -> Path:
+    """The tiny bundle (K = 16, C = 5) with another head after its target layer ``features``: ``conv`` (a 1x1
+    conv, then pooling: no linear head), ``matmul`` (MatMul [K,C] + Add) or ``gemm`` (Gemm transB 0, alpha
+    -0.75, beta 2)."""
+    make_bundle(directory, seed=3)
+    model, feat = onnx.load(str(directory / MODEL_FILE)), onnx.load(str(directory / FEATURES_FILE))
+    g = model.graph
+    rng = np.random.default_rng(7)
+    w = rng.normal(0, 1.0, (16, 5)).astype(np.float32)  # [K,C]
+    keep = [n for n in g.node if n.op_type not in ("GlobalAveragePool", "Flatten", "Gemm")]
+    inits = [i for i in g.initializer if i.name != "wf"]
+    mk, arr = onnx.helper.make_node, onnx.numpy_helper.from_array
+    if head == "conv":
+        nodes = [mk("Conv", ["features", "wc", "bf"], ["cv"]), mk("GlobalAveragePool", ["cv"], ["gap"]),
+                 mk("Flatten", ["gap"], ["logits"])]
+        inits.append(arr(np.ascontiguousarray(w.T).reshape(5, 16, 1, 1), "wc"))
+    elif head == "matmul":
+        nodes = [mk("GlobalAveragePool", ["features"], ["gap"]), mk("Flatten", ["gap"], ["flat"]),
+                 mk("MatMul", ["flat", "wm"], ["mm"]), mk("Add", ["mm", "bf"], ["logits"])]
+        inits.append(arr(w, "wm"))
+    else:
+        nodes = [mk("GlobalAveragePool", ["features"], ["gap"]), mk("Flatten", ["gap"], ["flat"]),
+                 mk("Gemm", ["flat", "wg", "bf"], ["logits"], alpha=-0.75, beta=2.0)]
+        inits.append(arr(w, "wg"))
+    del g.node[:], g.initializer[:]
+    g.node.extend(keep + nodes)
+    g.initializer.extend(inits)
+    onnx.checker.check_model(model)
+    meta = open_model(directory).meta
+    write_metadata(model, meta.with_role("classifier", graph_sha256(feat)))
+    write_metadata(feat, meta.with_role("features", graph_sha256(model)))
+    onnx.save(model, str(directory / MODEL_FILE))
+    onnx.save(feat, str(directory / FEATURES_FILE))
+    return directory
+
+
+@pytest.mark.parametrize("head", ["matmul", "gemm"])
+def test_relevance_reads_every_linear_head_form(tmp_path, head):
+    """MatMul + Add and Gemm without transB (W stored [K,C]) with a negative alpha: the class's column."""
+    bundle = _head_bundle(tmp_path / head, head)
+    assert linear_head(onnx.load(str(bundle / MODEL_FILE)), "features") is not None
+    for preset in ("paper", "official"):
+        assert_parity(bundle, photo(40, 40, seed=4), preset, 5, chunk=3)
+    assert_parity(bundle, photo(40, 40, seed=4), "torchcam", 7, levels=("enabled",), select="relevance")
+
+
+def test_no_linear_head_auto_is_std_and_relevance_is_refused(tmp_path):
+    """A conv after the target layer: ``auto`` resolves to ``std`` (recorded as such); ``relevance`` is refused
+    in one line, as the Python Explainer refuses it."""
+    bundle = _head_bundle(tmp_path / "conv", "conv")
+    assert linear_head(onnx.load(str(bundle / MODEL_FILE)), "features") is None
+    for preset in PRESETS:
+        assert_parity(bundle, photo(40, 40, seed=4), preset, 5, chunk=4, levels=("enabled",), resolved="std")
+    assert_parity(bundle, photo(40, 40, seed=4), "paper", 5, levels=("disabled",), select="std")
+    assert read_props(build_explainer(open_model(bundle), Options(max_channels=5)))["scorecam.select"] == "std"
+    for max_channels in (5, None):
+        with pytest.raises(GraphBuildError, match="select 'relevance' needs a global-pooling -> linear head") as e:
+            build_explainer(open_model(bundle), Options(max_channels=max_channels, select="relevance"))
+        assert "\n" not in str(e.value) and "use select 'std'" in str(e.value)
+    with pytest.raises(BundleError, match="select 'relevance' needs"):
+        Explainer(bundle, device="cpu", max_channels=5, select="relevance")
 
 
 def _third_party(path: Path) -> Path:
@@ -167,7 +240,8 @@ def test_graph_contract(tmp_path):
     assert not weights & {i.name for i in model.graph.initializer}
     props = read_props(model)
     assert props["scorecam.role"] == "explainer" and props["scorecam.preset"] == "torchcam"
-    assert props["scorecam.max_channels"] == "5" and props["scorecam.select"] == "std"
+    assert props["scorecam.max_channels"] == "5" and props["scorecam.select"] == "relevance"  # auto, linear head
+    assert read_props(build_explainer(bundle, Options("paper", 5, select="std")))["scorecam.select"] == "std"
     assert props["scorecam.chunk"] == "4" and props["scorecam.channels"] == "16"
     assert json.loads(props["scorecam.labels"])[0] == "apple"
     assert json.loads(props["scorecam.mean"]) == [0.5, 0.5, 0.5] and props["scorecam.color_order"] == "RGB"
@@ -177,9 +251,11 @@ def test_graph_contract(tmp_path):
 
 
 def test_class_out_of_range_is_an_error_not_a_wrong_map(tmp_path):
-    sess = session(build_explainer(open_model(make_bundle(tmp_path / "tiny")), Options()), "enabled")
-    with pytest.raises(Exception, match="(?i)out of (bounds|range)|invalid"):
-        run_graph(sess, photo(32, 32), 5)
+    bundle = open_model(make_bundle(tmp_path / "tiny"))
+    for options in (Options(), Options(max_channels=5)):  # the latter reads the class's row of W in the Loop
+        sess = session(build_explainer(bundle, options), "enabled")
+        with pytest.raises(Exception, match="(?i)out of (bounds|range)|invalid"):
+            run_graph(sess, photo(32, 32), 5)
 
 
 def test_build_errors(tmp_path):
@@ -263,10 +339,11 @@ PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycl
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_lite0_parity_every_preset(lite0_bundle, preset):
-    """chelsea.png: exact (optimisations on) and 64 channels (off and on), top-1 and an explicit class."""
+    """chelsea.png: exact (optimisations on) and 64 channels (off and on; the default selection, ``auto`` =
+    ``relevance`` on Lite0's pooling -> linear head), top-1 and an explicit class."""
     rgb = images.load_image(ROOT / "samples" / PHOTOS[0])
     assert_parity(lite0_bundle, rgb, preset, None, levels=("enabled",))
-    assert_parity(lite0_bundle, rgb, preset, 64)
+    assert_parity(lite0_bundle, rgb, preset, 64, resolved="relevance")
 
 
 def test_lite0_parity_exact_without_optimisations(lite0_bundle):
@@ -276,8 +353,8 @@ def test_lite0_parity_exact_without_optimisations(lite0_bundle):
 
 @pytest.mark.parametrize("photo_name", PHOTOS[1:])
 def test_lite0_parity_other_photos(lite0_bundle, photo_name):
-    rgb = images.load_image(ROOT / "samples" / photo_name)
-    assert_parity(lite0_bundle, rgb, "paper", 64)
+    rgb = images.load_image(ROOT / "samples" / photo_name)  # 64 channels: relevance ranks per class, so Python
+    assert_parity(lite0_bundle, rgb, "paper", 64, levels=("enabled",), resolved="relevance")  # runs twice
     assert_parity(lite0_bundle, rgb, "paper", None, levels=("enabled",), explicit=False)
 
 
