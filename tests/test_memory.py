@@ -189,7 +189,9 @@ print(json.dumps({"peak": peak_rss_mb()}))
 
 
 def _peak(mode: str, path: Path) -> float:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    # a clean environment: what other tests left in os.environ (e.g. cv2's LD_LIBRARY_PATH) stays out of it
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, "-c", PEAK, mode, str(path)], capture_output=True, text=True, env=env,
                          cwd=str(ROOT), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
