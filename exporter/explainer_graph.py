@@ -37,7 +37,6 @@ scored and discarded, so no row is ever NaN. The graph keeps the classifier's IR
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,9 +48,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from runtime.bundle import Bundle
 from runtime.contract import PREFIX, BundleError
+from runtime.engine import CPU, batch_for
 from runtime.head import linear_head
 from runtime.maskgraph import EPS, IMAGE, MAPS, OFFSET, mask_nodes
 from runtime.scorecam import GRADCAM_EPS, MASK_EPS, Preset, get_preset, interp_matrix
+from runtime.thirdparty import file_sha256
 
 PIXELS = "pixels"
 CLASS_INDEX = "class_index"
@@ -71,16 +72,7 @@ class GraphBuildError(BundleError):
 
 def default_chunk(input_size: tuple[int, int]) -> int:
     """The Python engine's CPU batch size: 16 masked inputs at 224 x 224, scaled by the input area."""
-    h, w = input_size
-    return max(1, min(256, round(16 * 224 * 224 / (h * w))))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return batch_for(CPU, input_size)
 
 
 # ------------------------------------------------------------------------------------ node helpers

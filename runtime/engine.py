@@ -128,6 +128,12 @@ def release_freed_memory() -> None:
 _trim = None
 
 
+def batch_for(provider: str, input_size: tuple[int, int]) -> int:
+    """Masked inputs per run on ``provider``: its 224 x 224 batch scaled by the input area, in [1, 256]."""
+    h, w = input_size
+    return max(1, min(256, round(DEFAULT_BATCH[provider] * 224 * 224 / (h * w))))
+
+
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -311,8 +317,7 @@ class Engine:
     def default_batch_size(self) -> int:
         """Masked inputs per run: the device's 224 x 224 batch scaled by the input area, so the memory a
         chunk takes stays about the same at any input size (CPU: 16 at 224², 4 at 448²)."""
-        h, w = self.input_size
-        return max(1, min(256, round(DEFAULT_BATCH[self.provider] * 224 * 224 / (h * w))))
+        return batch_for(self.provider, self.input_size)
 
     def scoring_classifier(self, precision: str | None = None) -> onnx.ModelProto:
         """The classifier graph the masked batches go through, at ``precision`` (default: the engine's)."""

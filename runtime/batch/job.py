@@ -37,6 +37,7 @@ from ..contract import MODEL_FILE, BundleError
 from ..engine import EngineError
 from ..explainer import Explainer, TargetError
 from ..images import ImageError
+from ..thirdparty import file_sha256
 
 RESULTS = "results.parquet"
 RUN_JSON = "run.json"
@@ -89,14 +90,6 @@ def schema():
 
 
 # ------------------------------------------------------------------------------------------ settings
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
