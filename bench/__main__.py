@@ -29,6 +29,7 @@ from pathlib import Path
 from . import report
 from .bundles import DEFAULT_CACHE, HERE, SAMPLES, ensure_bundle, extra_photos, sample_photos
 from .contenders import PRESETS, Context, fast_options, is_fast, kind, known, make, peer_map, peer_method
+from .machine import cpu_model
 
 RESULTS = HERE / "results"
 CPU_FAST = ("mc128", "mc64", "mc32", "mc32+std", "mc16", "mc24+fill", "mc20+fill", "int8", "int8+mc32",
@@ -72,16 +73,6 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def machine_slug(cpu: str, cores: int, device: str = "cpu") -> str:
     s = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$|\b\d+-?\s*core\b", " ", cpu.lower())
     s = re.sub(r"[^a-z0-9]+", "-", s).strip("-") or "cpu"

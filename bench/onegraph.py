@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .machine import cpu_model
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -98,7 +100,7 @@ def run(model: str, photo: Path, budgets: list[int | None], repeats: int, node: 
         del sess, ex
     return {"model": str(model), "photo": photo.name, "preset": preset, "repeats": repeats,
             "classifier_bytes": classifier_bytes, "rows": rows, "threads": "ONNX Runtime default",
-            "cpu": _cpu(), "cores": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+            "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                        time.gmtime()),
             "onnxruntime": ort.__version__}
 
@@ -163,16 +165,6 @@ def _browser(tmp: Path, label: str, rgb: np.ndarray, ref) -> dict:
         server.server_close()
     return {"browser_s": times, "browser_median_s": _median(times), "browser_max_abs_diff": err,
             "browser_class": cls}
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
 
 
 def markdown(res: dict) -> str:

@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from .machine import cpu_model
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -198,15 +200,7 @@ def load(server: Server, name: str, image: Path, clients: int, requests: int | N
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def markdown(res: dict) -> str:
