@@ -376,16 +376,24 @@ def _save_png(rgb: np.ndarray, f) -> None:
     Image.fromarray(rgb).save(f, format="PNG")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m runtime.explain`` / ``scorecam-explain``; returns the exit status."""
-    stdout, stderr = sys.stdout, sys.stderr
+def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, stderr) -> argparse.Namespace | int:
+    """The parsed command line, or the exit status when there is nothing to run: a bad command line is
+    one ``error: ...`` line and :data:`EXIT_USAGE`; ``--help`` prints its text and gives 0."""
     try:
-        args = build_parser().parse_args(argv)
+        return parser.parse_args(argv)
     except UsageError as e:
         print(f"error: {_one_line(e)}", file=stderr)
         return EXIT_USAGE
     except SystemExit as e:  # --help
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m runtime.explain`` / ``scorecam-explain``; returns the exit status."""
+    stdout, stderr = sys.stdout, sys.stderr
+    args = parse_cli(build_parser(), argv, stderr)
+    if isinstance(args, int):
+        return args
     try:
         return run(args, stdout, stderr)
     except (UsageError, *USER_ERRORS) as e:

@@ -16,15 +16,13 @@ from pathlib import Path
 
 from .. import thirdparty
 from ..engine import DEVICES, PRECISIONS, cpu_count
-from ..explain import UsageError, _one_line, _Parser, _positive_int
+from ..explain import EXIT_USAGE, UsageError, _one_line, _Parser, _positive_int, parse_cli
 from ..explainer import FILLS, MODES
 from ..scorecam import PRESETS
 from ..selection import SELECTS
 from . import job
 from .inputs import InputError, expand
 from .progress import Progress, summary
-
-EXIT_USAGE = 2
 
 #: the local engine's default, measured with ``python -m bench.batch`` (README): on the 2-core machine
 #: N processes x 1 ONNX Runtime thread beat one process with N threads (see LOCAL_DEFAULT_NOTE)
@@ -254,13 +252,9 @@ def _run_ray(args, task: job.Task, todo: Sequence[str], on_rows, record: dict) -
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m runtime.batch`` / ``scorecam-batch``; returns the exit status."""
     stdout, stderr = sys.stdout, sys.stderr
-    try:
-        args = build_parser().parse_args(argv)
-    except UsageError as e:
-        print(f"error: {_one_line(e)}", file=stderr)
-        return EXIT_USAGE
-    except SystemExit as e:  # --help
-        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+    args = parse_cli(build_parser(), argv, stderr)
+    if isinstance(args, int):
+        return args
     try:
         return run(args, stdout, stderr)
     except (UsageError, InputError, job.BatchError, *job.USER_ERRORS) as e:

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from .. import images, thirdparty
 from ..contract import BundleError
 from ..engine import DEVICES
+from ..explain import EXIT_USAGE, UsageError, _Parser
 from ..explainer import FILLS, MODES
 from ..scorecam import PRESETS
 from ..selection import SELECTS
 
-EXIT_USAGE = 2
 MODEL_ENV = "SCORECAM_MODEL"  # MODEL when none is given (the container sets /mnt/models)
 log = logging.getLogger("scorecam.serve")
 
@@ -46,15 +46,6 @@ examples:
   curl --data-binary @cat.jpg -H 'Content-Type: image/jpeg' -H 'Accept: image/png' \\
       http://127.0.0.1:8080/v1/models/efficientnet_lite0:explain > heat.png
 """
-
-
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(f"{message} (see --help)")
 
 
 def _positive(cast):
