@@ -32,9 +32,9 @@ from .contenders import PRESETS, Context, fast_options, is_fast, kind, known, ma
 from .machine import cpu_model
 
 RESULTS = HERE / "results"
-CPU_FAST = ("mc128", "mc64", "mc32", "mc32+std", "mc16", "mc24+fill", "mc20+fill", "int8", "int8+mc32",
-            "int8+mc16+fill", "preview")
-CUDA_FAST = ("fp16", "mc128", "mc32", "fp16+mc128", "fp16+mc32", "mc20+fill", "preview")
+CPU_FAST = ("mc128", "mc64", "mc32", "mc32+std", "mc16", "mc20+fill", "mc16+kern", "mc8+kern", "int8", "int8+mc32",
+            "int8+mc16+kern", "preview")
+CUDA_FAST = ("fp16", "mc128", "mc32", "fp16+mc128", "fp16+mc32", "mc16+kern", "preview")
 PEERS = ("reciprocam", "rise")
 GROUPS = {"exact": PRESETS, "peers": PEERS, "all": ("floor", *PRESETS, "top5", "torch", "pass1", "fast", "peers")}
 DEFAULT_RSS = ("floor", "bare", "paper", "pair", "top5", "torch", "int8")

@@ -12,7 +12,8 @@
   but the batch) running K images at our batch size: the memory yardstick for "weights held once".
 - ``pair``: two explainers of the same bundle in one process (the service's workers), each explaining once.
 - fast modes ``mcN`` (``max_channels=N``, channels ranked by ``select="auto"``), ``+std`` / ``+rel`` (the
-  ranking forced to ``std`` / ``relevance``), ``+fill`` (``fill="preview"``), ``int8``, ``fp16`` and
+  ranking forced to ``std`` / ``relevance``), ``+cover`` (``select="cover"``), ``+fill`` (``fill="preview"``),
+  ``+kern`` (``fill="kernel"``: with ``select="auto"`` the channels are chosen by ``cover``), ``int8``, ``fp16`` and
   combinations such as ``int8+mc32``;
   ``preview`` (``mode="preview"``: one pass, closed-form feature-space scores).
 - ``pass1``: one classifier pass over the photo (``Explainer.predict(path)``: decode, preprocess,
@@ -54,8 +55,8 @@ def is_fast(name: str) -> bool:
 
 def fast_options(name: str) -> dict | None:
     """``int8+mc128`` -> {precision: int8, max_channels: 128}; ``mc32+std`` -> {max_channels: 32, select:
-    std}; ``mc16+fill`` -> {max_channels: 16, fill: preview}; ``preview`` -> {mode: preview}; None when ``name``
-    is no fast mode."""
+    std}; ``mc16+fill`` -> {max_channels: 16, fill: preview}; ``mc16+kern`` -> {max_channels: 16, fill: kernel};
+    ``preview`` -> {mode: preview}; None when ``name`` is no fast mode."""
     opts: dict = {}
     for tok in name.split("+"):
         m = re.fullmatch(r"mc(\d+)", tok)
@@ -67,6 +68,10 @@ def fast_options(name: str) -> dict | None:
             opts["select"] = "std" if tok == "std" else "relevance"
         elif tok == "fill" and opts:
             opts["fill"] = "preview"
+        elif tok == "kern" and opts:
+            opts["fill"] = "kernel"
+        elif tok == "cover" and opts:
+            opts["select"] = "cover"
         elif tok == "preview":
             opts["mode"] = "preview"
         else:

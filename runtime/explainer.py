@@ -22,13 +22,23 @@ from .contract import BundleError
 from .engine import Engine, Progress, require_finite
 from .head import LinearHead, linear_head
 from .scorecam import constant_channels, get_preset, maps_from_scores, mask_safe, softmax
-from .selection import SELECTS, distinct_masks, feature_scores, relevance, spatial_std, top_channels
+from .selection import (
+    COVER_POWER,
+    SELECTS,
+    cover,
+    distinct_masks,
+    feature_scores,
+    kernel_fill,
+    relevance,
+    spatial_std,
+    top_channels,
+)
 from .thirdparty import open_model
 
 MODES = ("scorecam", "preview")
 #: the linear head of each classifier opened in this process (by graph hashes and tensor names): read once
 _HEADS: dict[tuple, LinearHead | None] = {}
-FILLS = ("zero", "preview")
+FILLS = ("zero", "preview", "kernel")
 
 
 class TargetError(ValueError):
@@ -88,12 +98,15 @@ class Explainer:
         threads: ONNX Runtime intra-op threads (None: ONNX Runtime's default, the physical cores).
         max_channels: Faster Score-CAM: score only N channels, ranked by ``select``; the others get
             weight 0 (None: all K channels, exact).
-        select: how ``max_channels`` ranks the channels: ``relevance`` (|W[c,k]| std(A_k), union over the
+        select: how ``max_channels`` chooses the channels: ``relevance`` (|W[c,k]| std(A_k), union over the
             classes explained; needs a global-pooling -> linear head after the target layer), ``std``
-            (spatial standard deviation, class-blind) or ``auto`` (default: relevance where the head
-            allows it, else std). See :mod:`runtime.selection`.
+            (spatial standard deviation, class-blind), ``cover`` (the channels whose normalised maps cover
+            all the others: weighted k-means) or ``auto`` (default: ``cover`` with ``fill="kernel"``, else
+            relevance where the head allows it, else std). See :mod:`runtime.selection`.
         fill: with ``max_channels``, what the channels left out weigh: ``zero`` (default, Faster
-            Score-CAM: weight 0) or ``preview``: their feature-space score (as in ``mode="preview"``),
+            Score-CAM: weight 0), ``kernel``: their scores predicted from the scored channels' by kernel
+            ridge regression on the normalised maps (similar maps, similar masks, similar scores; any
+            head, any preset), or ``preview``: their feature-space score (as in ``mode="preview"``),
             calibrated on the scored channels by a least-squares line ``s_exact ~ a s_preview + b`` (a >= 0)
             per class; needs a global-pooling -> linear head; not with the ``official`` preset.
         mode: ``scorecam`` (default) or ``preview``: the one-pass feature-space Score-CAM, each channel's
@@ -133,6 +146,7 @@ class Explainer:
             raise ValueError("fill 'preview' does not apply to the 'official' preset (its weights are probabilities "
                              "over every class); use fill 'zero'")
         self.select, self.mode, self.fill = select, mode, fill
+        self._zero_scores: np.ndarray | None = None
         self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
                                   scale=scale, bgr=bgr or None, labels=labels)
         self.meta = self.bundle.meta
@@ -171,9 +185,9 @@ class Explainer:
 
     @property
     def selection(self) -> str:
-        """The channel ranking ``max_channels`` uses here: ``relevance`` or ``std`` (``auto`` resolved)."""
+        """The channel choice ``max_channels`` uses here: ``cover``, ``relevance`` or ``std`` (``auto`` resolved)."""
         if self.select == "auto":
-            return "relevance" if self.head is not None else "std"
+            return "cover" if self.fill == "kernel" else "relevance" if self.head is not None else "std"
         return self.select
 
     # ---------------------------------------------------------------------------- properties
@@ -273,14 +287,20 @@ class Explainer:
             masked = self.preview_scores(acts, classes)
         else:
             scored = self.channels_to_score(acts, skipped, classes)
-            filling = self.fill == "preview" and not scored.all() and self.head is not None
+            filling = self.fill != "zero" and not scored.all() and (self.head is not None or self.fill == "kernel")
             if filling and not self.preset.skip_constant:
-                scored = scored | skipped  # the all-zero mask: one pass, and the many dead channels are exact
+                scored = scored | skipped  # the all-zero mask (cached): the many dead channels are exact
             select = self.selection if self.max_channels is not None and self.max_channels < acts.shape[0] else "all"
             masked, passes = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0],
                                                  progress, count=True)
             require_finite(masked[scored], masked=True)
-            if filling:
+            if filling and self.fill == "kernel":
+                cols = slice(None) if self.preset.name == "official" else classes
+                filled = masked.astype(np.float64)
+                allowed = ~skipped if self.preset.skip_constant else np.ones_like(scored)
+                filled[:, cols] = kernel_fill(acts, scored, filled[:, cols], allowed & ~skipped)
+                masked, scored = filled, allowed
+            elif filling:
                 masked, scored = self.fill_scores(acts, masked, scored, skipped, classes), np.ones_like(scored)
         maps = self._maps(acts, masked, base, classes, skipped, scored,
                           columns=self.mode == "preview" and self.preset.name != "official")
@@ -336,8 +356,9 @@ class Explainer:
         with ``count=True`` also the number of masked inputs scored.
 
         One pass per distinct mask: every constant channel has the same all-zero mask (masked input
-        ``x * 0``), and varying channels whose maps are equal after min-max normalisation have equal
-        masks (:func:`runtime.selection.distinct_masks`); each mask is scored once and its row shared.
+        ``x * 0 = 0``, whatever the image: scored once per explainer and cached, not counted), and varying
+        channels whose maps are equal after min-max normalisation have equal masks
+        (:func:`runtime.selection.distinct_masks`); each mask is scored once and its row shared.
         On real networks (dead and saturated ReLU channels) that saves a large share of the K passes
         without changing any output.
         """
@@ -346,25 +367,37 @@ class Explainer:
         safe = mask_safe(acts[idx]) if idx.size else acts[:0]  # huge channels rescaled: same masks, finite
         first, inverse = distinct_masks(safe, self.preset.mask) if idx.size else (idx, idx)
         maps = safe[first]
-        if constant.any():
-            maps = np.concatenate([maps, np.zeros((1, *acts.shape[1:]), acts.dtype)])
         if maps.shape[0]:
             scores = self.engine.score(x, maps, self.preset.mask, self.batch_size, progress)
             masked[idx] = scores[inverse]
-            if constant.any():
-                masked[constant] = scores[-1]
+        if constant.any():
+            masked[constant] = self.zero_input_scores(x, acts.shape[1:])
         return (masked, int(maps.shape[0])) if count else masked
+
+    def zero_input_scores(self, x: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
+        """The classifier's outputs [C] for the all-zero masked input ``x * 0`` (every constant channel's
+        mask): the same for every image, so scored once (through the masked-input session, at this
+        explainer's precision) and kept."""
+        row = self._zero_scores
+        if row is None:
+            zero = np.zeros((1, *grid), np.float32)
+            row = self.engine.score(np.zeros_like(x), zero, self.preset.mask, 1, None)[0]
+            self._zero_scores = row
+        return row
 
     def channels_to_score(self, acts: np.ndarray, skipped: np.ndarray, classes=None) -> np.ndarray:
         """Boolean [K]: the channels whose masks are scored (all, less the preset's skips and, with
         ``max_channels=N``, all but the N ranked first by :attr:`selection` for ``classes``)."""
         scored = ~skipped if self.preset.skip_constant else np.ones(acts.shape[0], bool)
         if self.max_channels is not None and self.max_channels < int(scored.sum()):
-            if self.selection == "relevance" and classes is not None:
+            if self.selection in ("relevance", "cover") and classes is not None and self.head is not None:
                 rank = relevance(acts, self.head.weight, classes)
             else:
                 rank = spatial_std(acts)
-            scored = top_channels(rank, scored, self.max_channels)
+            if self.selection == "cover":
+                scored = cover(acts, rank ** COVER_POWER, scored & ~skipped, self.max_channels)
+            else:
+                scored = top_channels(rank, scored, self.max_channels)
         return scored
 
     def predict(self, image) -> np.ndarray:

@@ -7,9 +7,10 @@ them. A method is named on the command line as ``name[:key=value]...``, e.g. ``s
 =============== ==================================================================================
 ``scorecam``     Score-CAM, the explainer's engine; ``preset=`` paper (default) / gradcam / torchcam /
                  official (``scorecam-<preset>`` names each one)
-``faster``       Faster Score-CAM: only ``n`` channels are scored, ranked by ``select`` (auto / std /
-                 relevance, see :mod:`runtime.selection`); ``fill=preview`` weighs the others by their
-                 calibrated feature-space score instead of 0
+``faster``       Faster Score-CAM: only ``n`` channels are scored, chosen by ``select`` (auto / std /
+                 relevance / cover, see :mod:`runtime.selection`); ``fill=kernel`` weighs the others by
+                 scores predicted from the scored channels' (kernel ridge regression on the maps),
+                 ``fill=preview`` by their calibrated feature-space score, instead of 0
 ``preview``      the one-pass feature-space Score-CAM preview (``Explainer(mode="preview")``)
 ``reciprocam``   ReciproCAM (Byun & Lee 2022): the h*w spatially masked copies of the feature map
                  (3x3 Gaussian kernel around each cell, ``gaussian=1``; one cell, ``gaussian=0``) through
@@ -128,8 +129,8 @@ def _variant(explainer, preset: str | None = None, max_channels: int | None = No
     if (mode == "preview" or select == "relevance") and ex.head is None:
         raise ValueError(f"{'preview' if mode == 'preview' else 'select=relevance'} needs a global-pooling -> "
                          "linear head after the target layer; this model has another head")
-    if fill not in ("zero", "preview") or (fill == "preview" and ex.head is None):
-        raise ValueError(f"fill {fill!r}: choose zero, or preview (needs a global-pooling -> linear head)")
+    if fill not in ("zero", "preview", "kernel") or (fill == "preview" and ex.head is None):
+        raise ValueError(f"fill {fill!r}: choose zero, kernel, or preview (needs a global-pooling -> linear head)")
     ex.select, ex.mode, ex.fill = select, mode, fill
     return ex
 
@@ -143,7 +144,8 @@ for _p in PRESETS:
     register(f"scorecam-{_p}", f"Score-CAM, preset {_p}", preset=_p)(scorecam)
 
 
-@register("faster", "Faster Score-CAM: n channels, ranked by select= auto, std or relevance; fill= zero or preview",
+@register("faster", "Faster Score-CAM: n channels, chosen by select= auto, std, relevance or cover; fill= zero, "
+          "kernel or preview",
           n=10, preset="paper", select="auto", fill="zero")
 def faster(explainer, x, class_index, n=10, preset="paper", select="auto", fill="zero"):
     ex = _variant(explainer, preset, max_channels=n, select=select, fill=fill)

@@ -9,6 +9,15 @@ logits are ``f(A) = W @ mean_hw(A) + b`` (``W`` [C,K], ``b`` [C], :mod:`runtime.
   when it both varies over the image and moves the logit of a class being explained.
 - distinct masks: two channels whose maps are equal after min-max normalisation (and whose
   ``range / (range + eps)`` is equal in float32) have the same mask, so the same score.
+- ``cover`` selection: the N channels whose normalised maps ``n_k = norm(A_k)`` (h x w, min-max) best
+  cover all of them: weighted k-means on ``n_k`` (weights ``sqrt(relevance)``, or ``sqrt(std)`` without a
+  linear head; deterministic start: farthest-point sampling from the heaviest), each cluster represented by its member
+  nearest the centre.
+- ``kernel`` fill: the scores of the channels left out predicted from the scored ones by kernel ridge
+  regression on the maps: ``s_hat = mu + k(n, N_S) (k(N_S, N_S) + lambda I)^-1 (s_S - mu)``, Gaussian
+  ``k(a, b) = exp(-|a - b|^2 / h)``, ``h`` = :data:`KERNEL_BANDWIDTH` x the median squared distance between
+  maps, ``lambda`` = :data:`KERNEL_RIDGE`, ``mu`` the mean scored row. Two channels with similar maps have
+  similar masks and so similar scores; the regression needs no linear head.
 - feature-space score (the one-pass preview): the mask applied to the *features* instead of the input,
   ``s_k = f_c(A * norm(A_k)) = sum_j W[c,j] mean_hw(A_j * norm(A_k)) + b_c = mean_hw(M_c * norm(A_k)) + b_c``
   with ``M_c = sum_j W[c,j] A_j`` (the class activation map): no extra pass.
@@ -20,7 +29,13 @@ import numpy as np
 
 from .scorecam import MaskSpec, constant_channels, minmax
 
-SELECTS = ("auto", "std", "relevance")
+SELECTS = ("auto", "std", "relevance", "cover")
+#: kernel fill: bandwidth in units of the median squared distance between normalised maps, ridge, and the
+#: power of the cover weights (chosen by measurement on the sample photos and their crops: bench/README.md)
+KERNEL_BANDWIDTH = 2.0
+KERNEL_RIDGE = 0.1
+COVER_POWER = 0.5
+KMEANS_ITERATIONS = 10
 
 
 def spatial_std(acts: np.ndarray) -> np.ndarray:
@@ -69,6 +84,84 @@ def distinct_masks(acts: np.ndarray, spec: MaskSpec) -> tuple[np.ndarray, np.nda
     return first[order], rank[inverse.ravel()]
 
 
+def normalized_maps(acts: np.ndarray) -> np.ndarray:
+    """``n_k = norm(A_k)`` flattened, [K,h*w] float64 (min-max over h x w; a constant channel is all zeros)."""
+    return minmax(acts).reshape(acts.shape[0], -1).astype(np.float64)
+
+
+def sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``|a_i - b_j|^2`` [len(a), len(b)] without the [n,m,d] intermediate (clipped at 0)."""
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(d, 0.0)
+
+
+def cover(acts: np.ndarray, weight: np.ndarray, allowed: np.ndarray, n: int,
+          iterations: int = KMEANS_ITERATIONS) -> np.ndarray:
+    """Boolean [K]: at most ``n`` allowed channels whose normalised maps cover the allowed ones (module doc).
+
+    Weighted k-means on ``n_k`` with weights ``weight`` [K] (>= 0), started deterministically by
+    farthest-point sampling from the heaviest channel; each cluster is represented by its member nearest
+    its centre. Channels with equal maps always fall in one cluster, so no mask is chosen twice.
+    """
+    idx = np.flatnonzero(allowed)
+    out = np.zeros(acts.shape[0], bool)
+    if idx.size <= n:
+        out[idx] = True
+        return out
+    x = normalized_maps(acts[idx])
+    w = np.maximum(np.nan_to_num(np.asarray(weight, np.float64)[idx]), 0.0) + 1e-12
+    chosen = [int(np.argmax(w))]
+    dist = sq_distances(x, x[chosen])[:, 0]
+    for _ in range(n - 1):
+        j = int(np.argmax(dist))
+        if dist[j] <= 0:  # fewer than n distinct maps
+            break
+        chosen.append(j)
+        dist = np.minimum(dist, sq_distances(x, x[j:j + 1])[:, 0])
+    centres = x[chosen]
+    for _ in range(iterations):
+        label = sq_distances(x, centres).argmin(axis=1)
+        for c in range(len(centres)):
+            m = label == c
+            if m.any():
+                centres[c] = (w[m, None] * x[m]).sum(0) / w[m].sum()
+    d = sq_distances(x, centres)
+    label = d.argmin(axis=1)
+    for c in range(len(centres)):
+        members = np.flatnonzero(label == c)
+        if members.size:
+            out[idx[members[np.argmin(d[members, c])]]] = True
+    return out
+
+
+def kernel_fill(acts: np.ndarray, scored: np.ndarray, values: np.ndarray, allowed: np.ndarray,
+                bandwidth: float = KERNEL_BANDWIDTH, ridge: float = KERNEL_RIDGE) -> np.ndarray:
+    """``values`` [K,m] with the rows of the allowed channels not ``scored`` predicted by kernel ridge
+    regression on the normalised maps from the scored allowed rows (module doc), float64.
+
+    Rows outside ``allowed`` and the scored rows are returned unchanged.
+    """
+    out = np.asarray(values, np.float64).copy()
+    idx = np.flatnonzero(allowed)
+    known = np.flatnonzero(allowed & scored)
+    todo = np.flatnonzero(allowed & ~scored)
+    if not known.size or not todo.size:
+        return out
+    x = normalized_maps(acts[idx])
+    pos = np.searchsorted(idx, known), np.searchsorted(idx, todo)
+    xs, xt = x[pos[0]], x[pos[1]]
+    sample = x[:: -(-idx.size // 128)]  # the median distance over at most 128 maps (every m-th)
+    dd = sq_distances(sample, sample).ravel()
+    dd = dd[dd > 0]  # each pair twice: the same median
+    h = bandwidth * (float(np.median(dd)) if dd.size else 1.0)
+    y = out[known]
+    mu = y.mean(axis=0, keepdims=True)
+    gram = np.exp(-sq_distances(xs, xs) / h) + ridge * np.eye(known.size)
+    alpha = np.linalg.solve(gram, y - mu)
+    out[todo] = mu + np.exp(-sq_distances(xt, xs) / h) @ alpha
+    return out
+
+
 def feature_scores(acts: np.ndarray, weight: np.ndarray, bias: np.ndarray, classes=None) -> np.ndarray:
     """``s[k,c] = mean_hw(M_c * norm(A_k)) + b_c`` [K,n] for ``classes`` (None: all C), float64.
 
@@ -86,4 +179,5 @@ def feature_scores(acts: np.ndarray, weight: np.ndarray, bias: np.ndarray, class
     return normed @ cams.T / flat.shape[1] + b[None, :]
 
 
-__all__ = ["SELECTS", "distinct_masks", "feature_scores", "relevance", "spatial_std", "top_channels"]
+__all__ = ["SELECTS", "cover", "distinct_masks", "feature_scores", "kernel_fill", "normalized_maps", "relevance",
+           "spatial_std", "top_channels"]

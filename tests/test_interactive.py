@@ -264,8 +264,8 @@ def test_one_pass_per_distinct_mask_shares_scores_exactly(tiny):
     varying = ~constant_channels(dup)
     constant = ~varying
     masked, passes = ex.score_channels(x, dup, varying, constant, 5, count=True)
-    assert passes == len(distinct_masks(dup[varying], ex.preset.mask)[0]) + int(constant.any())
-    assert passes <= acts.shape[0] + 1
+    assert passes == len(distinct_masks(dup[varying], ex.preset.mask)[0])  # the zero mask is cached, not counted
+    assert passes <= acts.shape[0] + 1  # a 0.25x copy can differ by eps: one mask more than the K originals
     each = ex.engine.score(x, dup, ex.preset.mask, 7)  # every channel on its own
     np.testing.assert_allclose(masked[varying], each[varying], rtol=1e-5, atol=1e-5)
 
@@ -310,7 +310,7 @@ def test_fill_weighs_the_left_out_channels_by_their_calibrated_preview_score(tin
     x = images.preprocess(photo(), ex.pre)
     logits, acts = ex.engine.classify_and_activations(x)
     r = ex.explain_tensor(x, targets=[2])[0]
-    assert r.fill == "preview" and r.passes == 5 + int(constant_channels(acts).any())
+    assert r.fill == "preview" and r.passes == 5
     assert np.count_nonzero(r.weights) == acts.shape[0]  # every channel weighs
     exact = ex.engine.score(x, acts, ex.preset.mask)[:, 2].astype(np.float64)
     keep = top_channels(relevance(acts, ex.head.weight, [2]), np.ones(acts.shape[0], bool), 5)
