@@ -160,3 +160,21 @@ def test_kernel_fill_on_lite0_keeps_the_map_of_a_sample(lite0_bundle):
     r = np.corrcoef(fast.saliency.ravel(), exact.saliency.ravel())[0, 1]
     assert r >= 0.95, r
     assert minmax(fast.saliency).max() == 1.0
+
+
+@pytest.mark.parametrize("rule", ["mc5+kern", "mc5+fill", "mc5", "preview"])
+def test_the_fill_study_replays_exactly_what_a_real_run_computes(tiny, rule):
+    """bench.fill_study answers masked inputs from cached exact scores: the map must be the real run's."""
+    from bench.contenders import fast_options
+    from bench.fill_study import ReplayEngine, exact_scores
+
+    exact = Explainer(tiny, device="cpu")
+    cached = exact_scores(exact, photo(seed=1))
+    real = Explainer(tiny, device="cpu", **fast_options(rule)).explain_tensor(cached["x"], cached["class_index"])[0]
+    ex = Explainer(tiny, device="cpu", **fast_options(rule))
+    ex.engine = ReplayEngine(ex.engine, cached["acts"], cached["column"], cached["zero"], cached["class_index"],
+                             ex.num_classes)
+    got = ex.explain_tensor(cached["x"], cached["class_index"])[0]
+    np.testing.assert_allclose(got.saliency, real.saliency, atol=1e-5)
+    assert got.passes == real.passes
+    assert ex.engine.scored == real.passes + (ex._zero_scores is not None)  # + the zero input, once per explainer
