@@ -82,7 +82,8 @@ class ReplayEngine:
 
     def __init__(self, engine, acts: np.ndarray, column: np.ndarray, zero: float, class_index: int, classes: int):
         self._engine = engine
-        self._rows = {np.ascontiguousarray(a, np.float32).tobytes(): float(s) for a, s in zip(acts, column, strict=True)}
+        self._rows = {np.ascontiguousarray(a, np.float32).tobytes(): float(s)
+                      for a, s in zip(acts, column, strict=True)}
         self._zero, self._c, self._n = float(zero), int(class_index), int(classes)
         self.scored = 0
 
