@@ -62,7 +62,8 @@ class Result:
     preset: str = "paper"
     mode: str = "scorecam"
     select: str = "all"  # which channels were scored: all, std or relevance (with max_channels)
-    passes: int = 0  # masked inputs scored (one per distinct mask); 0 for the preview
+    passes: int = 0  # masked inputs scored (one per distinct varying mask; the dead channels' all-zero mask is
+    # scored once per explainer and not counted); 0 for the preview
     fill: str = "zero"  # what the channels left out by max_channels weigh: zero or their calibrated preview score
     weights: np.ndarray | None = field(default=None, repr=False)  # a_k [K]
     image_shape: tuple[int, int] | None = None  # (h, w) of the original image, when known
