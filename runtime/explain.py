@@ -112,13 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-channels", metavar="N", type=_positive_int, default=None,
                    help="Faster Score-CAM: score only N channels, ranked by --select (default: all, exact)")
     p.add_argument("--select", choices=list(SELECTS), default="auto",
-                   help="how --max-channels ranks the channels: relevance (|W[c,k]| x spatial std, for the classes "
-                        "explained; needs a global-pooling -> linear head), std (spatial std, class-blind) or auto "
-                        "(default: relevance where the head allows it, else std)")
+                   help="how --max-channels chooses the channels: cover (the channels whose normalised maps cover "
+                        "all the others), relevance (|W[c,k]| x spatial std, for the classes explained; needs a "
+                        "global-pooling -> linear head), std (spatial std, class-blind) or auto (default: cover with "
+                        "--fill kernel, else relevance where the head allows it, else std)")
     p.add_argument("--fill", choices=list(FILLS), default="zero",
-                   help="with --max-channels, what the channels left out weigh: zero (default, Faster Score-CAM) or "
-                        "preview (their feature-space score, calibrated on the scored ones; needs a global-pooling "
-                        "-> linear head)")
+                   help="with --max-channels, what the channels left out weigh: zero (default, Faster Score-CAM), "
+                        "kernel (scores predicted from the scored channels by kernel regression on the maps; the "
+                        "recommended fast mode: --max-channels 16 --fill kernel) or preview (their feature-space "
+                        "score, calibrated on the scored ones; needs a global-pooling -> linear head)")
     p.add_argument("--mode", choices=list(MODES), default="scorecam",
                    help="scorecam (default) or preview: one classifier pass plus numpy, each channel's mask "
                         "applied to the features and scored in closed form (needs a global-pooling -> linear "

@@ -86,12 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-channels", metavar="N", type=_positive_int, default=None,
                    help="Faster Score-CAM: score only N channels, ranked by --select (default: all, exact)")
     p.add_argument("--select", choices=list(SELECTS), default="auto",
-                   help="how --max-channels ranks channels: relevance (|W[c,k]| x spatial std; needs a global-"
-                        "pooling -> linear head), std, or auto (default: relevance where the head allows it)")
+                   help="how --max-channels chooses channels: cover (normalised maps covered by k-means), relevance "
+                        "(|W[c,k]| x spatial std; needs a global-pooling -> linear head), std, or auto (default: "
+                        "cover with --fill kernel, else relevance where the head allows it)")
     p.add_argument("--mode", choices=list(MODES), default="scorecam",
                    help="scorecam (default) or preview (one classifier pass, closed form; needs that head)")
     p.add_argument("--fill", choices=list(FILLS), default="zero",
-                   help="with --max-channels: zero (default) or preview (channels left out get their calibrated "
+                   help="with --max-channels: zero (default), kernel (channels left out get scores predicted from "
+                        "the scored ones by kernel regression on the maps) or preview (their calibrated "
                         "feature-space score)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32 (default), int8 (the bundle's quantized classifier) or fp16 (CUDA only)")

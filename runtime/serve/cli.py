@@ -93,14 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-channels", type=_positive(int), default=None,
                    help="default Faster Score-CAM channel cap (default: all channels, exact)")
     p.add_argument("--select", choices=list(SELECTS), default="auto",
-                   help="how --max-channels ranks channels: relevance, std, or auto (default: relevance where the "
-                        "head is global pooling -> linear, else std); a request may ask for another")
+                   help="how --max-channels chooses channels: cover, relevance, std, or auto (default: cover with "
+                        "--fill kernel, else relevance where the head is global pooling -> linear, else std); a "
+                        "request may ask for another")
     p.add_argument("--mode", choices=list(MODES), default="scorecam",
                    help="scorecam (default) or preview (one classifier pass, closed-form; needs a global-pooling -> "
                         "linear head); a request may ask for another")
     p.add_argument("--fill", choices=list(FILLS), default="zero",
-                   help="with --max-channels: zero (default) or preview (channels left out get their calibrated "
-                        "feature-space score); a request may ask for another")
+                   help="with --max-channels: zero (default), kernel (channels left out get scores predicted from "
+                        "the scored ones) or preview (their calibrated feature-space score); a request may ask for "
+                        "another")
     p.add_argument("--batch-size", type=_positive(int), default=None, help="masked inputs per ONNX Runtime run")
     p.add_argument("--threads", type=_positive(int), default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--max-concurrency", type=_positive(int), default=1,
