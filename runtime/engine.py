@@ -128,6 +128,35 @@ def release_freed_memory() -> None:
 _trim = None
 
 
+def _spill(data: bytes) -> str | None:
+    """``data`` written to a new private (0600) temporary ``.onnx`` file: its path, or None if that fails."""
+    import tempfile
+
+    try:
+        fd, path = tempfile.mkstemp(prefix="scorecam-", suffix=".onnx")
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError:
+        _unlink(path)
+        return None
+    return path
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def batch_for(provider: str, input_size: tuple[int, int]) -> int:
     """Masked inputs per run on ``provider``: its 224 x 224 batch scaled by the input area, in [1, 256]."""
     h, w = input_size
@@ -258,23 +287,37 @@ class Engine:
 
     def session(self, proto: onnx.ModelProto | bytes, what: str) -> ort.InferenceSession:
         """An ONNX Runtime session of ``proto`` (or its serialized bytes) on this engine's providers
-        (CPU fallback, one-line errors)."""
+        (CPU fallback, one-line errors).
+
+        The serialized graph is spilled to a private temporary file and ONNX Runtime loads it from there,
+        with no Python copy left: from bytes it would parse them while they are still alive, so the weights
+        would be held once more at the peak than by a session made from a path (where the temporary
+        directory is not writable, the bytes are passed as before)."""
         data = proto if isinstance(proto, bytes) else proto.SerializeToString()
         del proto
-        release_freed_memory()  # the graph's parsed copy is gone: before ONNX Runtime makes its own
+        spilled = _spill(data)
+        source: str | bytes = data
+        if spilled is not None:
+            source = spilled
+            del data
+        release_freed_memory()  # the graph's Python copies are gone: before ONNX Runtime makes its own
         try:
-            sess = ort.InferenceSession(data, session_options(self.threads),
-                                        providers=self._provider_args())
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise EngineError(f"ONNX Runtime cannot load the {what}: {str(e).splitlines()[0]}") from None
-        if self.providers[0] == CUDA and sess.get_providers()[0] != CUDA:
-            if self.device == "cuda":
-                raise EngineError("device 'cuda' is not available: the CUDA provider failed to load "
-                                  "(check the CUDA/cuDNN libraries onnxruntime-gpu needs)")
-            _warn("the CUDA provider failed to load; running on CPU")
-            self.providers = [CPU]
-            return self.session(data, what)
-        return sess
+            try:
+                sess = ort.InferenceSession(source, session_options(self.threads), providers=self._provider_args())
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise EngineError(f"ONNX Runtime cannot load the {what}: {str(e).splitlines()[0]}") from None
+            if self.providers[0] == CUDA and sess.get_providers()[0] != CUDA:
+                if self.device == "cuda":
+                    raise EngineError("device 'cuda' is not available: the CUDA provider failed to load "
+                                      "(check the CUDA/cuDNN libraries onnxruntime-gpu needs)")
+                _warn("the CUDA provider failed to load; running on CPU")
+                self.providers = [CPU]
+                del sess
+                return self.session(source if isinstance(source, bytes) else _read(source), what)
+            return sess
+        finally:
+            if spilled is not None:
+                _unlink(spilled)
 
     def _provider_args(self) -> list:
         """The providers with their options: CUDA without TF32 unless ``tf32`` (cuDNN and cuBLAS would

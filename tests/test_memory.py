@@ -227,3 +227,32 @@ def test_a_bundle_held_in_memory_is_not_changed_by_the_engine(bundle):
     eng = Engine(b.load_model, b.load_features, device="cpu", input_size=(32, 32))
     assert eng.fused and graph_sha256(b.model) == before == graph_sha256(model)
     assert len(b.model.graph.node) == len(model.graph.node)
+
+
+def test_sessions_load_from_a_private_file_that_is_removed(tmp_path, monkeypatch):
+    """The engine spills each graph to a 0600 temporary file, ONNX Runtime loads it from there (no Python copy
+    of the weights alive at the peak), and the file is removed; without a writable temp dir, bytes as before."""
+    import tempfile
+
+    from runtime import engine as engine_mod
+
+    spilled = []
+    real = engine_mod._spill
+
+    def spy(data):
+        path = real(data)
+        spilled.append((path, oct(os.stat(path).st_mode & 0o777) if path else None))
+        return path
+
+    monkeypatch.setattr(engine_mod, "_spill", spy)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    r = Explainer(make_bundle(tmp_path / "b1", seed=11, channels=7), device="cpu").explain(photo())[0]
+    assert np.isfinite(r.saliency).all()
+    assert spilled and all(p and str(p).startswith(str(tmp)) and mode == "0o600" for p, mode in spilled)
+    assert list(tmp.iterdir()) == []  # every spilled file removed
+    spilled.clear()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))  # not writable: bytes
+    r2 = Explainer(make_bundle(tmp_path / "b2", seed=12, channels=7), device="cpu").explain(photo())[0]
+    assert np.isfinite(r2.saliency).all() and spilled and all(p is None for p, _ in spilled)
