@@ -89,9 +89,11 @@ def normalized_maps(acts: np.ndarray) -> np.ndarray:
     return minmax(acts).reshape(acts.shape[0], -1).astype(np.float64)
 
 
-def sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``|a_i - b_j|^2`` [len(a), len(b)] without the [n,m,d] intermediate (clipped at 0)."""
-    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+def sq_distances(a: np.ndarray, b: np.ndarray, a2: np.ndarray | None = None) -> np.ndarray:
+    """``|a_i - b_j|^2`` [len(a), len(b)] without the [n,m,d] intermediate (clipped at 0); ``a2``: the
+    squared norms of ``a``'s rows when known."""
+    a2 = (a * a).sum(1) if a2 is None else a2
+    d = a2[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
     return np.maximum(d, 0.0)
 
 
@@ -110,22 +112,23 @@ def cover(acts: np.ndarray, weight: np.ndarray, allowed: np.ndarray, n: int,
         return out
     x = normalized_maps(acts[idx])
     w = np.maximum(np.nan_to_num(np.asarray(weight, np.float64)[idx]), 0.0) + 1e-12
+    x2 = (x * x).sum(1)
     chosen = [int(np.argmax(w))]
-    dist = sq_distances(x, x[chosen])[:, 0]
+    dist = sq_distances(x, x[chosen], x2)[:, 0]
     for _ in range(n - 1):
         j = int(np.argmax(dist))
         if dist[j] <= 0:  # fewer than n distinct maps
             break
         chosen.append(j)
-        dist = np.minimum(dist, sq_distances(x, x[j:j + 1])[:, 0])
+        dist = np.minimum(dist, sq_distances(x, x[j:j + 1], x2)[:, 0])
     centres = x[chosen]
     for _ in range(iterations):
-        label = sq_distances(x, centres).argmin(axis=1)
+        label = sq_distances(x, centres, x2).argmin(axis=1)
         for c in range(len(centres)):
             m = label == c
             if m.any():
                 centres[c] = (w[m, None] * x[m]).sum(0) / w[m].sum()
-    d = sq_distances(x, centres)
+    d = sq_distances(x, centres, x2)
     label = d.argmin(axis=1)
     for c in range(len(centres)):
         members = np.flatnonzero(label == c)
