@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--reduce-range", action="store_true", help="7-bit weights (x86 CPUs without VNNI)")
     ap.add_argument("--keep-first", type=int, default=KEEP_FIRST, metavar="N",
                     help=f"leave the first N Conv/Gemm/MatMul nodes in fp32 (default {KEEP_FIRST}: the stem and "
-                         "first two blocks of EfficientNet-Lite0, where int8 rounding of Score-CAM's masked inputs "
+                         "first block of EfficientNet-Lite0, where int8 rounding of Score-CAM's masked inputs "
                          "costs the most)")
     ap.add_argument("--keep-fp32", type=int, default=KEEP_FP32, metavar="N",
                     help=f"leave the last N Conv/Gemm/MatMul nodes in fp32 (default {KEEP_FP32})")

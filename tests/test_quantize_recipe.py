@@ -70,3 +70,15 @@ def test_keep_first_leaves_the_input_and_first_layer_unrounded(tmp_path):
     assert dq_weights, "the later weighted layers are int8"
     r = Explainer(b, device="cpu", precision="int8").explain(photo())[0]
     assert np.isfinite(r.saliency).all()
+
+
+def test_precomputed_calibration_inputs_are_used_as_given(tmp_path):
+    from exporter.quantize import quantize_bundle
+
+    b = make_bundle(tmp_path / "b", channels=8)
+    rng = np.random.default_rng(0)
+    inputs = [rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32) for _ in range(4)]
+    quantize_bundle(b, SAMPLES / "chelsea.png", inputs=inputs)
+    meta = BundleMeta.from_props(read_props(onnx.load(str(b / INT8_FILE))))
+    assert meta.versions["calibration_inputs"] == "4" and meta.versions["calibration_images"] == "1"
+    assert meta.versions["quantization_fp32_nodes"].count(",") == 1  # the toy's last two weighted nodes only
