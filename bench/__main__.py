@@ -106,7 +106,7 @@ def expand(names: list[str], fast: list[str]) -> list[str]:
 def make_plan(args) -> list[Job]:
     fast = args.fast
     if args.plan == "memory-int8":  # issue 15's targets only: RSS against a bare session, two explainers, int8
-        int8 = expand(["paper", "int8", "int8+mc128", "int8+mc64", "mc128", "mc64"], fast)
+        int8 = expand(["paper", "int8", "int8+mc512", "int8+mc256", "int8+mc128", "mc512", "mc256", "mc128"], fast)
         return [Job("lite0", 224, int8, ["bare", "paper", "pair", "int8"], not args.no_fidelity),
                 Job("resnet50", 224, [], ["bare", "paper", "pair"], False, f"resnet50_k{args.twin_k}")]
     rss = list(args.rss or (["paper"] if args.quick else DEFAULT_RSS))

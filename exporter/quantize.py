@@ -1,9 +1,14 @@
 """int8 classifier for a bundle: static QDQ quantization of ``model.onnx`` -> ``model.int8.onnx``.
 
 ``quantize_bundle(bundle_dir, calib)`` runs ONNX Runtime's ``quantize_static`` (QDQ format, per-channel
-int8 weights, uint8 activations, MinMax calibration) on the bundle's classifier, leaving the last
-``keep_fp32`` weighted layers (the head convolution and the classifier: few FLOPs, but their error goes
-straight into every score) in fp32. Calibration inputs are the given photos and their augmented copies
+int8 weights, uint8 activations, MinMax calibration) on the bundle's classifier, leaving the first
+``keep_first`` and the last ``keep_fp32`` weighted layers in fp32. The first ones matter most: Score-CAM
+feeds the classifier masked inputs ``x * H_k``, mostly small values (the mask is ~0 over much of the
+frame), and rounding the input, the stem and the first block to 8 bits over their full calibrated range
+adds a per-mask error that the rest of the network carries to the class score (on
+EfficientNet-Lite0 the first block in fp32 cuts that error by ~3x, for a few % of the FLOPs; see the
+README's "int8 that keeps the map"). The last ones are few FLOPs, and their error would go straight into
+every score. Calibration inputs are the given photos and their augmented copies
 (mirrored, centre-cropped, zoomed out: :func:`augmentations`), preprocessed exactly as the bundle's
 metadata says (``runtime.images``) and, since the int8 graph only ever scores *masked* inputs
 ``x * H_k``, a few Score-CAM masked copies of each (masks from the bundle's own feature graph), so the
@@ -35,10 +40,11 @@ from runtime.contract import FEATURES_FILE, INT8_FILE, BundleError, graph_sha256
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 MASKED_PER_IMAGE = 8
+KEEP_FIRST = 3  # the first weighted layers left in fp32 (Lite0: the stem and first block; README, int8)
 KEEP_FP32 = 2  # the last weighted layers left in fp32 (chosen by measurement: bench/README.md)
 AUGMENT = ("flip", "crop", "zoom")
 #: bumped whenever the quantization settings change (``version.quantization_recipe`` in the file)
-RECIPE = "qdq-u8s8-minmax-aug-keep2-2"
+RECIPE = "qdq-u8s8-minmax-aug-first3-keep2-3"
 
 
 class QuantizeError(RuntimeError):
@@ -143,7 +149,8 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
                     masked_per_image: int = MASKED_PER_IMAGE, per_channel: bool = True,
                     preprocess: bool = True, reduce_range: bool = False, out_name: str = INT8_FILE,
                     quiet: bool = True, keep_fp32: int = KEEP_FP32, augment: Sequence[str] = AUGMENT,
-                    nodes_to_exclude: Sequence[str] = ()) -> Path:
+                    nodes_to_exclude: Sequence[str] = (), keep_first: int = KEEP_FIRST,
+                    inputs: Sequence[np.ndarray] | None = None) -> Path:
     """Write ``<bundle_dir>/model.int8.onnx`` (static QDQ int8 of ``model.onnx``); return its path.
 
     Args:
@@ -155,6 +162,10 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
             optimisation) first, as ONNX Runtime recommends; falls back to the raw graph if it fails.
         reduce_range: 7-bit weights, for x86 CPUs without VNNI where u8 x s8 products can saturate.
         keep_fp32: the last N weighted nodes (Conv, Gemm, MatMul, in graph order) left in fp32.
+        keep_first: the first N weighted nodes left in fp32 (fewer if only they and the last ``keep_fp32``
+            would be left: at least one weighted node is quantized).
+        inputs: the calibration inputs ([1,3,H,W] float32, preprocessed) instead of those
+            :func:`calibration_inputs` makes from ``calib`` (which then only counts the photos).
         augment: augmented copies of each calibration photo (:func:`augmentations`; () for none).
         nodes_to_exclude: more node names left in fp32.
 
@@ -170,7 +181,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
     files = calibration_files(calib)
     model = bundle.model
     in_name = model.graph.input[0].name
-    inputs = list(calibration_inputs(bundle, files, masked_per_image, augment=augment))
+    inputs = list(calibration_inputs(bundle, files, masked_per_image, augment=augment) if inputs is None else inputs)
 
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=directory) as tmp:
         src = Path(tmp) / "model.fp32.onnx"
@@ -189,11 +200,11 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
                           file=sys.stderr)
         raw = Path(tmp) / "model.int8.raw.onnx"
         exclude = list(nodes_to_exclude)
-        if keep_fp32 > 0:
+        if keep_fp32 > 0 or keep_first > 0:
             graph = onnx.load(str(src))
             if _name_nodes(graph):
                 onnx.save(graph, str(src))
-            exclude = [*last_weighted_nodes(graph, keep_fp32), *exclude]
+            exclude = [*fp32_weighted_nodes(graph, keep_first, keep_fp32), *exclude]
             del graph
         try:
             quantize_static(str(src), str(raw), _Reader(in_name, inputs), quant_format=QuantFormat.QDQ,
@@ -207,7 +218,8 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
         versions = dict(bundle.meta.versions)
         versions["quantization"] = (f"int8 QDQ static (onnxruntime {_ort_version()}, u8 activations, s8 "
                                     f"{'per-channel' if per_channel else 'per-tensor'} weights"
-                                    f"{' reduced range' if reduce_range else ''}, MinMax)")
+                                    f"{' reduced range' if reduce_range else ''}, MinMax, "
+                                    f"{len(exclude)} weighted nodes fp32)")
         versions["quantization_recipe"] = RECIPE
         versions["quantization_fp32_nodes"] = ",".join(exclude)
         versions["calibration_images"] = str(len(files))
@@ -225,6 +237,16 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
             Path(tmp_out).unlink(missing_ok=True)
             raise
     return directory / out_name
+
+
+def fp32_weighted_nodes(model: onnx.ModelProto, first: int, last: int) -> list[str]:
+    """Names of the weighted nodes left in fp32: the last ``last`` Conv / Gemm / MatMul nodes of ``model``
+    and its first ``first`` ones, in graph order, the first ones cut back so that at least one weighted node
+    is still quantized (a tiny graph is not left all fp32 by the defaults)."""
+    weighted = [node.name for node in model.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]
+    tail = last_weighted_nodes(model, last)
+    head = weighted[:max(0, min(first, len(weighted) - len(tail) - 1))]
+    return [*head, *tail]
 
 
 def last_weighted_nodes(model: onnx.ModelProto, n: int) -> list[str]:
@@ -270,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per-channel)")
     ap.add_argument("--no-preprocess", action="store_true", help="skip quant_pre_process")
     ap.add_argument("--reduce-range", action="store_true", help="7-bit weights (x86 CPUs without VNNI)")
+    ap.add_argument("--keep-first", type=int, default=KEEP_FIRST, metavar="N",
+                    help=f"leave the first N Conv/Gemm/MatMul nodes in fp32 (default {KEEP_FIRST}: the stem and "
+                         "first block of EfficientNet-Lite0, where int8 rounding of Score-CAM's masked inputs "
+                         "costs the most)")
     ap.add_argument("--keep-fp32", type=int, default=KEEP_FP32, metavar="N",
                     help=f"leave the last N Conv/Gemm/MatMul nodes in fp32 (default {KEEP_FP32})")
     ap.add_argument("--no-augment", action="store_true",
@@ -279,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = quantize_bundle(args.bundle, args.calib, masked_per_image=args.masked_per_image,
                               per_channel=not args.per_tensor, preprocess=not args.no_preprocess,
                               reduce_range=args.reduce_range, quiet=False, keep_fp32=args.keep_fp32,
+                              keep_first=args.keep_first,
                               augment=() if args.no_augment else AUGMENT)
     except (BundleError, QuantizeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -135,7 +135,7 @@ def test_quantize_cli(tmp_path, capsys):
     assert any(n.op_type == "Conv" and n.input[1] in dq_out for n in q.graph.node)  # the first is int8
     Explainer(b, device="cpu", precision="int8").explain(photo())
     assert main([str(b), str(SAMPLES / "chelsea.png"), "--masked-per-image", "2", "--no-augment",
-                 "--keep-fp32", "0"]) == 0
+                 "--keep-fp32", "0", "--keep-first", "0"]) == 0
     meta = BundleMeta.from_props(read_props(onnx.load(str(b / INT8_FILE))))
     assert meta.versions["calibration_inputs"] == "3" and meta.versions["quantization_fp32_nodes"] == ""
 
