@@ -198,12 +198,15 @@ class Engine:
                  threads: int | None = None, input_size: tuple[int, int] = (224, 224),
                  precision: str = "fp32", int8_classifier: Callable[[], onnx.ModelProto] | None = None,
                  tf32: bool = False, mask: MaskSpec | None = None, *, features_output: str | None = None,
-                 key: str | None = None, inspect: Callable[[onnx.ModelProto, Engine], None] | None = None) -> None:
+                 key: str | None = None, inspect: Callable[[onnx.ModelProto, Engine], None] | None = None,
+                 int8_key: str | None = None) -> None:
         """``classifier``/``features``: the graphs, or loaders returning them (then no proto is kept).
         ``features_output``: the feature graph's output (None: read from the graph). ``key``: names
         the two graphs (their sha256s); engines with the same key and settings share their sessions.
         ``inspect(classifier, engine)``: called with the classifier graph when the engine loads it, before
-        the main session is built on it (read what you need of it then: it is not kept)."""
+        the main session is built on it (read what you need of it then: it is not kept). ``int8_key``: names
+        the int8 classifier file (its path, size and mtime), so an int8 session is shared only by engines of
+        that very file."""
         if precision not in PRECISIONS:
             raise EngineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.device = device
@@ -215,6 +218,7 @@ class Engine:
         self._load_features = features if callable(features) else (lambda: features)
         self._int8_classifier = int8_classifier
         self.key = key
+        self.int8_key = int8_key
         self.providers = providers_for(device)
         if precision == "fp16" and self.providers[0] != CUDA:
             raise EngineError("precision 'fp16' needs the CUDA provider; on CPU use 'fp32' or 'int8'")
@@ -393,7 +397,8 @@ class Engine:
                                     extra_outputs=[self.features_output] if main else (),
                                     in_place=own).SerializeToString()
 
-            kind = f"scorer/{key}" + (f"/main:{self.features_output}" if main else "")
+            kind = (f"scorer/{key}" + (f"/main:{self.features_output}" if main else "")
+                    + (f"/int8:{self.int8_key}" if precision == "int8" else ""))
             return self.shared_session(kind, build, "scoring graph")
 
         return self.cached(self._scorers, key, make)

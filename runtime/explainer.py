@@ -155,6 +155,10 @@ class Explainer:
         if precision == "int8":
             self.bundle.load_int8()  # fail now, not in the middle of the first explanation
         key = f"{self.bundle.model_sha256}:{self.bundle.features_sha256}"
+        int8_key = None
+        if precision == "int8":  # the int8 file can change beside unchanged fp32 graphs: its identity too
+            st = os.stat(self.bundle.int8_path)
+            int8_key = f"{os.path.realpath(self.bundle.int8_path)}:{st.st_size}:{st.st_mtime_ns}"
         seen: list[LinearHead | None] = []
 
         def inspect(proto, engine: Engine) -> None:  # the head is read from the graph the engine loads anyway
@@ -163,7 +167,8 @@ class Explainer:
         self.engine = Engine(self.bundle.load_model, self.bundle.load_features, device=device, threads=threads,
                              input_size=self.pre.input_size, precision=precision,
                              int8_classifier=self.bundle.load_int8, tf32=tf32, mask=self.preset.mask,
-                             features_output=self.bundle.features_output, key=key, inspect=inspect)
+                             features_output=self.bundle.features_output, key=key, inspect=inspect,
+                             int8_key=int8_key)
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
             self.batch_size = self.bundle.max_batch

@@ -215,3 +215,26 @@ def test_calibration_augmentations():
     assert np.array_equal(zoom[0, 0], rgb.reshape(-1, 3).mean(axis=0).astype(np.uint8))  # padded with the mean
     with pytest.raises(QuantizeError, match="unknown augmentation"):
         list(augmentations(rgb, ("rotate",)))
+
+
+def test_an_int8_session_is_shared_only_by_the_same_int8_file(toy_int8, tmp_path):
+    """Two bundles with the same fp32 graphs but different int8 files get their own int8 sessions (the shared
+    session cache names the int8 file, not just the fp32 graphs), and an int8 file changed on disk is loaded
+    afresh by the next explainer."""
+    from onnx import numpy_helper
+
+    other = tmp_path / "other"
+    shutil.copytree(toy_int8, other)
+    q = onnx.load(str(other / INT8_FILE))
+    w = next(t for t in q.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 1)
+    arr = numpy_helper.to_array(w).copy() + 0.5  # another "calibration": a float bias moved
+    w.CopyFrom(numpy_helper.from_array(arr.astype(np.float32), w.name))
+    onnx.save(q, str(other / INT8_FILE))
+    a = Explainer(toy_int8, device="cpu", precision="int8")
+    b = Explainer(other, device="cpu", precision="int8")
+    spec = a.preset.mask
+    assert a.engine.scorer(spec, "int8") is not b.engine.scorer(spec, "int8")
+    assert a.engine.scorer(spec, "fp32") is b.engine.scorer(spec, "fp32")  # the fp32 graphs are still shared
+    x = images.preprocess(photo(), a.pre)
+    acts = a.engine.activations(x)
+    assert not np.allclose(a.engine.score(x, acts, spec), b.engine.score(x, acts, spec))
