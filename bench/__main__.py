@@ -33,7 +33,7 @@ from .machine import cpu_model
 
 RESULTS = HERE / "results"
 CPU_FAST = ("mc128", "mc64", "mc32", "mc32+std", "mc16", "mc20+fill", "mc64+kern", "mc20+kern", "mc16+kern", "mc8+kern",
-            "int8", "int8+mc64+kern", "int8+mc16+kern", "preview")
+            "int8", "int8+mc128+kern", "int8+mc64+kern", "int8+mc16+kern", "int8+mc12+kern", "preview")
 CUDA_FAST = ("fp16", "mc128", "mc32", "fp16+mc128", "fp16+mc32", "mc16+kern", "preview")
 PEERS = ("reciprocam", "rise")
 GROUPS = {"exact": PRESETS, "peers": PEERS, "all": ("floor", *PRESETS, "top5", "torch", "pass1", "fast", "peers")}
@@ -106,8 +106,8 @@ def expand(names: list[str], fast: list[str]) -> list[str]:
 def make_plan(args) -> list[Job]:
     fast = args.fast
     if args.plan == "memory-int8":  # issue 15's targets only: RSS against a bare session, two explainers, int8
-        int8 = expand(["paper", "int8", "int8+mc512", "int8+mc64+kern", "int8+mc16+kern", "mc512", "mc64+kern",
-                       "mc16+kern"], fast)
+        int8 = expand(["paper", "int8", "int8+mc512", "int8+mc128+kern", "int8+mc64+kern", "int8+mc16+kern", "mc512",
+                       "mc128+kern", "mc64+kern", "mc16+kern"], fast)
         return [Job("lite0", 224, int8, ["bare", "paper", "pair", "int8"], not args.no_fidelity),
                 Job("resnet50", 224, [], ["bare", "paper", "pair"], False, f"resnet50_k{args.twin_k}")]
     rss = list(args.rss or (["paper"] if args.quick else DEFAULT_RSS))
