@@ -110,7 +110,7 @@ def exact_scores(ex, rgb: np.ndarray) -> dict:
     skipped = constant_channels(acts)
     masked = ex.score_channels(x, acts, ~skipped, skipped, logits.shape[1])
     zero = ex.zero_input_scores(x, acts.shape[1:])
-    return {"acts": acts[0] if acts.ndim == 4 else acts, "class_index": c, "column": masked[:, c].astype(np.float32),
+    return {"acts": acts, "class_index": c, "column": masked[:, c].astype(np.float32),
             "zero": float(zero[c]), "x": x}
 
 
@@ -118,20 +118,15 @@ def replay(bundle: Path, rule: str, rgb: np.ndarray, cached: dict, exact_map: np
     """(r to the exact map, passes) of ``rule`` on one photo, by replaying cached scores."""
     from runtime import Explainer
 
+    from .__main__ import pearson
     from .contenders import fast_options
 
     ex = Explainer(bundle, device="cpu", threads=threads, **(fast_options(rule) or {}))
     ex.engine = ReplayEngine(ex.engine, cached["acts"], cached["column"], cached["zero"], cached["class_index"],
                              ex.num_classes)
     res = ex.explain_tensor(cached["x"], targets=cached["class_index"])[0]
-    return pearson(exact_map, res.saliency), res.passes
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    if a.std() == 0 or b.std() == 0:
-        return 0.0
-    return float(np.corrcoef(a, b)[0, 1])
+    r = pearson(exact_map, res.saliency)
+    return (0.0 if np.isnan(r) else r), res.passes  # a constant map: the worst r, so the group's min shows it
 
 
 def run(bundle: Path, groups, rules, threads: int) -> dict:

@@ -293,7 +293,7 @@ class Explainer:
         return results
 
     def _explain_tensor(self, x: np.ndarray, targets, top_k: int, progress: Progress | None) -> list[Result]:
-        t0 = time.perf_counter()
+        """:meth:`explain_tensor` (which sets ``seconds``)."""
         x = self._check_tensor(x)
         logits, acts = self.engine.classify_and_activations(x)
         require_finite(logits, acts, self.meta.layer)
@@ -305,28 +305,21 @@ class Explainer:
             masked = self.preview_scores(acts, classes)
         else:
             scored = self.channels_to_score(acts, skipped, classes)
-            filling = self.fill != "zero" and not scored.all() and (self.head is not None or self.fill == "kernel")
+            filling = self.fill != "zero" and not scored.all()  # fill 'preview' without a head: refused at init
             if filling and not self.preset.skip_constant:
                 scored = scored | skipped  # the all-zero mask (cached): the many dead channels are exact
             select = self.selection if self.max_channels is not None and self.max_channels < acts.shape[0] else "all"
             masked, passes = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0],
                                                  progress, count=True)
             require_finite(masked[scored], masked=True)
-            if filling and self.fill == "kernel":
-                cols = slice(None) if self.preset.name == "official" else classes
-                filled = masked.astype(np.float64)
-                allowed = ~skipped if self.preset.skip_constant else np.ones_like(scored)
-                filled[:, cols] = kernel_fill(acts, scored, filled[:, cols], allowed & ~skipped)
-                masked, scored = filled, allowed
-            elif filling:
-                masked, scored = self.fill_scores(acts, masked, scored, skipped, classes), np.ones_like(scored)
+            if filling:
+                masked, scored = self.fill_scores(acts, masked, scored, skipped, classes)
         maps = self._maps(acts, masked, base, classes, skipped, scored,
                           columns=self.mode == "preview" and self.preset.name != "official")
         probs = self._probabilities(base)
-        seconds = time.perf_counter() - t0
         return [Result(saliency=m.saliency, cam=m.cam, class_index=m.class_index, label=self.label_of(m.class_index),
                        score=float(base[m.class_index]), probability=float(probs[m.class_index]),
-                       channels_used=int(scored.sum()), channels_skipped=int(skipped.sum()), seconds=seconds,
+                       channels_used=int(scored.sum()), channels_skipped=int(skipped.sum()), seconds=0.0,
                        provider=self.provider, preset=self.preset.name, mode=self.mode, select=select,
                        passes=passes, fill=self.fill if select != "all" else "zero", weights=m.weights)
                 for m in maps]
@@ -346,12 +339,22 @@ class Explainer:
         return maps
 
     def fill_scores(self, acts: np.ndarray, masked: np.ndarray, scored: np.ndarray, skipped: np.ndarray,
-                    classes: list[int]) -> np.ndarray:
-        """``masked`` [K,C] with the rows of the channels not scored filled, in the columns of ``classes``, by
-        ``a s_k + b``: ``s`` the feature-space score, ``a >= 0, b`` the least-squares line of the exact scores
-        on ``s`` over the scored varying channels (a = 0, b = their mean when fewer than 3)."""
-        s = feature_scores(acts, self.head.weight, self.head.bias, classes)  # [K,n]
+                    classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(masked, weighed)``: ``masked`` [K,C] with the rows of the channels not scored filled as
+        :attr:`fill` says, and the channels that now weigh in the map.
+
+        ``kernel``: :func:`runtime.selection.kernel_fill` in the columns of ``classes`` (every column for
+        ``official``, whose weight is a softmax over every class), over the channels the preset does not
+        skip. ``preview``: ``a s_k + b`` in the columns of ``classes``, ``s`` the feature-space score,
+        ``a >= 0, b`` the least-squares line of the exact scores on ``s`` over the scored varying channels
+        (a = 0, b = their mean when fewer than 3); every channel weighs."""
         out = masked.astype(np.float64)
+        if self.fill == "kernel":
+            cols = slice(None) if self.preset.name == "official" else classes
+            weighed = ~skipped if self.preset.skip_constant else np.ones_like(scored)
+            out[:, cols] = kernel_fill(acts, scored, out[:, cols], weighed & ~skipped)
+            return out, weighed
+        s = feature_scores(acts, self.head.weight, self.head.bias, classes)  # [K,n]
         fit = scored & ~skipped
         for i, c in enumerate(classes):
             e, p = out[fit, c], s[fit, i]
@@ -359,7 +362,7 @@ class Explainer:
             a = max(a, 0.0)
             b = float(np.mean(e - a * p)) if fit.any() else 0.0
             out[~scored, c] = a * s[~scored, i] + b
-        return out
+        return out, np.ones_like(scored)
 
     def preview_scores(self, acts: np.ndarray, classes: list[int]) -> np.ndarray:
         """The feature-space scores of :func:`runtime.selection.feature_scores`: [K,len(classes)], or [K,C]
