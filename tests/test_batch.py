@@ -7,14 +7,12 @@ instance and, once, a real cluster with ``ray start --head`` on loopback.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -299,31 +297,18 @@ def test_ray_engine_local_instance(bundle, tmp_path, capsys, monkeypatch):
     assert job.part_files(out) == parts
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_engine_on_a_real_cluster_via_address(bundle, tmp_path):
-    """``ray start --head`` on loopback (its own temp dir; only its processes are stopped), then --address."""
+    """``ray start --head`` on loopback (bench.batch.ray_head: its own temp dir and auth token; only its
+    processes are stopped), then --address."""
+    from bench.batch import ray_head
+
     _need_ray()
-    ray_bin = Path(sys.executable).parent / "ray"
-    require_tool(ray_bin.exists(), "the ray command line")
+    require_tool((Path(sys.executable).parent / "ray").exists(), "the ray command line")
     imgs, corrupt, text = _dataset(tmp_path / "data", n=4)
-    port = _free_port()
-    env = _env()  # the cluster's own token (Ray >= 2.59 authenticates by default; ~/.ray/auth_token is shared)
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="1")
-    temp = Path("/tmp") / f"ray-i13-{os.getpid()}-{port}"  # short: Ray's socket paths must fit in 107 bytes
-    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}",
-                             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
-                             "--include-dashboard=false", f"--dashboard-port={_free_port()}", "--disable-usage-stats",
-                             f"--temp-dir={temp}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with ray_head(2) as (address, env):
         out = tmp_path / "out"
         cmd = [sys.executable, "-m", "runtime.batch", str(bundle), str(tmp_path / "data"), "--out", str(out),
-               "--engine", "ray", "--address", f"127.0.0.1:{port}", "--workers", "2"]
+               "--engine", "ray", "--address", address, "--workers", "2"]
         deadline = time.monotonic() + 90
         while True:  # the head needs a few seconds before it takes drivers
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -334,17 +319,7 @@ def test_ray_engine_on_a_real_cluster_via_address(bundle, tmp_path):
         assert _summary(r.stdout) == (4, 0, 2)
         _check_output(out, bundle, imgs, corrupt, text, top_k=1)
         run = json.loads((out / job.RUN_JSON).read_text())["runs"][-1]
-        assert run["address"] == f"127.0.0.1:{port}" and run["workers"] == 2
-    finally:  # only the processes this test started: the head's session
-        head.terminate()
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)  # anything of that session still alive
-        subprocess.run(["rm", "-rf", str(temp)], check=False)
+        assert run["address"] == address and run["workers"] == 2
 
 
 def test_one_job_per_folder_and_lost_maps_are_redone(bundle, tmp_path, capsys):
