@@ -88,6 +88,25 @@ def _alpha(text: str) -> float:
     return value
 
 
+def add_mode_arguments(p: argparse.ArgumentParser, note: str = "") -> None:
+    """``--select``, ``--fill`` and ``--mode`` (the fast modes), as every CLI of the project offers them;
+    ``note`` ends each help text (the service: a request may ask for another)."""
+    p.add_argument("--select", choices=list(SELECTS), default="auto",
+                   help="how --max-channels chooses the channels: cover (the channels whose normalised maps cover "
+                        "all the others), relevance (|W[c,k]| x spatial std, for the classes explained; needs a "
+                        "global-pooling -> linear head), std (spatial std, class-blind) or auto (default: cover with "
+                        "--fill kernel, else relevance where the head allows it, else std)" + note)
+    p.add_argument("--fill", choices=list(FILLS), default="zero",
+                   help="with --max-channels, what the channels left out weigh: zero (default, Faster Score-CAM), "
+                        "kernel (scores predicted from the scored channels by kernel regression on the maps; the "
+                        "recommended fast mode: --max-channels 16 --fill kernel) or preview (their feature-space "
+                        "score, calibrated on the scored ones; needs a global-pooling -> linear head)" + note)
+    p.add_argument("--mode", choices=list(MODES), default="scorecam",
+                   help="scorecam (default) or preview: one classifier pass plus numpy, each channel's mask "
+                        "applied to the features and scored in closed form (needs a global-pooling -> linear "
+                        "head); for live video, thumbnails and dashboards" + note)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m runtime.explain",
@@ -111,20 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "scaled by the input area)")
     p.add_argument("--max-channels", metavar="N", type=_positive_int, default=None,
                    help="Faster Score-CAM: score only N channels, ranked by --select (default: all, exact)")
-    p.add_argument("--select", choices=list(SELECTS), default="auto",
-                   help="how --max-channels chooses the channels: cover (the channels whose normalised maps cover "
-                        "all the others), relevance (|W[c,k]| x spatial std, for the classes explained; needs a "
-                        "global-pooling -> linear head), std (spatial std, class-blind) or auto (default: cover with "
-                        "--fill kernel, else relevance where the head allows it, else std)")
-    p.add_argument("--fill", choices=list(FILLS), default="zero",
-                   help="with --max-channels, what the channels left out weigh: zero (default, Faster Score-CAM), "
-                        "kernel (scores predicted from the scored channels by kernel regression on the maps; the "
-                        "recommended fast mode: --max-channels 16 --fill kernel) or preview (their feature-space "
-                        "score, calibrated on the scored ones; needs a global-pooling -> linear head)")
-    p.add_argument("--mode", choices=list(MODES), default="scorecam",
-                   help="scorecam (default) or preview: one classifier pass plus numpy, each channel's mask "
-                        "applied to the features and scored in closed form (needs a global-pooling -> linear "
-                        "head); for live video, thumbnails and dashboards")
+    add_mode_arguments(p)
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32 (exact, default), int8 (the bundle's quantized classifier, from exporter --int8) "
                         "or fp16 (CUDA only) for the masked passes")

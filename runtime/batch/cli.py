@@ -16,10 +16,8 @@ from pathlib import Path
 
 from .. import thirdparty
 from ..engine import DEVICES, PRECISIONS, cpu_count
-from ..explain import EXIT_USAGE, UsageError, _one_line, _Parser, _positive_int, parse_cli
-from ..explainer import FILLS, MODES
+from ..explain import EXIT_USAGE, UsageError, _one_line, _Parser, _positive_int, add_mode_arguments, parse_cli
 from ..scorecam import PRESETS
-from ..selection import SELECTS
 from . import job
 from .inputs import InputError, expand
 from .progress import Progress, summary
@@ -85,16 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=list(PRESETS), default="paper", help="Score-CAM variant (default paper)")
     p.add_argument("--max-channels", metavar="N", type=_positive_int, default=None,
                    help="Faster Score-CAM: score only N channels, ranked by --select (default: all, exact)")
-    p.add_argument("--select", choices=list(SELECTS), default="auto",
-                   help="how --max-channels chooses channels: cover (normalised maps covered by k-means), relevance "
-                        "(|W[c,k]| x spatial std; needs a global-pooling -> linear head), std, or auto (default: "
-                        "cover with --fill kernel, else relevance where the head allows it)")
-    p.add_argument("--mode", choices=list(MODES), default="scorecam",
-                   help="scorecam (default) or preview (one classifier pass, closed form; needs that head)")
-    p.add_argument("--fill", choices=list(FILLS), default="zero",
-                   help="with --max-channels: zero (default), kernel (channels left out get scores predicted from "
-                        "the scored ones by kernel regression on the maps) or preview (their calibrated "
-                        "feature-space score)")
+    add_mode_arguments(p)
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32 (default), int8 (the bundle's quantized classifier) or fp16 (CUDA only)")
     p.add_argument("--device", choices=DEVICES, default="auto",

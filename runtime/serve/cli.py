@@ -18,10 +18,8 @@ from collections.abc import Sequence
 from .. import images, thirdparty
 from ..contract import BundleError
 from ..engine import DEVICES
-from ..explain import EXIT_USAGE, UsageError, _Parser
-from ..explainer import FILLS, MODES
+from ..explain import EXIT_USAGE, UsageError, _Parser, add_mode_arguments
 from ..scorecam import PRESETS
-from ..selection import SELECTS
 
 MODEL_ENV = "SCORECAM_MODEL"  # MODEL when none is given (the container sets /mnt/models)
 log = logging.getLogger("scorecam.serve")
@@ -92,17 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                           "may ask for another)")
     p.add_argument("--max-channels", type=_positive(int), default=None,
                    help="default Faster Score-CAM channel cap (default: all channels, exact)")
-    p.add_argument("--select", choices=list(SELECTS), default="auto",
-                   help="how --max-channels chooses channels: cover, relevance, std, or auto (default: cover with "
-                        "--fill kernel, else relevance where the head is global pooling -> linear, else std); a "
-                        "request may ask for another")
-    p.add_argument("--mode", choices=list(MODES), default="scorecam",
-                   help="scorecam (default) or preview (one classifier pass, closed-form; needs a global-pooling -> "
-                        "linear head); a request may ask for another")
-    p.add_argument("--fill", choices=list(FILLS), default="zero",
-                   help="with --max-channels: zero (default), kernel (channels left out get scores predicted from "
-                        "the scored ones) or preview (their calibrated feature-space score); a request may ask for "
-                        "another")
+    add_mode_arguments(p, "; a request may ask for another")
     p.add_argument("--batch-size", type=_positive(int), default=None, help="masked inputs per ONNX Runtime run")
     p.add_argument("--threads", type=_positive(int), default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--max-concurrency", type=_positive(int), default=1,
