@@ -1,5 +1,8 @@
 # `make demo` and `make test` work on a fresh machine that has only Python 3.10+.
-# torch is installed first and pinned (a CPU build); the project's extras come after it.
+# torch and torchvision are installed first and pinned (both lie on the machine's disk; a bare `torch`
+# requirement resolved on its own may pull a multi-GB CUDA build); the project's extras come after them.
+# pytorch-grad-cam (the parity reference) goes in without its dependencies: it would pull opencv-python,
+# which clashes with the runtime's opencv-python-headless.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -12,8 +15,9 @@ OUT    ?= out/demo
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e '.[export,test,serve,batch,ray]'
+	$(BIN)/python -m pip install -q --no-deps grad-cam==1.5.7 ttach==0.0.3
 	touch $(STAMP)
 
 install: $(STAMP)
