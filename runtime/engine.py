@@ -34,13 +34,13 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .maskgraph import EPS, IMAGE, MAPS, OFFSET, build_scorer
+from .maskgraph import BASE, EPS, IMAGE, MAPS, OFFSET, build_scorer
 from .scorecam import MaskSpec, get_preset
 
 CPU = "CPUExecutionProvider"
@@ -203,14 +203,15 @@ class Engine:
                  precision: str = "fp32", int8_classifier: Callable[[], onnx.ModelProto] | None = None,
                  tf32: bool = False, mask: MaskSpec | None = None, *, features_output: str | None = None,
                  key: str | None = None, inspect: Callable[[onnx.ModelProto, Engine], None] | None = None,
-                 int8_key: str | None = None) -> None:
+                 int8_key: str | None = None, layers: Sequence[str] = ()) -> None:
         """``classifier``/``features``: the graphs, or loaders returning them (then no proto is kept).
         ``features_output``: the feature graph's output (None: read from the graph). ``key``: names
         the two graphs (their sha256s); engines with the same key and settings share their sessions.
         ``inspect(classifier, engine)``: called with the classifier graph when the engine loads it, before
         the main session is built on it (read what you need of it then: it is not kept). ``int8_key``: names
         the int8 classifier file (its path, size and mtime), so an int8 session is shared only by engines of
-        that very file."""
+        that very file. ``layers``: more tensors of the classifier (finer target layers) the main session
+        outputs beside the logits and the target layer, in the same run (:meth:`classify_and_layers`)."""
         if precision not in PRECISIONS:
             raise EngineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.device = device
@@ -223,6 +224,7 @@ class Engine:
         self._int8_classifier = int8_classifier
         self.key = key
         self.int8_key = int8_key
+        self.layers = tuple(layers)
         self.providers = providers_for(device)
         if precision == "fp16" and self.providers[0] != CUDA:
             raise EngineError("precision 'fp16' needs the CUDA provider; on CPU use 'fp32' or 'int8'")
@@ -250,11 +252,13 @@ class Engine:
         # a proto we loaded ourselves is handed over (and built on in place); one we were given is not touched
         handed = [model] if model is not None and callable(classifier) else []
         del model
-        if self.fused:
+        if self.fused or self.layers:
             self.scorer(self.mask, "fp32", _take=handed)  # the main session, now: a refused graph fails here
         else:
             handed.clear()
-            self.classifier, self.features  # noqa: B018 - both made now, for the same reason
+            self.classifier  # noqa: B018 - made now, for the same reason
+        if not self.fused:
+            self.features  # noqa: B018
         if key:
             _infos[(key, features_output)] = info
 
@@ -400,10 +404,10 @@ class Engine:
                 own = bool(_take)
                 proto = _take.pop() if own else self.scoring_classifier(precision)
                 return build_scorer(proto, spec, self.input_size, input_name=self.input_name, offset=main,
-                                    extra_outputs=[self.features_output] if main else (),
-                                    in_place=own).SerializeToString()
+                                    extra_outputs=self._main_outputs() if main else (),
+                                    in_place=own, blend=spec.blend).SerializeToString()
 
-            kind = (f"scorer/{key}" + (f"/main:{self.features_output}" if main else "")
+            kind = (f"scorer/{key}" + (f"/main:{','.join(self._main_outputs())}" if main else "")
                     + (f"/int8:{self.int8_key}" if precision == "int8" else ""))
             # an int8 engine runs the fp32 main session (class, A) once, then the int8 scorer: the fp32
             # session's threads spinning after its run would take the cores from the int8 one (Lite0, int8 +
@@ -414,13 +418,18 @@ class Engine:
         return self.cached(self._scorers, key, make)
 
     def _is_main(self, spec: MaskSpec, precision: str) -> bool:
-        return self.fused and precision == "fp32" and spec.key == self.mask.key
+        return (self.fused or bool(self.layers)) and precision == "fp32" and spec.key == self.mask.key
+
+    def _main_outputs(self) -> list[str]:
+        """The classifier's tensors the main session outputs beside the logits: the target layer (when it is
+        one of them) and the finer layers."""
+        return ([self.features_output] if self.fused else []) + [t for t in self.layers if t != self.features_output]
 
     # ----------------------------------------------------------------------------------- running
     def classify(self, x: np.ndarray) -> np.ndarray:
         """Classifier outputs [N,C] for preprocessed [N,3,H,W]."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.fused and x.shape[0] == 1:
+        if (self.fused or self.layers) and x.shape[0] == 1:
             return self._main_run(x, [self.class_output])[0]
         return self.classifier.run([self.class_output], {self.input_name: x})[0]
 
@@ -434,11 +443,38 @@ class Engine:
         if self.fused:
             logits, out = self._main_run(x, [self.class_output, self.features_output])
         else:
-            logits = self.classifier.run([self.class_output], {self.input_name: x})[0]
+            logits = self.classify(x)
             out = self.features.run([self.features_output], {self.features.get_inputs()[0].name: x})[0]
         if out.ndim != 4:
             raise EngineError(f"the feature graph returned a {out.ndim}-D tensor; a [N,K,h,w] map is needed")
         return logits, out[0]
+
+    def classify_and_layers(self, x: np.ndarray, layers: Sequence[str]) -> tuple[np.ndarray, np.ndarray,
+                                                                                 list[np.ndarray]]:
+        """(outputs [1,C], activations [K,h,w], the tensors ``layers`` of the classifier as it computes them
+        for this image, batch axis dropped) of one preprocessed image [1,3,H,W], in one run of the main
+        session when it outputs those layers (the engine's ``layers``), else of a session of the classifier
+        with those outputs (made once per set of layers and kept with the engine)."""
+        layers = tuple(layers)
+        if not layers:
+            logits, acts = self.classify_and_activations(x)
+            return logits, acts, []
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        feats = [self.features_output] if self.fused else []
+        if set(layers) <= set(self.layers):
+            out = self._main_run(x, [self.class_output, *feats, *layers])
+        else:
+            sess = self.extra_session(("layers", layers), lambda: self.session(
+                _with_outputs(self.classifier_proto, [*feats, *layers]).SerializeToString(), "classifier"))
+            out = sess.run([self.class_output, *feats, *layers], {self.input_name: x})
+        logits = out[0]
+        if self.fused:
+            acts = out[1]
+        else:
+            acts = self.features.run([self.features_output], {self.features.get_inputs()[0].name: x})[0]
+        if acts.ndim != 4:
+            raise EngineError(f"the feature graph returned a {acts.ndim}-D tensor; a [N,K,h,w] map is needed")
+        return logits, acts[0], [t[0] for t in out[1 + len(feats):]]
 
     def _main_run(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """The main session on one image: an all-zero map (the zero mask in every preset) plus offset 1
@@ -446,12 +482,15 @@ class Engine:
         is 0 even for the presets whose eps is 0."""
         sess = self.scorer(self.mask, "fp32")
         one = np.ones((1, 1, 1, 1), np.float32)
-        return sess.run(outputs, {IMAGE: x, MAPS: np.zeros((1, 1, 1, 1), np.float32),
-                                  EPS: np.asarray(1.0, np.float32), OFFSET: one})
+        feeds = {IMAGE: x, MAPS: np.zeros((1, 1, 1, 1), np.float32), EPS: np.asarray(1.0, np.float32), OFFSET: one}
+        if self.mask.blend:
+            feeds[BASE] = np.zeros_like(x)  # weighed by 1 - 1 = 0
+        return sess.run(outputs, feeds)
 
     def score(self, x: np.ndarray, maps: np.ndarray, spec: MaskSpec, batch_size: int | None = None,
-              progress: Progress | None = None) -> np.ndarray:
-        """Classifier outputs [K,C] of ``x * H_k`` for every map in ``maps`` [K,h,w], chunk by chunk.
+              progress: Progress | None = None, base: np.ndarray | None = None) -> np.ndarray:
+        """Classifier outputs [K,C] of ``x * H_k`` (``spec.blend``: ``x * H_k + base * (1 - H_k)``, ``base``
+        [1,3,H,W]) for every map in ``maps`` [K,h,w] (any grid), chunk by chunk.
 
         At a reduced precision (fp16, int8) an output row that is not finite (fp16 overflows past
         65504) is scored again in fp32, with a one-line warning, so no NaN reaches the map.
@@ -460,17 +499,23 @@ class Engine:
         maps4 = np.ascontiguousarray(maps[:, None], dtype=np.float32)
         eps = np.asarray(spec.eps, np.float32)
         x = np.ascontiguousarray(x, dtype=np.float32)
-        out = self._run_chunks(self.scorer(spec), x, maps4, eps, bs, progress)
+        if spec.blend:
+            if base is None:
+                raise EngineError("a blended mask needs its baseline image")
+            base = np.ascontiguousarray(base, dtype=np.float32)
+        else:
+            base = None
+        out = self._run_chunks(self.scorer(spec), x, maps4, eps, bs, progress, base)
         if self.precision != "fp32" and out.size:
             bad = ~np.isfinite(out).all(axis=1)
             if bad.any():
                 _warn(f"{self.precision} overflowed on {int(bad.sum())} of {bad.size} masked inputs; "
                       "those were scored again in fp32")
-                out[bad] = self._run_chunks(self.scorer(spec, "fp32"), x, maps4[bad], eps, bs, None)
+                out[bad] = self._run_chunks(self.scorer(spec, "fp32"), x, maps4[bad], eps, bs, None, base)
         return out
 
     def _run_chunks(self, sess: ort.InferenceSession, x: np.ndarray, maps4: np.ndarray, eps: np.ndarray,
-                    bs: int, progress: Progress | None) -> np.ndarray:
+                    bs: int, progress: Progress | None, base: np.ndarray | None = None) -> np.ndarray:
         """Outputs of ``sess`` for the maps [K,1,h,w] in chunks of ``bs`` (on CUDA: IO binding, padded chunks)."""
         out_name = sess.get_outputs()[0].name
         k = maps4.shape[0]
@@ -480,6 +525,8 @@ class Engine:
             binding = sess.io_binding()
             binding.bind_ortvalue_input(IMAGE, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
             binding.bind_cpu_input(EPS, eps)
+            if base is not None:
+                binding.bind_ortvalue_input(BASE, ort.OrtValue.ortvalue_from_numpy(base, "cuda", 0))
             if has_offset:
                 binding.bind_cpu_input(OFFSET, np.zeros((bs, 1, 1, 1), np.float32))
             pad = np.zeros((bs, *maps4.shape[1:]), np.float32)
@@ -500,12 +547,22 @@ class Engine:
             for start in range(0, k, bs):
                 chunk = maps4[start:start + bs]
                 feeds = {IMAGE: x, MAPS: chunk, EPS: eps}
+                if base is not None:
+                    feeds[BASE] = base
                 if has_offset:
                     feeds[OFFSET] = np.zeros((chunk.shape[0], 1, 1, 1), np.float32)
                 results.append(sess.run([out_name], feeds)[0])
                 if progress:
                     progress(min(start + bs, k), k)
         return np.concatenate(results, axis=0) if results else np.zeros((0, 0), np.float32)
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """``model`` (modified in place) with the tensors ``names`` as outputs too, after its own."""
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in names if n not in have)
+    return model
 
 
 def _graph_info(model: onnx.ModelProto) -> tuple[str | None, str | None, int | None, set[str]]:

@@ -5,8 +5,9 @@ it measures, with :mod:`runtime.metrics`: Average Drop / Increase (whole map, an
 deletion, insertion and LeRF-deletion AUCs and the LeRF - MoRF gap, the energy-based pointing game
 (with ``--boxes``) and the seconds per map. It writes to ``--out``:
 
-- ``report.md``: a methods x metrics table (mean +- std over images), also printed on stdout;
-- ``metrics.csv`` (one row per image and method) and ``summary.csv`` (the table's numbers);
+- ``report.md``: a methods x metrics table (mean +- std over images), also printed on stdout (one per
+  substrate with ``--substrate zero blur``: each map is made once and measured on both);
+- ``metrics.csv`` (one row per image, method and substrate) and ``summary.csv`` (the table's numbers);
 - ``curves.png``: the mean deletion and insertion curves per method;
 - ``overlays.png``: a grid of image x method overlays;
 - with ``--cascade DIR`` (written by the exporter's ``--randomize cascade``): the model-parameter
@@ -75,6 +76,7 @@ class Row:
     values: dict[str, float]
     saliency: np.ndarray = field(repr=False)
     curves: metrics.Curves | None = field(default=None, repr=False)
+    substrate: str = "zero"
 
 
 def _stderr(msg: str) -> None:
@@ -129,13 +131,17 @@ def read_cascade(cascade_dir: str | os.PathLike) -> list[tuple[int, str, Path]]:
 
 
 def evaluate(explainer, samples: Sequence[Sample], methods: Sequence[str] = DEFAULT_METHODS,
-             steps: int = 100, substrate: str = "zero", insertion_substrate: str | None = None,
+             steps: int = 100, substrate: str | Sequence[str] = "zero", insertion_substrate: str | None = None,
              keep: float = 0.5, targets: Sequence[int] | None = None,
              progress: Callable[[str], None] | None = _stderr) -> list[Row]:
-    """Every metric of every method on every sample (class: ``targets[i]`` or the top-1 prediction)."""
+    """Every metric of every method on every sample (class: ``targets[i]`` or the top-1 prediction).
+
+    ``substrate``: one, or several (each map is made once and its deletion/insertion curves measured on
+    each; the rows carry their substrate; Average Drop, the pointing game and the seconds are the map's)."""
     for m in methods:
         parse_method(m)  # fail before any work
-    for s in (substrate, insertion_substrate or substrate):
+    substrates = [substrate] if isinstance(substrate, str) else list(dict.fromkeys(substrate))
+    for s in (*substrates, insertion_substrate or substrates[0]):
         if s not in metrics.SUBSTRATES:
             raise EvaluateError(f"unknown substrate {s!r}; choose one of {', '.join(metrics.SUBSTRATES)}")
     meter = metrics.Metrics.of(explainer)
@@ -150,18 +156,20 @@ def evaluate(explainer, samples: Sequence[Sample], methods: Sequence[str] = DEFA
             secs = time.perf_counter() - t0
             d, inc = meter.average_drop(x, sal, c)
             dt, inct = meter.average_drop(x, sal, c, keep=keep)
-            cur = meter.curves(x, sal, c, steps=steps, substrate=substrate,
-                               insertion_substrate=insertion_substrate)
-            values = {"avg_drop": 100 * d, "increase": 100.0 * inc, "avg_drop_top": 100 * dt,
-                      "increase_top": 100.0 * inct, "deletion_auc": cur.deletion_auc,
-                      "insertion_auc": cur.insertion_auc, "lerf_auc": cur.lerf_auc, "gap": cur.gap,
-                      "energy": (metrics.energy_pointing_game(sal, sample.boxes, sample.rgb.shape[:2])
-                                 if sample.boxes is not None else float("nan")),
-                      "seconds": secs}
-            rows.append(Row(sample.name, m, c, explainer.label_of(c), values, sal, cur))
+            energy = (metrics.energy_pointing_game(sal, sample.boxes, sample.rgb.shape[:2])
+                      if sample.boxes is not None else float("nan"))
+            said = []
+            for sub in substrates:
+                cur = meter.curves(x, sal, c, steps=steps, substrate=sub, insertion_substrate=insertion_substrate)
+                values = {"avg_drop": 100 * d, "increase": 100.0 * inc, "avg_drop_top": 100 * dt,
+                          "increase_top": 100.0 * inct, "deletion_auc": cur.deletion_auc,
+                          "insertion_auc": cur.insertion_auc, "lerf_auc": cur.lerf_auc, "gap": cur.gap,
+                          "energy": energy, "seconds": secs}
+                rows.append(Row(sample.name, m, c, explainer.label_of(c), values, sal, cur, sub))
+                said.append((f"{sub}: " if len(substrates) > 1 else "")
+                            + f"insertion {cur.insertion_auc:.3f}, gap {cur.gap:.3f}")
             if progress:
-                progress(f"[{i + 1}/{len(samples)}] {sample.name} {m}: map {secs:.2f} s, "
-                         f"insertion {cur.insertion_auc:.3f}, gap {cur.gap:.3f}")
+                progress(f"[{i + 1}/{len(samples)}] {sample.name} {m}: map {secs:.2f} s, " + "; ".join(said))
     return rows
 
 
@@ -240,19 +248,30 @@ def sanity_table(summary: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csvs(rows: Sequence[Row], summary: dict, out: Path) -> None:
+def by_substrate(rows: Sequence[Row]) -> dict[str, list[Row]]:
+    """The rows of each substrate, in the order the substrates were measured."""
+    out: dict[str, list[Row]] = {}
+    for r in rows:
+        out.setdefault(r.substrate, []).append(r)
+    return out
+
+
+def write_csvs(rows: Sequence[Row], summaries: dict[str, dict], out: Path) -> None:
+    """``metrics.csv`` (every row) and ``summary.csv`` (``summaries``: substrate -> :func:`summarize`)."""
     keys = [c[0] for c in COLUMNS]
     with open(out / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image", "method", "class_index", "label", *keys])
+        w.writerow(["image", "method", "class_index", "label", *keys, "substrate"])
         for r in rows:
-            w.writerow([r.image, r.method, r.class_index, r.label, *(f"{r.values[k]:.6g}" for k in keys)])
+            w.writerow([r.image, r.method, r.class_index, r.label, *(f"{r.values[k]:.6g}" for k in keys),
+                        r.substrate])
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", *(f"{k}_{s}" for k in keys for s in ("mean", "std")), "images"])
-        for m, vals in summary.items():
-            w.writerow([m, *(f"{vals[k][i]:.6g}" for k in keys for i in (0, 1)),
-                        max(v[2] for v in vals.values())])
+        w.writerow(["method", *(f"{k}_{s}" for k in keys for s in ("mean", "std")), "images", "substrate"])
+        for sub, summary in summaries.items():
+            for m, vals in summary.items():
+                w.writerow([m, *(f"{vals[k][i]:.6g}" for k in keys for i in (0, 1)),
+                            max(v[2] for v in vals.values()), sub])
 
 
 # ------------------------------------------------------------------------- plots (OpenCV, no pyplot)
@@ -381,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--steps", type=int, default=100,
                    help="deletion/insertion steps (default 100: 1%% of the pixels per step)")
-    p.add_argument("--substrate", default="zero", choices=metrics.SUBSTRATES,
-                   help="what deleted pixels become: zero (the paper) or blur (default: zero)")
+    p.add_argument("--substrate", nargs="+", default=["zero"], choices=metrics.SUBSTRATES,
+                   help="what deleted pixels become: zero (the paper) or blur; both (zero blur): each map made "
+                        "once, measured on each (default: zero)")
     p.add_argument("--insertion-substrate", choices=metrics.SUBSTRATES,
                    help="the insertion's starting image (default: as --substrate; RISE uses blur)")
     p.add_argument("--keep", type=float, default=0.5,
@@ -443,22 +463,26 @@ def run(args: argparse.Namespace) -> str:
         methods.append(sanity_method)
     rows = evaluate(ex, samples, methods, steps=args.steps, substrate=args.substrate,
                     insertion_substrate=args.insertion_substrate, keep=args.keep)
-    summary = summarize(rows)
+    groups = by_substrate(rows)
+    summaries = {sub: summarize(sel) for sub, sel in groups.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fractions = f"{args.keep:.0%}"
     report = [f"# Saliency evaluation: {Path(args.model).name}", "",
               f"{len(samples)} image(s), class = top-1 prediction; {args.steps} deletion/insertion steps, "
-              f"substrate {args.substrate}"
+              f"substrate {' and '.join(groups)}"
               + (f" (insertion: {args.insertion_substrate})" if args.insertion_substrate else "")
               + f"; 'top-{fractions}' columns keep only the map's top {fractions} of pixels; "
-              "mean ± std over images.", "",
-              markdown_table(summary, keep=args.keep), "",
-              "Rank by insertion and the LeRF−MoRF gap, never by deletion alone (a map that breaks the "
-              "image deletes well)."]
-    write_csvs(rows, summary, out)
+              "mean ± std over images."]
+    for sub, summary in summaries.items():
+        report += (["", f"## Substrate: {sub}"] if len(summaries) > 1 else []) + \
+            ["", markdown_table(summary, keep=args.keep)]
+    report += ["", "Rank by insertion and the LeRF−MoRF gap, never by deletion alone (a map that breaks the "
+               "image deletes well)."]
+    rows_first = next(iter(groups.values()))
+    write_csvs(rows, summaries, out)
     if args.cascade:
-        records = sanity(samples, rows, sanity_method, args.cascade, make)
+        records = sanity(samples, rows_first, sanity_method, args.cascade, make)
         ssum = sanity_summary(records)
         report += ["", f"## Sanity check: cascading randomisation ({sanity_method})", "", sanity_table(ssum), "",
                    "Similarity to the original model's map; an explanation of the model must drift toward 0."]
@@ -469,8 +493,8 @@ def run(args: argparse.Namespace) -> str:
         if not args.no_plots:
             plot_sanity(ssum, out / "sanity.png")
     if not args.no_plots:
-        plot_curves(rows, out / "curves.png")
-        plot_grid(samples, rows, out / "overlays.png")
+        plot_curves(rows_first, out / "curves.png")
+        plot_grid(samples, rows_first, out / "overlays.png")
     text = "\n".join(report) + "\n"
     (out / "report.md").write_text(text)
     _stderr(f"wrote {out}/report.md, metrics.csv, summary.csv" + ("" if args.no_plots else ", PNG plots"))

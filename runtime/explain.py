@@ -27,10 +27,12 @@ import numpy as np
 from . import images, thirdparty
 from .contract import BundleError
 from .engine import DEVICES, PRECISIONS, EngineError
-from .explainer import FILLS, MODES, Explainer, Result, TargetError
+from .explainer import BASELINES, FILLS, MODES, Explainer, Result, TargetError
+from .fusion import DEFAULT_FUSION, FUSIONS
 from .images import ImageError
 from .scorecam import PRESETS
 from .selection import SELECTS
+from .stages import parse_layers
 
 EXIT_USAGE = 2
 #: decoded images kept in memory between validation and explanation (beyond it: decoded again)
@@ -53,6 +55,7 @@ examples:
   python -m runtime.explain efficientnet_lite0 photo.jpg --target 281 "tiger cat" --alpha 0.4
   python -m runtime.explain efficientnet_lite0 *.jpg --json > results.jsonl
   python -m runtime.explain efficientnet_lite0 photo.jpg --device cuda --batch-size 256
+  python -m runtime.explain efficientnet_lite0 photo.jpg --layers 3 --max-channels 16 --fill kernel
 
 exit status: 0 success; 2 bad arguments, unreadable image or model, unknown class, unusable
 device (a one-line "error: ..." on stderr, and nothing written).
@@ -105,6 +108,26 @@ def add_mode_arguments(p: argparse.ArgumentParser, note: str = "") -> None:
                    help="scorecam (default) or preview: one classifier pass plus numpy, each channel's mask "
                         "applied to the features and scored in closed form (needs a global-pooling -> linear "
                         "head); for live video, thumbnails and dashboards" + note)
+    p.add_argument("--layers", metavar="N|NAMES", type=_layers, default=None,
+                   help="multi-layer Score-CAM, a finer map: N = the target layer plus the N-1 stage outputs next "
+                        "finer than it, found in the model (3: on EfficientNet-Lite0 14x14 and 28x28), or "
+                        "comma-separated layer names; each layer scored like the target layer (--max-channels "
+                        "and --fill apply per layer) and the maps fused (--fusion); default 1: the target layer "
+                        "alone" + note)
+    p.add_argument("--fusion", choices=list(FUSIONS), default=DEFAULT_FUSION,
+                   help="with --layers, how the layers' maps are fused: product (default), poly (Poly-CAM's local "
+                        "normalisation) or sum" + note)
+    p.add_argument("--baseline", choices=list(BASELINES), default="zero",
+                   help="what masked-out pixels become: zero (default, the paper) or blur (x*H + blur(x)*(1-H), "
+                        "the blurred canvas of the insertion metric)" + note)
+
+
+def _layers(text: str):
+    """``--layers``: a count or comma-separated layer names (:func:`runtime.stages.parse_layers`)."""
+    try:
+        return parse_layers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,7 +352,8 @@ def _run(args: argparse.Namespace, stdout, stderr) -> int:
     items = _load_images(args.images, args.max_pixels)
     explainer = Explainer(args.model, device=args.device, batch_size=args.batch_size,
                           preset=args.preset, max_channels=args.max_channels, precision=args.precision,
-                          select=args.select, mode=args.mode, fill=args.fill,
+                          select=args.select, mode=args.mode, fill=args.fill, layers=args.layers,
+                          fusion=args.fusion, baseline=args.baseline,
                           tf32=args.tf32, threads=args.threads, **thirdparty.cli_kwargs(args))
     targets = None
     if args.target:

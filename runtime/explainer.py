@@ -4,6 +4,12 @@ One explanation of one image runs: the feature graph once (activations ``A`` [K,
 once (the image's own logits), and the scorer over the K masks chunk by chunk (logits [K,C] of every
 masked input). The masked outputs do not depend on the class, so every requested class is
 explained from that ONE scoring pass; :mod:`runtime.scorecam` turns scores into maps.
+
+Multi-layer Score-CAM (``layers=3``): the same main run also gives the activations of finer layers
+(:mod:`runtime.stages`), each layer's channels are scored through the same scoring session (its masks are
+made at its own grid), each layer gets its own Score-CAM map, and :mod:`runtime.fusion` fuses them into
+one finer map. ``baseline="blur"``: the masked-out pixels take the image blurred (the deletion/insertion
+metrics' blurred canvas) instead of 0.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -21,8 +27,20 @@ from . import images
 from .blas import one_blas_thread
 from .contract import BundleError
 from .engine import Engine, Progress, require_finite
+from .fusion import DEFAULT_FUSION, FUSIONS, finer_map, fuse
 from .head import LinearHead, linear_head
-from .scorecam import constant_channels, get_preset, maps_from_scores, mask_safe, softmax
+from .metrics import blur
+from .scorecam import (
+    Maps,
+    MaskSpec,
+    constant_channels,
+    get_preset,
+    maps_from_scores,
+    mask_safe,
+    minmax,
+    softmax,
+    upsample,
+)
 from .selection import (
     COVER_POWER,
     SELECTS,
@@ -34,16 +52,73 @@ from .selection import (
     spatial_std,
     top_channels,
 )
+from .stages import Stage, as_maps, find_stages, parse_layers
 from .thirdparty import open_model
 
 MODES = ("scorecam", "preview")
 #: the linear head of each classifier opened in this process (by graph hashes and tensor names): read once
 _HEADS: dict[tuple, LinearHead | None] = {}
+#: the finer layers of each classifier and request (by graph hashes, target layer and ``layers``): found once
+_STAGES: dict[tuple, list[Stage]] = {}
 FILLS = ("zero", "preview", "kernel")
+BASELINES = ("zero", "blur")
 
 
 class TargetError(ValueError):
     """A requested class does not exist in the model."""
+
+
+def check_layer_options(layers, mode: str, fill: str, fusion: str, baseline: str) -> None:
+    """ValueError naming the first option that does not go with the others (multi-layer, baseline)."""
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
+    if layers and mode == "preview":
+        raise ValueError("mode 'preview' scores the target layer through its linear head and has no multi-layer "
+                         "form; use layers with mode 'scorecam' (and max_channels with fill 'kernel' to be fast)")
+    if layers and fill == "preview":
+        raise ValueError("fill 'preview' needs the linear head after the layer, which a finer layer has not; "
+                         "use fill 'kernel' with layers")
+    if baseline == "blur" and mode == "preview":
+        raise ValueError("mode 'preview' masks the features, not the image: a baseline does not apply")
+
+
+@dataclass
+class _Plan:
+    """Which channels of one layer are scored (see ``Explainer._plan``)."""
+
+    acts: np.ndarray
+    head: LinearHead | None
+    skipped: np.ndarray
+    scored: np.ndarray
+    masks: int  # masked inputs it takes
+    filling: bool  # the channels left out get a filled score
+    finer: bool = False  # a finer layer of a multi-layer explanation (runtime.fusion.finer_map)
+
+
+@dataclass
+class _Layer:
+    """One layer's outcome: a map per class, which channels weighed, the masked inputs scored."""
+
+    maps: list[Maps]
+    scored: np.ndarray
+    skipped: np.ndarray
+    passes: int
+    select: str
+
+
+class _Steps:
+    """One progress count over the layers of a multi-layer explanation: ``at(n)`` is the callback for the
+    next layer's ``n`` masks."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def at(self, n: int) -> Progress:
+        start = self.done
+        self.done += n
+        return lambda done, _total: self.progress(min(start + done, self.total), self.total)
 
 
 @dataclass
@@ -66,8 +141,11 @@ class Result:
     passes: int = 0  # masked inputs scored (one per distinct varying mask; the dead channels' all-zero mask is
     # scored once per explainer and not counted); 0 for the preview
     fill: str = "zero"  # what the channels left out by max_channels weigh: zero or their calibrated preview score
-    weights: np.ndarray | None = field(default=None, repr=False)  # a_k [K]
+    weights: np.ndarray | None = field(default=None, repr=False)  # a_k [K] (of the target layer)
     image_shape: tuple[int, int] | None = None  # (h, w) of the original image, when known
+    layers: tuple[str, ...] = ()  # multi-layer: the finer layers fused with the target layer (finest last)
+    baseline: str = "zero"  # what the masked-out pixels became: zero (the paper) or blur
+    target_layer: str = ""  # the bundle's target layer (the deepest map)
 
     def overlay(self, image, alpha: float = 0.5) -> np.ndarray:
         """The saliency as a JET heat map over ``image`` (path, PIL or RGB array), RGB uint8 at its size."""
@@ -86,7 +164,8 @@ class Result:
                 "probability": self.probability, "channels_used": self.channels_used,
                 "channels_skipped": self.channels_skipped, "seconds": round(self.seconds, 4),
                 "provider": self.provider, "preset": self.preset, "mode": self.mode, "select": self.select,
-                "fill": self.fill, "passes": self.passes}
+                "fill": self.fill, "passes": self.passes, "layers": [self.target_layer, *self.layers],
+                "baseline": self.baseline}
 
 
 class Explainer:
@@ -119,6 +198,16 @@ class Explainer:
             probability always come from the fp32 classifier.
         tf32: on CUDA, let cuDNN / cuBLAS use TF32 tensor-core math for fp32 (Ampere and later):
             maps then differ from the CPU's by ~2e-3 instead of ~1e-5 (default False: exact).
+        layers: multi-layer Score-CAM: ``N`` uses the target layer plus the N - 1 stage outputs next finer
+            than it, found in the classifier graph (:mod:`runtime.stages`; Lite0: 14 x 14 x 112 and 28 x 28 x
+            40), or a list of layer names; each layer gets its own Score-CAM map (its channels scored through
+            the same session; ``max_channels``, ``select`` and ``fill`` apply per layer) and ``fusion`` fuses
+            them into one finer map. None or 1 (default): the target layer alone, exactly as before.
+        fusion: how the layers' maps are fused (:mod:`runtime.fusion`): ``product`` (default: the pointing
+            game's best at the same insertion, docs/evaluation.md), ``poly`` (Poly-CAM's local normalisation) or
+            ``sum``. A finer layer's own map is :func:`runtime.fusion.finer_map`.
+        baseline: what the masked-out pixels become: ``zero`` (default, the paper: ``x * H_k``) or ``blur``
+            (``x * H_k + blur(x) * (1 - H_k)``, the blurred canvas of the deletion/insertion metrics).
         layer, output, input_size, mean, std, scale, bgr, labels: only for a model file without
             bundle metadata (any ONNX image classifier; see :mod:`runtime.thirdparty`): the target
             tensor (None: automatic), the class-score output (None: the first 2-D one) and the
@@ -128,7 +217,8 @@ class Explainer:
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int | None = None,
                  preset: str = "paper", threads: int | None = None, max_channels: int | None = None,
                  precision: str = "fp32", *, select: str = "auto", mode: str = "scorecam", fill: str = "zero",
-                 tf32: bool = False,
+                 tf32: bool = False, layers: int | str | Sequence[str] | None = None,
+                 fusion: str = DEFAULT_FUSION, baseline: str = "zero",
                  layer: str | None = None, output: str | None = None,
                  input_size: tuple[int, int] | None = None, mean=None, std=None, scale: float | None = None,
                  bgr: bool = False, labels=None) -> None:
@@ -148,6 +238,9 @@ class Explainer:
             raise ValueError("fill 'preview' does not apply to the 'official' preset (its weights are probabilities "
                              "over every class); use fill 'zero'")
         self.select, self.mode, self.fill = select, mode, fill
+        wanted = parse_layers(layers)
+        check_layer_options(wanted, mode, fill, fusion, baseline)
+        self.fusion, self.baseline = fusion, baseline
         self._zero_scores: np.ndarray | None = None
         self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
                                   scale=scale, bgr=bgr or None, labels=labels)
@@ -165,11 +258,13 @@ class Explainer:
         def inspect(proto, engine: Engine) -> None:  # the head is read from the graph the engine loads anyway
             seen.append(linear_head(proto, engine.features_output, engine.class_output))
 
+        self._key = key
+        self.stages: list[Stage] = self.find_layers(wanted) if wanted else []
         self.engine = Engine(self.bundle.load_model, self.bundle.load_features, device=device, threads=threads,
                              input_size=self.pre.input_size, precision=precision,
-                             int8_classifier=self.bundle.load_int8, tf32=tf32, mask=self.preset.mask,
+                             int8_classifier=self.bundle.load_int8, tf32=tf32, mask=self.mask,
                              features_output=self.bundle.features_output, key=key, inspect=inspect,
-                             int8_key=int8_key)
+                             int8_key=int8_key, layers=[st.name for st in self.stages])
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
             self.batch_size = self.bundle.max_batch
@@ -190,11 +285,40 @@ class Explainer:
                               + ("use mode 'scorecam' with max_channels instead" if mode == "preview"
                                  else "use select 'std'"))
 
+    def find_layers(self, layers: int | Sequence[str]) -> list[Stage]:
+        """The finer layers of ``layers`` (a total count or names; :func:`runtime.stages.find_stages`), found
+        in the classifier graph once per process."""
+        key = (self._key, self.bundle.features_output, layers, tuple(self.pre.input_size))
+        found = _STAGES.get(key)
+        if found is None:
+            proto = self.bundle.load_model()
+            g = proto.graph
+            inits = {i.name for i in g.initializer}
+            input_name = next(i.name for i in g.input if i.name not in inits)
+            produced = {o for n in g.node for o in n.output}
+            deepest = self.bundle.features_output if self.bundle.features_output in produced else self.meta.layer
+            found = _STAGES[key] = find_stages(proto, input_name, g.output[0].name, deepest,
+                                               tuple(self.pre.input_size), layers)
+            del proto, g
+        return found
+
+    @property
+    def mask(self) -> MaskSpec:
+        """How a channel becomes a masked input here: the preset's mask, blended with ``blur(x)`` for
+        ``baseline="blur"``."""
+        return replace(self.preset.mask, blend=True) if self.baseline == "blur" else self.preset.mask
+
     @property
     def selection(self) -> str:
         """The channel choice ``max_channels`` uses here: ``cover``, ``relevance`` or ``std`` (``auto`` resolved)."""
+        return self.selection_for(self.head)
+
+    def selection_for(self, head: LinearHead | None) -> str:
+        """:attr:`selection` for a layer followed by ``head`` (a finer layer: None, so no ``relevance``)."""
         if self.select == "auto":
-            return "cover" if self.fill == "kernel" else "relevance" if self.head is not None else "std"
+            return "cover" if self.fill == "kernel" else "relevance" if head is not None else "std"
+        if self.select == "relevance" and head is None:
+            return "std"
         return self.select
 
     # ---------------------------------------------------------------------------- properties
@@ -295,34 +419,77 @@ class Explainer:
     def _explain_tensor(self, x: np.ndarray, targets, top_k: int, progress: Progress | None) -> list[Result]:
         """:meth:`explain_tensor` (which sets ``seconds``)."""
         x = self._check_tensor(x)
-        logits, acts = self.engine.classify_and_activations(x)
+        if self.stages:
+            logits, acts, extra = self.engine.classify_and_layers(x, [st.name for st in self.stages])
+            finer = [as_maps(t, st) for t, st in zip(extra, self.stages, strict=True)]
+        else:
+            logits, acts = self.engine.classify_and_activations(x)
+            finer = []
         require_finite(logits, acts, self.meta.layer)
+        for a, st in zip(finer, self.stages, strict=True):
+            require_finite(logits, a, st.name)
         base = logits[0].astype(np.float64)
         classes = self.resolve_targets(targets, base, top_k)
+        fill_image = blur(x) if self.baseline == "blur" else None
+        plans = [self._plan(a, classes, head, i > 0) for i, (a, head) in
+                 enumerate(zip([acts, *finer], [self.head] + [None] * len(finer), strict=True))]
+        steps = _Steps(progress, sum(p.masks for p in plans)) if progress and finer else None
+        layers = [self._explain_layer(x, p, base, classes, steps.at(p.masks) if steps else progress, fill_image)
+                  for p in plans]
+        probs = self._probabilities(base)
+        deep = layers[0]
+        out = []
+        for i, m in enumerate(deep.maps):
+            cam, sal = m.cam, m.saliency
+            if finer:
+                cam, sal = fuse([lo.maps[i].cam for lo in layers], self.input_size, self.fusion)
+            out.append(Result(
+                saliency=sal, cam=cam, class_index=m.class_index, label=self.label_of(m.class_index),
+                score=float(base[m.class_index]), probability=float(probs[m.class_index]),
+                channels_used=sum(int(lo.scored.sum()) for lo in layers),
+                channels_skipped=sum(int(lo.skipped.sum()) for lo in layers), seconds=0.0, provider=self.provider,
+                preset=self.preset.name, mode=self.mode, select=deep.select, passes=sum(lo.passes for lo in layers),
+                fill=self.fill if deep.select != "all" else "zero", weights=m.weights,
+                layers=tuple(st.name for st in self.stages), baseline=self.baseline, target_layer=self.meta.layer))
+        return out
+
+    def _plan(self, acts: np.ndarray, classes: list[int], head: LinearHead | None, finer: bool = False) -> _Plan:
+        """Which channels of one layer's activations are scored, and how many masked inputs that takes."""
         skipped = constant_channels(acts)
         if self.mode == "preview":
-            scored, passes, select = (~skipped if self.preset.skip_constant else np.ones(acts.shape[0], bool)), 0, "all"
-            masked = self.preview_scores(acts, classes)
+            scored = ~skipped if self.preset.skip_constant else np.ones(acts.shape[0], bool)
+            return _Plan(acts, head, skipped, scored, 0, False, finer)
+        scored = self.channels_to_score(acts, skipped, classes, head)
+        filling = self.fill != "zero" and not scored.all()  # fill 'preview' without a head: refused at init
+        if filling and not self.preset.skip_constant:
+            scored = scored | skipped  # the all-zero mask (cached): the many dead channels are exact
+        varying = np.flatnonzero(scored & ~skipped)
+        n = distinct_masks(mask_safe(acts[varying]), self.mask)[0].size if varying.size else 0
+        return _Plan(acts, head, skipped, scored, n, filling, finer)
+
+    def _explain_layer(self, x: np.ndarray, plan: _Plan, base: np.ndarray, classes: list[int],
+                       progress: Progress | None, fill_image: np.ndarray | None) -> _Layer:
+        """One layer's Score-CAM: its channels scored as ``plan`` says, filled, weighed, one map per class."""
+        acts, skipped, scored = plan.acts, plan.skipped, plan.scored
+        if self.mode == "preview":
+            masked, passes, select = self.preview_scores(acts, classes), 0, "all"
         else:
-            scored = self.channels_to_score(acts, skipped, classes)
-            filling = self.fill != "zero" and not scored.all()  # fill 'preview' without a head: refused at init
-            if filling and not self.preset.skip_constant:
-                scored = scored | skipped  # the all-zero mask (cached): the many dead channels are exact
-            select = self.selection if self.max_channels is not None and self.max_channels < acts.shape[0] else "all"
+            select = self.selection_for(plan.head) if self.max_channels is not None and \
+                self.max_channels < acts.shape[0] else "all"
             masked, passes = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0],
-                                                 progress, count=True)
+                                                 progress, count=True, base=fill_image)
             require_finite(masked[scored], masked=True)
-            if filling:
-                masked, scored = self.fill_scores(acts, masked, scored, skipped, classes)
-        maps = self._maps(acts, masked, base, classes, skipped, scored,
-                          columns=self.mode == "preview" and self.preset.name != "official")
-        probs = self._probabilities(base)
-        return [Result(saliency=m.saliency, cam=m.cam, class_index=m.class_index, label=self.label_of(m.class_index),
-                       score=float(base[m.class_index]), probability=float(probs[m.class_index]),
-                       channels_used=int(scored.sum()), channels_skipped=int(skipped.sum()), seconds=0.0,
-                       provider=self.provider, preset=self.preset.name, mode=self.mode, select=select,
-                       passes=passes, fill=self.fill if select != "all" else "zero", weights=m.weights)
-                for m in maps]
+            if plan.filling:
+                masked, scored = self.fill_scores(acts, masked, scored, skipped, classes, plan.head)
+        if plan.finer:  # runtime.fusion.finer_map: the softmax over a finer layer's channels is nearly uniform
+            maps = []
+            for c in classes:
+                cam, w = finer_map(acts, masked[:, c], scored & ~skipped)
+                maps.append(Maps(int(c), cam, minmax(upsample(cam, self.input_size)), w))
+        else:
+            maps = self._maps(acts, masked, base, classes, skipped, scored,
+                              columns=self.mode == "preview" and self.preset.name != "official")
+        return _Layer(maps, scored, skipped, passes, select)
 
     def _maps(self, acts, masked, base, classes, skipped, scored, columns: bool = False):
         """:func:`maps_from_scores` on the columns of ``classes`` alone (all columns for ``official``, whose
@@ -339,7 +506,7 @@ class Explainer:
         return maps
 
     def fill_scores(self, acts: np.ndarray, masked: np.ndarray, scored: np.ndarray, skipped: np.ndarray,
-                    classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+                    classes: list[int], head: LinearHead | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(masked, weighed)``: ``masked`` [K,C] with the rows of the channels not scored filled as
         :attr:`fill` says, and the channels that now weigh in the map.
 
@@ -347,14 +514,16 @@ class Explainer:
         ``official``, whose weight is a softmax over every class), over the channels the preset does not
         skip. ``preview``: ``a s_k + b`` in the columns of ``classes``, ``s`` the feature-space score,
         ``a >= 0, b`` the least-squares line of the exact scores on ``s`` over the scored varying channels
-        (a = 0, b = their mean when fewer than 3); every channel weighs."""
+        (a = 0, b = their mean when fewer than 3); every channel weighs. ``head``: the linear head after
+        this layer (default: the target layer's)."""
         out = masked.astype(np.float64)
         if self.fill == "kernel":
             cols = slice(None) if self.preset.name == "official" else classes
             weighed = ~skipped if self.preset.skip_constant else np.ones_like(scored)
             out[:, cols] = kernel_fill(acts, scored, out[:, cols], weighed & ~skipped)
             return out, weighed
-        s = feature_scores(acts, self.head.weight, self.head.bias, classes)  # [K,n]
+        head = head or self.head
+        s = feature_scores(acts, head.weight, head.bias, classes)  # [K,n]
         fit = scored & ~skipped
         for i, c in enumerate(classes):
             e, p = out[fit, c], s[fit, i]
@@ -372,9 +541,11 @@ class Explainer:
         return feature_scores(acts, self.head.weight, self.head.bias, classes)
 
     def score_channels(self, x: np.ndarray, acts: np.ndarray, varying: np.ndarray, constant: np.ndarray,
-                       n_classes: int, progress: Progress | None = None, count: bool = False):
-        """Logits [K,C] of ``x * H_k`` for the channels in ``varying | constant`` (other rows 0);
-        with ``count=True`` also the number of masked inputs scored.
+                       n_classes: int, progress: Progress | None = None, count: bool = False,
+                       base: np.ndarray | None = None):
+        """Logits [K,C] of ``x * H_k`` (``baseline="blur"``: ``x * H_k + base * (1 - H_k)``, ``base`` =
+        ``blur(x)``) for the channels in ``varying | constant`` (other rows 0); with ``count=True`` also the
+        number of masked inputs scored.
 
         One pass per distinct mask: every constant channel has the same all-zero mask (masked input
         ``x * 0 = 0``, whatever the image: scored once per explainer and cached, not counted), and varying
@@ -386,36 +557,44 @@ class Explainer:
         masked = np.zeros((acts.shape[0], n_classes), np.float32)
         idx = np.flatnonzero(varying)
         safe = mask_safe(acts[idx]) if idx.size else acts[:0]  # huge channels rescaled: same masks, finite
-        first, inverse = distinct_masks(safe, self.preset.mask) if idx.size else (idx, idx)
+        first, inverse = distinct_masks(safe, self.mask) if idx.size else (idx, idx)
         maps = safe[first]
+        blended = {"base": blur(x) if base is None else base} if self.mask.blend else {}
         if maps.shape[0]:
-            scores = self.engine.score(x, maps, self.preset.mask, self.batch_size, progress)
+            scores = self.engine.score(x, maps, self.mask, self.batch_size, progress, **blended)
             masked[idx] = scores[inverse]
         if constant.any():
-            masked[constant] = self.zero_input_scores(x, acts.shape[1:])
+            masked[constant] = self.zero_input_scores(x, acts.shape[1:], blended.get("base"))
         return (masked, int(maps.shape[0])) if count else masked
 
-    def zero_input_scores(self, x: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
-        """The classifier's outputs [C] for the all-zero masked input ``x * 0`` (every constant channel's
-        mask): the same for every image, so scored once (through the masked-input session, at this
-        explainer's precision) and kept."""
+    def zero_input_scores(self, x: np.ndarray, grid: tuple[int, ...], base: np.ndarray | None = None) -> np.ndarray:
+        """The classifier's outputs [C] for the all-zero mask's input (every constant channel's mask): ``x * 0``
+        is the same for every image, so it is scored once (through the masked-input session, at this
+        explainer's precision) and kept; with ``baseline="blur"`` it is ``blur(x)``, scored for each image."""
+        zero = np.zeros((1, *grid), np.float32)
+        if self.mask.blend:
+            return self.engine.score(x, zero, self.mask, 1, None, base=blur(x) if base is None else base)[0]
         row = self._zero_scores
         if row is None:
-            zero = np.zeros((1, *grid), np.float32)
-            row = self.engine.score(np.zeros_like(x), zero, self.preset.mask, 1, None)[0]
+            row = self.engine.score(np.zeros_like(x), zero, self.mask, 1, None)[0]
             self._zero_scores = row
         return row
 
-    def channels_to_score(self, acts: np.ndarray, skipped: np.ndarray, classes=None) -> np.ndarray:
+    def channels_to_score(self, acts: np.ndarray, skipped: np.ndarray, classes=None,
+                          head: LinearHead | None | bool = True) -> np.ndarray:
         """Boolean [K]: the channels whose masks are scored (all, less the preset's skips and, with
-        ``max_channels=N``, all but the N ranked first by :attr:`selection` for ``classes``)."""
+        ``max_channels=N``, all but the N ranked first by :attr:`selection` for ``classes``). ``head``: the
+        linear head after this layer (default ``True``: the target layer's; a finer layer has none, and
+        ``relevance`` then ranks by spatial std)."""
+        head = self.head if head is True else head
         scored = ~skipped if self.preset.skip_constant else np.ones(acts.shape[0], bool)
         if self.max_channels is not None and self.max_channels < int(scored.sum()):
-            if self.selection in ("relevance", "cover") and classes is not None and self.head is not None:
-                rank = relevance(acts, self.head.weight, classes)
+            selection = self.selection_for(head)
+            if selection in ("relevance", "cover") and classes is not None and head is not None:
+                rank = relevance(acts, head.weight, classes)
             else:
                 rank = spatial_std(acts)
-            if self.selection == "cover":
+            if selection == "cover":
                 scored = cover(acts, rank ** COVER_POWER, scored & ~skipped, self.max_channels)
             else:
                 scored = top_channels(rank, scored, self.max_channels)

@@ -330,3 +330,69 @@ class GraphInfo:
         if name not in self.ancestors(output):
             raise BundleError(f"layer {layer!r} ({name}) does not feed the classifier output {output!r}")
         return name
+
+    # ------------------------------------------------------------------------------ stages
+    def cut_tensors(self, output: str) -> list[str]:
+        """The tensors every path from the image to ``output`` passes through, in graph order.
+
+        Over the nodes on those paths (shape computations left out: ``Shape``/``Size`` outputs carry no
+        pixels), a tensor ``t`` made by node ``i`` is a cut when it is the only tensor alive between node
+        ``i`` and node ``i + 1``: born at or before ``i`` and read after it. Any topological order gives the
+        same cuts (everything before a cut is its ancestor, everything after it its descendant).
+        """
+        data: set[str] = {self.input_name}
+        for n in self.nodes:
+            if n.op_type not in ("Shape", "Size") and any(i in data for i in n.input if i):
+                data.update(o for o in n.output if o)
+        keep = self.ancestors(output) & data
+        path = [i for i, n in enumerate(self.nodes) if any(o in keep for o in n.output)]
+        birth = {t: self.order.get(t, -1) for t in keep}
+        death = {t: -1 for t in keep}
+        death[output] = len(self.nodes)
+        for i in path:
+            for name in self.nodes[i].input:
+                if name in death:
+                    death[name] = max(death[name], i)
+        live = [0] * (len(self.nodes) + 2)  # live[i + 1]: tensors alive after node i (index 0: after the input)
+        for t in keep:
+            if death[t] > birth[t]:
+                live[birth[t] + 1] += 1
+                live[min(death[t], len(self.nodes)) + 1] -= 1
+        for i in range(1, len(live)):
+            live[i] += live[i - 1]
+        cuts = [t for t in keep if t != self.input_name and death[t] > birth[t] and live[birth[t] + 1] == 1]
+        return sorted(cuts, key=lambda t: self.order[t])
+
+    def stage_layers(self, output: str, deepest: str, count: int) -> list[str]:
+        """The ``count`` stage outputs next finer than the ``deepest`` map, coarsest first (Poly-CAM's layers).
+
+        Candidates are the cut maps (:meth:`cut_tensors`; a stage's output is one, a tensor inside a residual
+        block is not) of a spatial size strictly finer than ``deepest``'s, less the outputs of layout-only and
+        pooling ops (a pooled map is the stage before it, thinned out). For each grid, from the next finer one
+        on: walk back from its last cut map while the channel count does not grow (an inverted-residual
+        block's expansion, ReLU after conv) and take the latest of the narrowest maps walked over: on
+        EfficientNet-Lite0 the 112-channel output at 14 x 14 rather than the 672-channel expansion after it,
+        on ResNet-50 ``layer3``'s output, on VGG ``relu4_3``.
+        """
+        h0, w0 = self.candidate(deepest).spatial if self.is_map(deepest) else (None, None)
+        if h0 is None or w0 is None:
+            raise BundleError(f"layer {deepest!r} is not a feature map of known size")
+        grids: dict[tuple[int, int], list[str]] = {}
+        for t in self.cut_tensors(output):
+            node = self.producer.get(t)
+            if not self.is_map(t) or node is None or node.op_type in STEP_BACK_OPS:
+                continue
+            h, w = self.candidate(t).spatial
+            if h >= h0 and w >= w0 and h * w > h0 * w0:
+                grids.setdefault((h, w), []).append(t)
+        out = []
+        for grid in sorted(grids, key=lambda g: g[0] * g[1])[:count]:
+            maps = grids[grid]
+            channels = [self.candidate(t).channels or 0 for t in maps]
+            i = len(maps) - 1
+            while i > 0 and channels[i - 1] <= channels[i]:
+                i -= 1
+            walked = range(len(maps) - 1, i - 1, -1)
+            narrow = min(channels[j] for j in walked)
+            out.append(maps[next(j for j in walked if channels[j] == narrow)])
+        return out

@@ -6,7 +6,9 @@
     logits_b = f(image * H_b)
 
 with ``up`` = ``Resize`` linear (half_pixel or align_corners, the same grids as torch's bilinear
-``F.interpolate``) and ``norm(m) = (m - min m) / (max m - min m + eps)`` per map. Only the
+``F.interpolate``) and ``norm(m) = (m - min m) / (max m - min m + eps)`` per map. With a baseline input
+(``blend``) the masked input is ``image * H_b + base * (1 - H_b)`` instead (the paper's baseline is 0:
+``base`` is then left out and the graph is the one above, node for node). Only the
 low-resolution maps go in and the scores come out, so on CUDA the B x 3 x H x W masked batch is
 made on the device and never crosses the bus.
 """
@@ -26,6 +28,7 @@ EPS = "scorecam_eps"
 NOISE = "scorecam_noise"  # optional [B,1,H,W], added to the masks (SS-CAM)
 GAIN = "scorecam_gain"  # optional [B,1,1,1], multiplies the masks (IS-CAM)
 OFFSET = "scorecam_offset"  # optional [B,1,1,1], added to the masks: 1 with an all-zero map scores x itself
+BASE = "scorecam_base"  # optional [1,3,H,W], what the masked-out pixels become (default: 0, the paper's)
 _P = "scorecam_mask/"
 
 
@@ -44,13 +47,14 @@ def _const(name: str, values, dtype=None):
 
 
 def mask_nodes(spec: MaskSpec, size: tuple[int, int], opset: int, out: str, noise: bool = False,
-               gain: bool = False, offset: bool = False) -> list[onnx.NodeProto]:
+               gain: bool = False, offset: bool = False, blend: bool = False) -> list[onnx.NodeProto]:
     """Nodes turning ``MAPS`` [B,1,h,w] (and ``IMAGE``, ``EPS``) into the masked batch ``out``.
 
     ``noise``: the masks become ``H_b + NOISE_b`` (SS-CAM); ``gain``: they become ``GAIN_b * H_b``
-    (IS-CAM); ``offset``: they become ``H_b + OFFSET_b``. All default off, which leaves the graph
-    exactly as Score-CAM needs it. An all-zero map has the all-zero mask in every preset, so with
-    ``OFFSET_b = 1`` its row is ``image * 1``, the image itself, bit for bit.
+    (IS-CAM); ``offset``: they become ``H_b + OFFSET_b``; ``blend``: the batch is ``IMAGE * H_b + BASE *
+    (1 - H_b)``, ``BASE`` [1,3,H,W] the baseline (e.g. the image blurred). All default off, which leaves
+    the graph exactly as Score-CAM needs it. An all-zero map has the all-zero mask in every preset, so with
+    ``OFFSET_b = 1`` its row is ``image * 1 (+ base * 0)``, the image itself, bit for bit.
     """
     import numpy as np
 
@@ -119,18 +123,26 @@ def mask_nodes(spec: MaskSpec, size: tuple[int, int], opset: int, out: str, nois
     if offset:
         nodes.append(helper.make_node("Add", [masks, OFFSET], [_P + "offset"]))
         masks = _P + "offset"
-    nodes.append(helper.make_node("Mul", [IMAGE, masks], [out]))
+    if not blend:
+        nodes.append(helper.make_node("Mul", [IMAGE, masks], [out]))
+        return nodes
+    nodes += [_const(_P + "one", np.ones((), np.float32)),
+              helper.make_node("Sub", [_P + "one", masks], [_P + "inverse"]),
+              helper.make_node("Mul", [IMAGE, masks], [_P + "kept"]),
+              helper.make_node("Mul", [BASE, _P + "inverse"], [_P + "filled"]),
+              helper.make_node("Add", [_P + "kept", _P + "filled"], [out])]
     return nodes
 
 
 def build_scorer(classifier: onnx.ModelProto, spec: MaskSpec, size: tuple[int, int],
                  input_name: str | None = None, noise: bool = False, gain: bool = False,
-                 offset: bool = False, extra_outputs: Sequence[str] = (), in_place: bool = False) -> onnx.ModelProto:
+                 offset: bool = False, extra_outputs: Sequence[str] = (), in_place: bool = False,
+                 blend: bool = False) -> onnx.ModelProto:
     """The classifier with the mask nodes in front: inputs ``IMAGE``, ``MAPS``, ``EPS``; same outputs.
 
     ``input_name`` is the classifier input the masked batch feeds (default: its only real input).
-    ``noise`` / ``gain`` / ``offset`` add the inputs ``NOISE`` [B,1,H,W] / ``GAIN`` [B,1,1,1] /
-    ``OFFSET`` [B,1,1,1] (see :func:`mask_nodes`). ``extra_outputs`` names intermediate tensors of
+    ``noise`` / ``gain`` / ``offset`` / ``blend`` add the inputs ``NOISE`` [B,1,H,W] / ``GAIN`` [B,1,1,1] /
+    ``OFFSET`` [B,1,1,1] / ``BASE`` [1,3,H,W] (see :func:`mask_nodes`). ``extra_outputs`` names intermediate tensors of
     the classifier to output too (the target layer: one session then gives the logits and the
     activations of the image, and scores the masks, with one copy of the weights). ``in_place``: build
     on ``classifier`` itself (no copy of its weights) and return it.
@@ -151,7 +163,7 @@ def build_scorer(classifier: onnx.ModelProto, spec: MaskSpec, size: tuple[int, i
     if target is None:
         raise ValueError(f"the classifier has no input named {input_name!r}")
     elem = target.type.tensor_type.elem_type
-    nodes = mask_nodes(spec, size, _opset(model), input_name, noise=noise, gain=gain, offset=offset)
+    nodes = mask_nodes(spec, size, _opset(model), input_name, noise=noise, gain=gain, offset=offset, blend=blend)
     produced = {o for n in g.node for o in n.output}
     for name in extra_outputs:
         if name not in produced:
@@ -164,6 +176,8 @@ def build_scorer(classifier: onnx.ModelProto, spec: MaskSpec, size: tuple[int, i
         extra.append(helper.make_tensor_value_info(GAIN, elem, ["chunk", 1, 1, 1]))
     if offset:
         extra.append(helper.make_tensor_value_info(OFFSET, elem, ["chunk", 1, 1, 1]))
+    if blend:
+        extra.append(helper.make_tensor_value_info(BASE, elem, [1, 3, size[0], size[1]]))
     kept_inputs = [i for i in g.input if i.name != input_name]
     del g.input[:]
     g.input.extend([

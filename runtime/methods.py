@@ -6,7 +6,9 @@ them. A method is named on the command line as ``name[:key=value]...``, e.g. ``s
 
 =============== ==================================================================================
 ``scorecam``     Score-CAM, the explainer's engine; ``preset=`` paper (default) / gradcam / torchcam /
-                 official (``scorecam-<preset>`` names each one)
+                 official (``scorecam-<preset>`` names each one); ``layers=N`` multi-layer Score-CAM (the
+                 target layer plus N - 1 finer stages, fused by ``fusion=`` poly / product / sum);
+                 ``baseline=blur`` masks onto the blurred image instead of 0 (also for ``faster``)
 ``faster``       Faster Score-CAM: only ``n`` channels are scored, chosen by ``select`` (auto / std /
                  relevance / cover, see :mod:`runtime.selection`); ``fill=kernel`` weighs the others by
                  scores predicted from the scored channels' (kernel ridge regression on the maps),
@@ -17,6 +19,11 @@ them. A method is named on the command line as ``name[:key=value]...``, e.g. ``s
                  the classifier's tail after the target layer; map[i,j] = softmax(tail(A * M_ij))_c
 ``rise``         RISE (Petsiuk et al. 2018): ``n`` random binary ``cells`` x ``cells`` grids (keep ``p``),
                  bilinearly upsampled and randomly shifted; map = sum_i softmax(f(x * M_i))_c M_i / (n p)
+``hsic``         HSIC attribution (Novello et al. 2022): ``n`` binary ``cells`` x ``cells`` masks from a
+                 scrambled Sobol' sequence (cell on where the point's coordinate >= 1/2), the input masked
+                 (``x * M_i``, nearest-upsampled); map[cell] = HSIC(cell on/off, class score) with the
+                 kernels of the authors' Xplique: ``k(a,b) = 1/2 + [a == b]`` on the cell, an RBF of width
+                 median(y) on the score ``y``; estimate ``tr(K H L H) / n``; upsampled bicubically
 ``sscam``        SS-CAM: s_k = 1/N sum_i f_c(x * (H_k + d_ik)), d_ik ~ N(0, sigma^2) at H x W
                  (torchcam ``SSCAM``: N = 35, sigma = 2, masks up(norm(A_k)))
 ``iscam``        IS-CAM: s_k = 1/N sum_i f_c(g_i x * H_k), g_i = sum_{j<=i} j/N (torchcam ``ISCAM``, N = 10)
@@ -60,11 +67,12 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, description: str = "", baseline: bool = False, **defaults):
-    """Decorator: register ``fn`` under ``name`` with default parameters ``defaults``."""
+def register(name: str, description: str = "", is_baseline: bool = False, **defaults):
+    """Decorator: register ``fn`` under ``name`` with default parameters ``defaults`` (``is_baseline``: a
+    reference map every method must beat, not a method)."""
 
     def wrap(fn):
-        METHODS[name] = Method(name, fn, dict(defaults), description, baseline)
+        METHODS[name] = Method(name, fn, dict(defaults), description, is_baseline)
         return fn
 
     return wrap
@@ -115,10 +123,13 @@ def run_method(spec: str, explainer, x: np.ndarray, class_index: int, **override
 
 
 def _variant(explainer, preset: str | None = None, max_channels: int | None = None, select: str = "auto",
-             mode: str = "scorecam", fill: str = "zero"):
+             mode: str = "scorecam", fill: str = "zero", layers=None, baseline: str = "zero",
+             fusion: str | None = None):
     """A shallow copy of the explainer (same engine and sessions) with another preset / channel cap /
-    channel ranking / mode."""
+    channel ranking / mode / layers / baseline / fusion (None: the explainer's)."""
+    from .explainer import check_layer_options
     from .selection import SELECTS
+    from .stages import parse_layers
 
     ex = copy.copy(explainer)
     if preset is not None:
@@ -132,23 +143,32 @@ def _variant(explainer, preset: str | None = None, max_channels: int | None = No
     if fill not in ("zero", "preview", "kernel") or (fill == "preview" and ex.head is None):
         raise ValueError(f"fill {fill!r}: choose zero, kernel, or preview (needs a global-pooling -> linear head)")
     ex.select, ex.mode, ex.fill = select, mode, fill
+    wanted = parse_layers(layers)
+    fusion = fusion or explainer.fusion
+    check_layer_options(wanted, mode, fill, fusion, baseline)
+    ex.stages = ex.find_layers(wanted) if wanted else []
+    ex.baseline, ex.fusion = baseline, fusion
     return ex
 
 
-@register("scorecam", "Score-CAM (preset= paper, gradcam, torchcam, official)", preset="paper")
-def scorecam(explainer, x, class_index, preset="paper"):
-    return _variant(explainer, preset).explain_tensor(x, [class_index])[0].saliency
+@register("scorecam", "Score-CAM (preset= paper, gradcam, torchcam, official; layers=N multi-layer, fusion= poly, "
+          "product, sum; baseline= zero, blur)", preset="paper", layers=1, fusion="product", baseline="zero")
+def scorecam(explainer, x, class_index, preset="paper", layers=1, fusion="product", baseline="zero"):
+    ex = _variant(explainer, preset, layers=layers, fusion=fusion, baseline=baseline)
+    return ex.explain_tensor(x, [class_index])[0].saliency
 
 
 for _p in PRESETS:
     register(f"scorecam-{_p}", f"Score-CAM, preset {_p}", preset=_p)(scorecam)
 
 
-@register("faster", "Faster Score-CAM: n channels, chosen by select= auto, std, relevance or cover; fill= zero, "
-          "kernel or preview",
-          n=10, preset="paper", select="auto", fill="zero")
-def faster(explainer, x, class_index, n=10, preset="paper", select="auto", fill="zero"):
-    ex = _variant(explainer, preset, max_channels=n, select=select, fill=fill)
+@register("faster", "Faster Score-CAM: n channels (per layer), chosen by select= auto, std, relevance or cover; "
+          "fill= zero, kernel or preview; layers=N, fusion=, baseline= as scorecam",
+          n=10, preset="paper", select="auto", fill="zero", layers=1, fusion="product", baseline="zero")
+def faster(explainer, x, class_index, n=10, preset="paper", select="auto", fill="zero", layers=1, fusion="product",
+           baseline="zero"):
+    ex = _variant(explainer, preset, max_channels=n, select=select, fill=fill, layers=layers, fusion=fusion,
+                  baseline=baseline)
     return ex.explain_tensor(x, [class_index])[0].saliency
 
 
@@ -336,6 +356,57 @@ def rise_masks(rng: np.random.Generator, n: int, size: tuple[int, int], cells: i
     return out
 
 
+def hsic_designs(n: int, cells: int, seed: int = 0) -> np.ndarray:
+    """``n`` binary [cells, cells] designs (float32 0/1): the first n points of a scrambled Sobol' sequence in
+    cells^2 dimensions, a cell on where its coordinate is >= 1/2."""
+    from .sobol import sobol
+
+    return (sobol(int(n), int(cells) ** 2, scramble=True, seed=int(seed)) >= 0.5).astype(np.float32).reshape(
+        int(n), int(cells), int(cells))
+
+
+def hsic_scores(designs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """HSIC between each design variable (a column of ``designs`` [n,d], 0/1) and the output ``y`` [n], [d].
+
+    ``HSIC_j = tr(K_j H L H) / n`` with ``K_j[a,b] = 1/2 + [x_aj == x_bj]`` (Xplique's binary kernel, 1.5 or
+    0.5), ``L[a,b] = exp(-(y_a - y_b)^2 / (2 w^2))``, ``w = |median(y)|`` (1 if 0) and ``H = I - 1/n``. With
+    ``Lc = H L H`` (rows and columns summing to 0) that is ``2 x_j^T Lc x_j / n``."""
+    x = np.asarray(designs, np.float64)
+    y = np.asarray(y, np.float64).ravel()
+    n = y.size
+    w = abs(float(np.median(y))) or 1.0
+    lmat = np.exp(-((y[:, None] - y[None, :]) ** 2) / (2.0 * w * w))
+    lc = lmat - lmat.mean(axis=0, keepdims=True) - lmat.mean(axis=1, keepdims=True) + lmat.mean()
+    return 2.0 * np.einsum("aj,ab,bj->j", x, lc, x) / n
+
+
+@register("hsic", "HSIC attribution: n binary cells x cells Sobol' masks, dependence of the class score on each cell",
+          n=500, cells=8, seed=0, score="probability")
+def hsic(explainer, x, class_index, n=500, cells=8, seed=0, score="probability"):
+    from .sobol import MAX_DIMENSIONS
+
+    if int(n) < 2 or not 1 <= int(cells) or int(cells) ** 2 > MAX_DIMENSIONS or score not in ("probability", "logit"):
+        raise ValueError(f"hsic: need n >= 2, 1 <= cells <= 8 and score probability or logit, got n={n}, "
+                         f"cells={cells}, score={score!r}")
+    import cv2
+
+    engine = explainer.engine
+    sess, name = engine.classifier, engine.input_name
+    h, w = np.shape(x)[-2:]
+    designs = hsic_designs(int(n), int(cells), int(seed))
+    rows = (np.arange(h) * int(cells)) // h  # nearest upsampling: pixel -> its cell
+    cols = (np.arange(w) * int(cells)) // w
+    bs = max(1, int(explainer.batch_size))
+    y = []
+    for start in range(0, int(n), bs):  # O(batch) memory
+        m = designs[start:start + bs][:, rows][:, :, cols]
+        out = sess.run([engine.class_output], {name: np.ascontiguousarray(x * m[:, None], np.float32)})[0]
+        y.append(_probs(out, explainer)[:, class_index] if score == "probability"
+                 else np.asarray(out, np.float64)[:, class_index])
+    cell = hsic_scores(designs.reshape(int(n), -1), np.concatenate(y)).reshape(int(cells), int(cells))
+    return minmax(cv2.resize(cell.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC))
+
+
 @register("rise", "RISE: n random upsampled binary input masks", n=2000, cells=8, p=0.5, seed=0)
 def rise(explainer, x, class_index, n=2000, cells=8, p=0.5, seed=0):
     if int(n) < 1 or int(cells) < 1 or not 0 < float(p) <= 1:
@@ -356,13 +427,13 @@ def rise(explainer, x, class_index, n=2000, cells=8, p=0.5, seed=0):
 # ------------------------------------------------------------------------------------ baselines
 
 
-@register("random", "uniform noise (baseline)", baseline=True, seed=0)
+@register("random", "uniform noise (baseline)", is_baseline=True, seed=0)
 def random_map(explainer, x, class_index, seed=0):
     h, w = np.shape(x)[-2:]
     return np.random.default_rng(int(seed)).random((h, w)).astype(np.float32)
 
 
-@register("center", "centred Gaussian, sigma = fraction of the side (baseline)", baseline=True, sigma=0.25)
+@register("center", "centred Gaussian, sigma = fraction of the side (baseline)", is_baseline=True, sigma=0.25)
 def center_map(explainer, x, class_index, sigma=0.25):
     h, w = np.shape(x)[-2:]
     yy = (np.arange(h) + 0.5 - h / 2) / (float(sigma) * h)
@@ -371,5 +442,5 @@ def center_map(explainer, x, class_index, sigma=0.25):
     return minmax(g.astype(np.float32))
 
 
-__all__ = ["METHODS", "Method", "default_noise", "iscam_gains", "list_methods", "parse_method",
-           "register", "repeated_scores", "run_method"]
+__all__ = ["METHODS", "Method", "default_noise", "hsic_designs", "hsic_scores", "iscam_gains", "list_methods",
+           "parse_method", "register", "repeated_scores", "run_method"]

@@ -31,15 +31,19 @@ GRADCAM_EPS = 1e-7
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """How a channel becomes a mask: the order of ``norm``/``up`` and the upsampling grid."""
+    """How a channel becomes a masked input: the order of ``norm``/``up``, the upsampling grid, and what the
+    masked-out pixels become (``blend``: ``x * H + base * (1 - H)`` with a baseline image fed at run time,
+    e.g. ``blur(x)``; default: the paper's ``x * H``, i.e. a zero baseline)."""
 
     align_corners: bool = False
     norm_first: bool = False
     eps: float = MASK_EPS
+    blend: bool = False
 
     @property
     def key(self) -> str:
-        return f"{'norm-up' if self.norm_first else 'up-norm'}-{'ac' if self.align_corners else 'hp'}"
+        return (f"{'norm-up' if self.norm_first else 'up-norm'}-{'ac' if self.align_corners else 'hp'}"
+                + ("-blend" if self.blend else ""))
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,7 @@ def run(args: argparse.Namespace, stdout, stderr) -> int:
     sources = expand(args.inputs)
     settings = job.Settings.make(args.model, args.target, top_k=args.top_k, preset=args.preset,
                                  max_channels=args.max_channels, select=args.select, mode=args.mode, fill=args.fill,
+                                 layers=args.layers, fusion=args.fusion, baseline=args.baseline,
                                  precision=args.precision, overlays=args.overlays,
                                  alpha=args.alpha, thirdparty=thirdparty.cli_kwargs(args))
     out: Path = args.out

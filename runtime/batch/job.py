@@ -113,6 +113,9 @@ class Settings:
     overlays: bool = False
     alpha: float = 0.5
     thirdparty: dict = field(default_factory=dict)  # --layer, --size, --mean, ... for models without metadata
+    layers: int | tuple[str, ...] | None = None  # multi-layer Score-CAM (None: the target layer alone)
+    fusion: str = "product"
+    baseline: str = "zero"
 
     @classmethod
     def make(cls, model, targets=None, **kw) -> Settings:
@@ -128,6 +131,10 @@ class Settings:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"] = list(self.targets) if self.targets else None
+        d["layers"] = list(self.layers) if isinstance(self.layers, tuple) else self.layers
+        for k, default in (("layers", None), ("fusion", "product"), ("baseline", "zero")):
+            if d[k] == default:  # left out at their defaults: the settings of runs made before them keep their key
+                del d[k]
         return d
 
     @property
@@ -143,7 +150,8 @@ class Settings:
                 tp[k] = tuple(tp[k])
         return Explainer(self.model, device=device, batch_size=batch_size, preset=self.preset, threads=threads,
                          max_channels=self.max_channels, precision=self.precision, select=self.select,
-                         mode=self.mode, fill=self.fill, **tp)
+                         mode=self.mode, fill=self.fill, layers=self.layers, fusion=self.fusion,
+                         baseline=self.baseline, **tp)
 
 
 @dataclass(frozen=True)

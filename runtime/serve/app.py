@@ -51,6 +51,9 @@ class ServeConfig:
     select: str = "auto"
     mode: str = "scorecam"
     fill: str = "zero"
+    layers: int | list[str] | None = None  # multi-layer Score-CAM (None: the target layer alone)
+    fusion: str = "product"
+    baseline: str = "zero"
     batch_size: int | None = None
     threads: int | None = None
     thirdparty: dict = field(default_factory=dict)  # Explainer kwargs for bare .onnx files
@@ -94,7 +97,7 @@ class State:
         c = self.config
         specs = find_models(c.models, c.model_name)
         kwargs = {"device": c.device, "preset": c.preset, "max_channels": c.max_channels, "select": c.select,
-                  "mode": c.mode, "fill": c.fill,
+                  "mode": c.mode, "fill": c.fill, "layers": c.layers, "fusion": c.fusion, "baseline": c.baseline,
                   "batch_size": c.batch_size, "threads": c.threads}
         return load_models(specs, kwargs, c.thirdparty, log=log.info)
 
@@ -150,7 +153,8 @@ def _explain_all(model: ServedModel, instances: list[P.Instance], opts: P.Option
                  want_png: bool = False):
     """Runs in a worker thread: decode, explain (stopping at the token's deadline), encode."""
     try:
-        ex = model.variant(opts.preset, opts.max_channels, opts.exact, opts.select, opts.mode, opts.fill)
+        ex = model.variant(opts.preset, opts.max_channels, opts.exact, opts.select, opts.mode, opts.fill,
+                           layers=opts.layers, fusion=opts.fusion, baseline=opts.baseline)
     except ValueError as e:  # e.g. preview / relevance asked of a model whose head does not allow it
         raise P.ProtocolError(422, str(e)) from None
     chunks = state.metrics.chunks.labels(model.name)
@@ -262,7 +266,7 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
             if not body:
                 raise P.ProtocolError(400, "empty request body; send the image file's bytes")
             params = {k: q[k] for k in ("saliency_encoding", "overlay", "alpha", "preset", "max_channels", "select",
-                                            "mode", "fill") if k in q}
+                                            "mode", "fill", "layers", "fusion", "baseline") if k in q}
             opts = P.parse_options(params)
             inst = P.Instance(body, P.split_query_targets(q.getlist("targets") + q.getlist("target")),
                               P.parse_int(q.get("top_k", 1), "top_k", 1, P.MAX_TOP_K))

@@ -114,7 +114,8 @@ def config_from_args(args: argparse.Namespace):
     kw = thirdparty.cli_kwargs(args)
     return ServeConfig(models=list(args.models), model_name=args.model_name, device=args.device, preset=args.preset,
                        max_channels=args.max_channels, select=args.select, mode=args.mode, fill=args.fill,
-                       batch_size=args.batch_size, threads=args.threads,
+                       layers=list(args.layers) if isinstance(args.layers, tuple) else args.layers,
+                       fusion=args.fusion, baseline=args.baseline, batch_size=args.batch_size, threads=args.threads,
                        thirdparty=kw, max_concurrency=args.max_concurrency, queue_size=args.queue_size,
                        timeout=args.timeout, max_body_mb=args.max_body_mb, max_pixels=args.max_pixels,
                        max_instances=args.max_instances)

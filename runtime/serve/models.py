@@ -73,19 +73,29 @@ class ServedModel:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def variant(self, preset: str | None, max_channels: int | None, exact: bool = False, select: str | None = None,
-                mode: str | None = None, fill: str | None = None) -> Explainer:
-        """The explainer for one request (None: the server's setting). A variant shares the engine and its
-        sessions; the scorer session of a new mask kind is built here, under a lock, so two requests never
-        race to make it. ValueError when the model's head does not allow the mode / selection asked for."""
+                mode: str | None = None, fill: str | None = None, *, layers=None, fusion: str | None = None,
+                baseline: str | None = None) -> Explainer:
+        """The explainer for one request (None: the server's setting; ``layers`` 1: the target layer alone). A
+        variant shares the engine and its sessions; the scorer session of a new mask kind is built here, under a
+        lock, so two requests never race to make it. ValueError (BundleError) when the model does not allow the
+        mode / selection / layers asked for."""
         ex = self.explainer
         mc = None if exact else (max_channels if max_channels is not None else ex.max_channels)
         select, mode, fill = select or ex.select, mode or ex.mode, fill or ex.fill
-        if (preset is None or preset == ex.preset.name) and mc == ex.max_channels and \
-                (select, mode, fill) == (ex.select, ex.mode, ex.fill):
+        fusion, baseline = fusion or ex.fusion, baseline or ex.baseline
+        served = tuple(st.name for st in ex.stages)
+        if layers is None:
+            layers = served or None
+        elif layers == 1:
+            layers = None
+        same_layers = (layers or ()) == served
+        if (preset is None or preset == ex.preset.name) and mc == ex.max_channels and same_layers and \
+                (select, mode, fill, fusion, baseline) == (ex.select, ex.mode, ex.fill, ex.fusion, ex.baseline):
             return ex
-        v = _variant(ex, preset or ex.preset.name, mc, select, mode, fill)
+        v = _variant(ex, preset or ex.preset.name, mc, select, mode, fill, layers=layers, fusion=fusion,
+                     baseline=baseline)
         with self._lock:
-            v.engine.scorer(v.preset.mask)
+            v.engine.scorer(v.mask)
         return v
 
     def metadata(self) -> dict:
@@ -98,7 +108,8 @@ class ServedModel:
                                   "scale": pre.scale, "mean": list(pre.mean), "std": list(pre.std)},
                 "target_layer": ex.meta.layer, "provider": ex.provider, "preset": ex.preset.name,
                 "max_channels": ex.max_channels, "select": ex.select, "mode": ex.mode, "fill": ex.fill,
-                "batch_size": ex.batch_size}
+                "layers": [ex.meta.layer, *(st.name for st in ex.stages)], "fusion": ex.fusion,
+                "baseline": ex.baseline, "batch_size": ex.batch_size}
 
 
 def load_models(specs: list[ModelSpec], explainer_kwargs: dict, thirdparty_kwargs: dict,

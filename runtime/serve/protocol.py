@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..explainer import FILLS, MODES
+from ..explainer import BASELINES, FILLS, MODES
+from ..fusion import FUSIONS
 from ..scorecam import PRESETS
 from ..selection import SELECTS
+from ..stages import parse_layers
 
 ENCODINGS = ("b64", "list", "png16")
 MAX_TOP_K = 1000
@@ -62,6 +64,9 @@ class Options:
     select: str | None = None  # None: the server's (auto, std, relevance: how max_channels ranks channels)
     mode: str | None = None  # None: the server's (scorecam, preview)
     fill: str | None = None  # None: the server's (zero, preview)
+    layers: int | tuple[str, ...] | None = None  # None: the server's; 1: the target layer alone; N or names
+    fusion: str | None = None  # None: the server's (poly, product, sum)
+    baseline: str | None = None  # None: the server's (zero, blur)
 
 
 @dataclass
@@ -201,12 +206,18 @@ def parse_options(params, base: Options | None = None) -> Options:
             raise ProtocolError(422, f"preset must be one of {', '.join(PRESETS)}, "
                                      f"got {json.dumps(params['preset'], default=str)}")
         opts.preset = params["preset"]
-    for key, allowed in (("select", SELECTS), ("mode", MODES), ("fill", FILLS)):
+    for key, allowed in (("select", SELECTS), ("mode", MODES), ("fill", FILLS), ("fusion", tuple(FUSIONS)),
+                         ("baseline", BASELINES)):
         if params.get(key) is not None:
             if not isinstance(params[key], str) or params[key] not in allowed:
                 raise ProtocolError(422, f"{key} must be one of {', '.join(allowed)}, "
                                          f"got {json.dumps(params[key], default=str)}")
             setattr(opts, key, params[key])
+    if params.get("layers") is not None:
+        try:
+            opts.layers = parse_layers(params["layers"]) or 1
+        except ValueError as e:
+            raise ProtocolError(422, str(e)) from None
     if "max_channels" in params:
         mc = params["max_channels"]
         if mc in (None, 0, "0", "", "all", "exact"):
@@ -339,6 +350,7 @@ def result_v1(r, options: Options, overlay_png: bytes | None = None) -> dict:
          "channels_skipped": int(r.channels_skipped), "seconds": round(finite(r.seconds), 4),
          "provider": str(r.provider), "preset": str(r.preset), "mode": str(r.mode), "select": str(r.select),
          "fill": str(r.fill), "passes": int(r.passes),
+         "layers": [str(r.target_layer), *(str(name) for name in r.layers)], "baseline": str(r.baseline),
          "saliency": encode_saliency(r.saliency, options.saliency_encoding)}
     if overlay_png is not None:
         d["overlay"] = {"format": "png", "b64": base64.b64encode(overlay_png).decode("ascii")}
@@ -391,7 +403,8 @@ def parse_v2(data: dict, limits: Limits) -> tuple[list[Instance], Options]:
     if isinstance(params.get("targets"), str) and "," in params["targets"]:
         targets = split_query_targets([params["targets"]])
     top_k = parse_int(params.get("top_k", 1), "parameters.top_k", 1, MAX_TOP_K)
-    opts = parse_options({k: v for k, v in params.items() if k in ("preset", "max_channels", "select", "mode", "fill")})
+    opts = parse_options({k: v for k, v in params.items()
+                          if k in ("preset", "max_channels", "select", "mode", "fill", "layers", "fusion", "baseline")})
     return [Instance(decode_b64(v, f"image[{i}]"), targets, top_k) for i, v in enumerate(values)], opts
 
 

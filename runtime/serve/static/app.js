@@ -59,6 +59,7 @@ async function loadModels() {
   $("preset").innerHTML = "";
   for (const p of data.presets) $("preset").add(new Option(p, p));
   $("preset").value = data.models.length ? data.models[0].preset : "paper";
+  $("fine").checked = data.models.length > 0 && data.models[0].layers.length > 1;
   await modelChanged();
 }
 
@@ -123,6 +124,7 @@ async function explain() {
   const target = typed ? (/^\d+$/.test(typed) ? Number(typed) : typed) : Number($("target").value);
   const params = { preset: $("preset").value, overlay: true, alpha: 1.0 };
   if ($("fast").checked) params.max_channels = 64;  // unchecked: the server's default (--max-channels)
+  params.layers = $("fine").checked ? 3 : 1;  // fine: multi-layer Score-CAM, the target layer and two finer stages
   $("go").disabled = true;
   status("explaining...");
   const t0 = performance.now();
@@ -136,7 +138,7 @@ async function explain() {
     $("shown-class").dataset.classIndex = r.class_index;
     $("info").textContent = `p = ${(100 * r.probability).toFixed(2)}% · ${r.seconds.toFixed(2)} s on the server ` +
       `(${((performance.now() - t0) / 1000).toFixed(2)} s round trip) · ${r.provider} · preset ${r.preset} · ` +
-      `${r.channels_used} channels scored`;
+      `${r.channels_used} channels scored` + (r.layers.length > 1 ? ` · ${r.layers.length} layers` : "");
     $("shown").hidden = false;
     for (const li of $("probs").children) li.classList.toggle("chosen", Number(li.dataset.classIndex) === r.class_index);
     status("");
@@ -162,6 +164,7 @@ $("target").addEventListener("change", () => { $("label").value = ""; explain();
 $("label").addEventListener("keydown", (e) => { if (e.key === "Enter") explain(); });
 $("preset").addEventListener("change", explain);
 $("fast").addEventListener("change", explain);
+$("fine").addEventListener("change", explain);
 $("go").addEventListener("click", explain);
 $("opacity").addEventListener("input", () => { $("opacity-value").textContent = `${$("opacity").value}%`; draw(); });
 loadModels().catch((err) => showError(err.message));

@@ -1,0 +1,224 @@
+"""``python -m bench.evaluation``: every saliency method on one photo set, both substrates, in one run per part.
+
+The measurement behind ``docs/evaluation.md``: ``runtime.evaluate`` (insertion, deletion, LeRF-MoRF, Average
+Drop, the energy pointing game on ``samples/boxes.json``, seconds per map) for :data:`METHODS` on
+EfficientNet-Lite0, each map made once and measured on the zero and the blurred substrate.
+
+Photos (nothing downloaded, nothing here tuned on them): the five samples, then the real photographs that
+installed packages ship (:data:`WILD`: OpenCV's sample photos from Debian's ``opencv-doc``, the photographs
+among Debian's MATE, Plasma and Lomiri wallpapers, scikit-learn's, mahotas' and ultralytics' photos -- the
+list of ``bench.bundles.WILD_PHOTOS`` on branch i21-photos) less :data:`DEV`, the photos the multi-layer rules
+were chosen on; ``--photos N`` keeps the samples and N - 5 wild photos evenly spread over the list.
+
+Resumable and splittable: ``--part I/J`` does every J-th photo from the I-th (one process each, one ONNX
+Runtime thread each, so J parts share J cores); each photo's rows and maps go to ``OUT/raw/`` and are not
+made again. ``--report`` (after the parts) writes ``OUT/report.md``, ``metrics.csv``, ``summary.csv``,
+``overlays.png`` (photo x method) and ``timing.json`` (median seconds per map and per-photo ratios to RISE).
+Missing packages are named with the command that installs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bundles import SAMPLES, ensure_bundle, sample_photos
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_OUT = ROOT / "docs" / "evaluation-multilayer"
+STEPS = 50
+#: the methods, all on one engine; ``rise:n=4000`` is the reference the targets are measured against
+METHODS = (
+    "scorecam",
+    "scorecam:layers=3",
+    "scorecam:layers=3:fusion=poly",
+    "scorecam:baseline=blur",
+    "faster:n=16:fill=kernel",
+    "faster:n=16:fill=kernel:layers=3",
+    "reciprocam",
+    "hsic",
+    "rise:n=4000",
+)
+REFERENCE = "rise:n=4000"
+OPENCV = "/usr/share/doc/opencv-doc/examples"
+MATE = "/usr/share/backgrounds/mate/nature"
+PLASMA = "/usr/share/wallpapers"
+#: (name, where, path, package): ``deb`` paths are absolute (Debian's ``package``), ``py`` paths are inside the
+#: installed Python package ``package``
+WILD: tuple[tuple[str, str, str, str], ...] = (
+    *((n, "deb", f"{OPENCV}/data/{n}", "opencv-doc") for n in (
+        "aero1.jpg", "aero3.jpg", "aloeL.jpg", "apple.jpg", "baboon.jpg", "basketball1.png", "board.jpg",
+        "box_in_scene.png", "building.jpg", "butterfly.jpg", "chicky_512.png", "ela_original.jpg", "fruits.jpg",
+        "graf1.png", "home.jpg", "leuvenA.jpg", "licenseplate_motion.jpg", "messi5.jpg", "orange.jpg",
+        "rubberwhale1.png", "squirrel_cls.jpg", "starry_night.jpg", "stuff.jpg")),
+    *((n.replace("/", "-").replace("-input_images", "").replace("-data", ""), "deb", f"{OPENCV}/{n}", "opencv-doc")
+      for n in ("alphamat/input_images/plant.jpg", "hfs/data/000.jpg", "hfs/data/001.jpg", "hfs/data/002.jpg",
+                *(f"text/scenetext0{i}.jpg" for i in range(1, 7)), "reg/home.png", "dnn_superres/butterfly.png")),
+    *((f"{n}.jpg", "deb", f"{MATE}/{n}.jpg", "mate-backgrounds") for n in (
+        "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
+        "TwoWings", "Wood", "YellowFlower")),
+    *((f"{n}.jpg", "deb", f"{PLASMA}/{n}/contents/images/{size}.jpg", "plasma-workspace-wallpapers") for n, size in (
+        ("BytheWater", "1920x1080"), ("ColdRipple", "1920x1080"), ("ColorfulCups", "2560x1600"),
+        ("DarkestHour", "1920x1080"), ("EveningGlow", "1920x1080"), ("FallenLeaf", "1920x1080"),
+        ("Grey", "1920x1080"), ("Kite", "1920x1080"), ("OneStandsOut", "1920x1080"), ("Path", "1920x1080"),
+        ("summer_1am", "1920x1080"), ("Volna", "5120x2880"))),
+    ("Kleiber.jpg", "deb", "/usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg", "lomiri-wallpapers-20.04"),
+    ("china.jpg", "py", "datasets/images/china.jpg", "sklearn"),
+    ("flower.jpg", "py", "datasets/images/flower.jpg", "sklearn"),
+    ("luispedro.jpg", "py", "demos/data/luispedro.jpg", "mahotas"),
+    ("bus.jpg", "py", "assets/bus.jpg", "ultralytics"),
+    ("zidane.jpg", "py", "assets/zidane.jpg", "ultralytics"),
+)
+#: the photos the multi-layer rules (a finer layer's weights, the fusion) were chosen on, besides the samples
+#: (grace_hopper.jpg, matplotlib's, is not in :data:`WILD` either): left out of the measurement
+DEV = ("china.jpg", "flower.jpg", "bus.jpg", "zidane.jpg")
+INSTALL = {"sklearn": "pip install scikit-learn", "mahotas": "pip install mahotas",
+           "ultralytics": "pip install --no-deps ultralytics"}
+
+
+def wild_photos() -> tuple[list[tuple[str, Path]], list[str]]:
+    """``([(name, path)], [install commands])``: the installed :data:`WILD` photos less :data:`DEV`."""
+    import importlib.util
+
+    found, missing = [], {}
+    for name, where, rel, package in WILD:
+        if name in DEV:
+            continue
+        if where == "deb":
+            path = Path(rel)
+        else:
+            spec = importlib.util.find_spec(package)
+            roots = (spec.submodule_search_locations or []) if spec else []
+            path = next((Path(r) / rel for r in roots if (Path(r) / rel).is_file()), Path(package) / rel)
+        if path.is_file():
+            found.append((name, path))
+        else:
+            missing[package] = f"apt-get install {package}" if where == "deb" else INSTALL.get(package, package)
+    return found, list(missing.values())
+
+
+def photo_set(n: int | None) -> list[tuple[str, Path]]:
+    """The samples, then ``n - 5`` wild photos spread evenly over :data:`WILD`'s order (None: all of them)."""
+    wild, missing = wild_photos()
+    for cmd in missing:
+        print(f"warning: photos missing; to add them: {cmd}", file=sys.stderr)
+    if n is not None and n - 5 < len(wild):
+        keep = np.unique(np.linspace(0, len(wild) - 1, max(n - 5, 0)).round().astype(int))
+        wild = [wild[i] for i in keep]
+    return [(p.name, p) for p in sample_photos()] + wild
+
+
+def run_part(out: Path, photos: list[tuple[str, Path]], part: tuple[int, int], threads: int | None) -> None:
+    """Rows and maps of this part's photos into ``out/raw`` (photos done before are skipped)."""
+    from runtime import Explainer, images
+    from runtime.evaluate import Sample, evaluate, load_boxes
+
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    boxes = load_boxes(SAMPLES / "boxes.json")
+    ex = Explainer(ensure_bundle("lite0", 224), device="cpu", threads=threads)
+    i, j = part
+    mine = photos[i::j]
+    for k, (name, path) in enumerate(mine, 1):
+        done = raw / f"{name}.json"
+        if done.is_file():
+            continue
+        t0 = time.perf_counter()
+        sample = Sample(name, images.load_image(path), boxes.get(name))
+        rows = evaluate(ex, [sample], METHODS, steps=STEPS, substrate=["zero", "blur"], progress=None)
+        maps = {r.method: r.saliency.astype(np.float16) for r in rows}
+        np.savez_compressed(raw / f"{name}.npz", **{m: s for m, s in maps.items()})
+        doc = [{"image": r.image, "method": r.method, "class_index": r.class_index, "label": r.label,
+                "substrate": r.substrate, "values": r.values} for r in rows]
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.rename(done)
+        print(f"[part {i}/{j}: {k}/{len(mine)}] {name} ({rows[0].label}) {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr, flush=True)
+
+
+def report(out: Path, photos: list[tuple[str, Path]]) -> str:
+    """Aggregate ``out/raw`` into the report files; returns the markdown."""
+    from runtime import images
+    from runtime.evaluate import Row, Sample, by_substrate, markdown_table, plot_grid, summarize, write_csvs
+
+    rows: list[Row] = []
+    samples = []
+    for name, path in photos:
+        f = out / "raw" / f"{name}.json"
+        if not f.is_file():
+            continue
+        maps = np.load(out / "raw" / f"{name}.npz")
+        for d in json.loads(f.read_text()):
+            rows.append(Row(d["image"], d["method"], d["class_index"], d["label"], d["values"],
+                            maps[d["method"]].astype(np.float32), None, d["substrate"]))
+        samples.append(Sample(name, images.load_image(path)))
+    if not rows:
+        raise SystemExit("error: no results yet; run the parts first")
+    groups = by_substrate(rows)
+    summaries = {sub: summarize(sel) for sub, sel in groups.items()}
+    write_csvs(rows, summaries, out)
+    shown = [s for s in samples if s.name in {"chelsea.png", "coffee.png", "astronaut.png"}] + \
+        [s for s in samples if s.name not in {p.name for p in sample_photos()}][:5]
+    plot_grid(shown, groups["zero"], out / "overlays.png", cell=160)
+    timing = ratios(groups["zero"])
+    (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    lines = [f"# Saliency evaluation: EfficientNet-Lite0, {len(samples)} photos", "",
+             f"Class = top-1 prediction; {STEPS} deletion/insertion steps; energy pointing game on the samples' boxes "
+             "only; mean ± std over photos; `s / map` is the mean, the timing section gives medians and ratios.",
+             ""]
+    for sub, summary in summaries.items():
+        lines += [f"## Substrate: {sub}", "", markdown_table(summary), ""]
+    lines += ["## Time per map (same run, same engine)", "", "| method | median s / map | median ratio to RISE(4000) |",
+              "|---|---:|---:|"]
+    for m, t in timing.items():
+        lines.append(f"| {m} | {t['median_seconds']:.2f} | {t['median_ratio_to_reference']:.3f} |")
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+def ratios(rows) -> dict:
+    """Per method: median seconds per map and the median over photos of its time / the reference's time."""
+    secs: dict[str, dict[str, float]] = {}
+    for r in rows:
+        secs.setdefault(r.method, {})[r.image] = r.values["seconds"]
+    ref = secs.get(REFERENCE, {})
+    out = {}
+    for m, per in secs.items():
+        rat = [per[i] / ref[i] for i in per if ref.get(i)]
+        out[m] = {"median_seconds": statistics.median(per.values()),
+                  "median_ratio_to_reference": statistics.median(rat) if rat else float("nan"), "photos": len(per)}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.evaluation", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--photos", type=int, default=None, help="the samples + N-5 wild photos (default: all)")
+    ap.add_argument("--part", default="0/1", help="I/J: every J-th photo from the I-th (default 0/1: all)")
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: 1 with J > 1)")
+    ap.add_argument("--report", action="store_true", help="aggregate the parts' results")
+    ap.add_argument("--list", action="store_true", help="print the photo set and exit")
+    args = ap.parse_args(argv)
+    photos = photo_set(args.photos)
+    if args.list:
+        print("\n".join(f"{n}\t{p}" for n, p in photos))
+        return 0
+    if args.report:
+        print(report(args.out, photos))
+        return 0
+    i, j = (int(v) for v in args.part.split("/"))
+    run_part(args.out, photos, (i, j), args.threads or (1 if j > 1 else None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
