@@ -7,6 +7,7 @@ writes a self-contained Score-CAM model any ONNX Runtime binding runs (C/C++, No
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -24,6 +25,7 @@ scorecam.*). It equals Explainer(MODEL, preset=P, max_channels=N).explain_tensor
 examples:
   python -m exporter explainer efficientnet_lite0 --out explainer.onnx
   python -m exporter explainer models/efficientnet_lite0 --out lite0-mc64.onnx --max-channels 64
+  python -m exporter explainer efficientnet_lite0 --out lite0-fine.onnx --layers 3
   python -m exporter explainer resnet50.onnx --out explainer.onnx --triton triton_repo
 """
 
@@ -39,6 +41,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from runtime import thirdparty
+    from runtime.fusion import DEFAULT_FUSION, FUSIONS
     from runtime.scorecam import PRESETS
 
     from .explainer_graph import SELECTS
@@ -57,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the --max-channels rule: relevance = the N of largest |W[c,k]| * spatial std for the class "
                    "explained (needs a global-pooling -> linear head), std = the N of largest spatial std, auto "
                    "(default) = relevance where the head allows it, else std (as the Python Explainer)")
+    p.add_argument("--layers", metavar="N|NAMES", default=None,
+                   help="multi-layer Score-CAM, a finer map: the target layer plus the N-1 stage outputs next finer "
+                        "than it (or comma-separated layer names), scored in the same Loop and fused (as "
+                        "Explainer(layers=N); default 1: the target layer alone)")
+    p.add_argument("--fusion", default=DEFAULT_FUSION, choices=list(FUSIONS),
+                   help="with --layers, how the layers' maps are fused (default product)")
     p.add_argument("--chunk", type=int, metavar="B", default=None,
                    help="masked inputs per Loop iteration (default: the Python engine's CPU batch, 16 at 224x224)")
     p.add_argument("--triton", metavar="REPO", default=None,
@@ -101,6 +110,12 @@ def _write(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-channels must be >= 1, got {args.max_channels}")
     if args.chunk is not None and args.chunk < 1:
         raise UsageError(f"--chunk must be >= 1, got {args.chunk}")
+    from runtime.stages import parse_layers
+
+    try:
+        layers = parse_layers(args.layers)
+    except ValueError as e:
+        raise UsageError(f"--layers: {e}") from None
     name = args.triton_name or _triton_name(out.stem)
     if args.triton and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise UsageError(f"--triton-name {name!r}: use letters, digits, '_', '.' and '-' only")
@@ -113,15 +128,18 @@ def _write(args: argparse.Namespace) -> int:
                              "its model.onnx, or any ONNX classifier)") from None
         raise
     print(f"building the explainer graph (preset {args.preset}, "
-          f"{f'{args.max_channels} channels' if args.max_channels else 'all channels'})", file=sys.stderr)
-    model = build_explainer(bundle, Options(args.preset, args.max_channels, args.chunk, args.select))
+          f"{f'{args.max_channels} channels' if args.max_channels else 'all channels'}"
+          + (f", layers {args.layers}, fusion {args.fusion}" if layers else "") + ")", file=sys.stderr)
+    model = build_explainer(bundle, Options(args.preset, args.max_channels, args.chunk, args.select, layers,
+                                            args.fusion))
     data = model.SerializeToString()
     _atomic_write(out, data)
     props = {p.key: p.value for p in model.metadata_props}
     size = os.path.getsize(bundle.model_path)
     print(f"wrote {out} ({len(data) / 1e6:.1f} MB, {len(data) / size:.3f}x the classifier's "
           f"{size / 1e6:.1f} MB): preset {props['scorecam.preset']}, {props['scorecam.channels']} channels, "
-          f"budget {props['scorecam.max_channels']}, chunk {props['scorecam.chunk']}")
+          f"budget {props['scorecam.max_channels']}, chunk {props['scorecam.chunk']}"
+          + (f", layers {', '.join(json.loads(props['scorecam.layers']))}" if "scorecam.layers" in props else ""))
     if args.triton:
         folder = write_triton(Path(args.triton), name, data, model)
         print(f"wrote the Triton model {folder}/ (1/model.onnx, config.pbtxt; platform onnxruntime_onnx)")

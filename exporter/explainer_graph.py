@@ -49,9 +49,12 @@ from onnx import TensorProto, helper, numpy_helper
 from runtime.bundle import Bundle
 from runtime.contract import PREFIX, BundleError
 from runtime.engine import CPU, batch_for
+from runtime.fusion import DEFAULT_FUSION, FUSIONS, LOCAL_EPS, area_matrix
+from runtime.graphinfo import NHWC
 from runtime.head import linear_head
 from runtime.maskgraph import EPS, IMAGE, MAPS, OFFSET, mask_nodes
 from runtime.scorecam import GRADCAM_EPS, MASK_EPS, Preset, get_preset, interp_matrix
+from runtime.stages import find_stages, parse_layers
 from runtime.thirdparty import file_sha256
 
 PIXELS = "pixels"
@@ -199,6 +202,8 @@ class Options:
     max_channels: int | None = None
     chunk: int | None = None
     select: str = "auto"
+    layers: int | str | tuple[str, ...] | None = None  # multi-layer Score-CAM (runtime.stages); None: one layer
+    fusion: str = DEFAULT_FUSION
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -300,7 +305,7 @@ class _Schedule:
         trips = b.op("Div", [b.op("Add", [n_run, b.const(chunk - 1, np.int64)]), b.const(chunk, np.int64)])
         trips = b.op("Max", [trips, b.const(1, np.int64)])  # at least one (discarded) chunk: never an empty scan
         return {"scored": scored, "run_varying": run_varying, "run_constant": run_constant, "sel": sel,
-                "perm": perm, "trips": trips, "n_run": n_run}
+                "perm": perm, "trips": trips, "n_run": n_run, "varying": varying}
 
 
 def build_explainer(bundle: Bundle, options: Options = Options(), source: Path | None = None) -> onnx.ModelProto:
@@ -312,6 +317,12 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
         raise GraphBuildError(f"max channels must be >= 1, got {options.max_channels}")
     if options.chunk is not None and int(options.chunk) < 1:
         raise GraphBuildError(f"chunk size must be >= 1, got {options.chunk}")
+    if options.fusion not in FUSIONS:
+        raise GraphBuildError(f"unknown fusion {options.fusion!r}; choose one of {', '.join(FUSIONS)}")
+    try:
+        wanted = parse_layers(options.layers)
+    except ValueError as e:
+        raise GraphBuildError(str(e)) from None
     classifier, meta = bundle.model, bundle.meta
     pre = meta.preprocessing
     size = (int(pre.input_size[0]), int(pre.input_size[1]))
@@ -331,12 +342,15 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     features_output = bundle.features.graph.output[0].name
     if features_output not in {o for n in g0.node for o in n.output}:
         raise GraphBuildError(f"the target layer {features_output!r} is not a tensor of the classifier graph")
-    c_shape, feat_shape = _probe(classifier, input_name, [class_output, features_output], size)
+    stages = find_stages(classifier, input_name, class_output, features_output, size, wanted) if wanted else []
+    shapes = _probe(classifier, input_name, [class_output, features_output, *(st.name for st in stages)], size)
+    c_shape, feat_shape = shapes[0], shapes[1]
     if len(c_shape) != 2 or len(feat_shape) != 4:
         raise GraphBuildError(f"the classifier must give [1,C] scores and a [1,K,h,w] target layer, got "
                               f"{list(c_shape)} and {list(feat_shape)}")
     n_classes = int(c_shape[1])
-    k, h, w = (int(v) for v in feat_shape[1:])
+    grids = [tuple(int(v) for v in feat_shape[1:])] + [(st.channels, *st.grid) for st in stages]  # (k, h, w)
+    k, h, w = grids[0]
     chunk = int(options.chunk or default_chunk(size))
     budget = int(options.max_channels) if options.max_channels else None
     # the selection rule, resolved as Explainer.selection: relevance needs a global-pooling -> linear head
@@ -350,7 +364,10 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
 
     b = _Builder(opset, _G)
     f32, i64, boolean = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
-    sched = _Schedule(k, h, w, chunk, preset, budget, select)
+    # a finer layer has no linear head after it: ``relevance`` ranks it by spatial std (as Explainer.selection_for)
+    scheds = [_Schedule(kl, hl, wl, chunk, preset, budget, select if i == 0 else "std")
+              for i, (kl, hl, wl) in enumerate(grids)]
+    n_layers = len(grids)
 
     # 1. preprocessing: uint8 [1,H,W,3] RGB -> float32 [1,3,H,W]
     pix = b.cast(PIXELS, f32)
@@ -362,23 +379,39 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     b.nodes.append(helper.make_node("Transpose", [pix], [IMAGE], name=_G + "nchw", perm=[0, 3, 1, 2]))
 
     # 2. the Loop. Iteration 0 runs the image itself (the zero map with offset 1: x * 1) and gives the logits
-    # f(x) and the activations A, from which the schedule (which maps, in which order, how many chunks) is
-    # computed; iteration i >= 1 runs chunk i-1 of B maps. Loop-carried: A [K,h,w], the schedule perm, the
-    # number of maps run, the class explained and the scored channels (the main graph's schedule takes them
-    # from the body, which alone reads the head's weight W).
+    # f(x) and the activations of every layer, from which each layer's schedule (which maps, in which order,
+    # how many chunks) is computed; iteration i >= 1 runs chunk i-1 of B maps, the layers one after the other.
+    # Loop-carried per layer: A [K,h,w], the schedule perm, the number of maps run and the scored channels;
+    # then the class explained and every layer's number of chunks (the main graph's schedules take them from
+    # the body, which alone reads the head's weight W).
     lb = _Builder(opset, _L + "x/")
-    it, cond, acts_in, perm_in, nrun_in, cls_in, scored_in = (
-        _L + t for t in ("iter", "cond", "acts_in", "perm_in", "nrun_in", "cls_in", "scored_in"))
+    it, cond, cls_in, trips_in = (_L + t for t in ("iter", "cond", "cls_in", "trips_in"))
+    acts_in = [_L + f"acts_in{i}" for i in range(n_layers)]
+    perm_in = [_L + f"perm_in{i}" for i in range(n_layers)]
+    nrun_in = [_L + f"nrun_in{i}" for i in range(n_layers)]
+    scored_in = [_L + f"scored_in{i}" for i in range(n_layers)]
     first = lb.op("Equal", [it, lb.const(0, np.int64)])
-    start = lb.op("Where", [first, lb.const(0, np.int64),
-                            lb.op("Mul", [lb.op("Sub", [it, lb.const(1, np.int64)]), lb.const(chunk, np.int64)])])
-    # this chunk's size: B, less in the last chunk (never 0: with nothing to run, one discarded padding map)
-    left = lb.op("Max", [lb.op("Min", [lb.op("Sub", [nrun_in, start]), lb.const(chunk, np.int64)]),
-                         lb.const(1, np.int64)])
-    n = lb.op("Where", [first, lb.const(1, np.int64), left])
-    start = lb.unsqueeze(start, [0])
-    idx = lb.op("Slice", [perm_in, start, lb.op("Add", [start, lb.unsqueeze(n, [0])]), lb.const([0], np.int64)])
-    chunk_maps = lb.op("Gather", [sched.maps(lb, acts_in), idx], axis=0)  # [n,h,w]
+    # the layer this iteration scores and its chunk: iterations 1..T_0 the first layer's chunks, then the next's
+    j = lb.op("Sub", [it, lb.const(1, np.int64)])
+    ends = lb.op("CumSum", [trips_in, lb.const(0, np.int64)])
+    layer = lb.reduce("ReduceSum", lb.cast(lb.op("Not", [lb.op("Less", [j, ends])]), i64), [0], keepdims=0)
+    layer = lb.op("Min", [layer, lb.const(n_layers - 1, np.int64)])
+    before = lb.op("Sub", [ends, trips_in])
+    chunk_no = lb.op("Sub", [j, lb.reshape(lb.op("Gather", [before, layer], axis=0), [])])
+    start = lb.op("Where", [first, lb.const(0, np.int64), lb.op("Mul", [chunk_no, lb.const(chunk, np.int64)])])
+    start1 = lb.unsqueeze(start, [0])
+    branches = []
+    for i, sched in enumerate(scheds):  # each layer's chunk: its maps differ in shape, so one If branch each
+        bb = _Builder(opset, _L + f"x{i}/")
+        # this chunk's size: B, less in the last chunk (never 0: with nothing to run, one discarded padding map)
+        left = bb.op("Max", [bb.op("Min", [bb.op("Sub", [nrun_in[i], start]), bb.const(chunk, np.int64)]),
+                             bb.const(1, np.int64)])
+        n = bb.op("Where", [first, bb.const(1, np.int64), left])
+        idx = bb.op("Slice", [perm_in[i], start1, bb.op("Add", [start1, bb.unsqueeze(n, [0])]),
+                              bb.const([0], np.int64)])
+        maps_i = bb.op("Gather", [sched.maps(bb, acts_in[i]), idx], axis=0)  # [n,h_i,w_i]
+        branches.append((bb, maps_i, n))
+    chunk_maps, n = _select_branch(lb, layer, branches)
     lb.nodes += [
         helper.make_node("Unsqueeze", [chunk_maps, *([lb.const([1], np.int64)] if opset >= 13 else [])], [MAPS],
                          name=_L + "maps", **({} if opset >= 13 else {"axes": [1]})),
@@ -390,8 +423,13 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     lb.nodes += mask_nodes(preset.mask, size, opset, _L + input_name, offset=True)
     body_nodes, renamed = _body_classifier(g0, input_name)
     lb.nodes += body_nodes
-    feats = lb.op("Gather", [renamed[features_output], lb.const(0, np.int64)], axis=0)  # [K,h,w] of row 0
-    acts_out = lb.op("Where", [first, lb.reshape(feats, [k, h, w]), acts_in])
+    acts_out = []
+    for i, (kl, hl, wl) in enumerate(grids):
+        name = features_output if i == 0 else stages[i - 1].name
+        feats = lb.op("Gather", [renamed[name], lb.const(0, np.int64)], axis=0)  # row 0, as the layer keeps it
+        if i > 0 and stages[i - 1].layout == NHWC:
+            feats = lb.op("Transpose", [feats], perm=[2, 0, 1])
+        acts_out.append(lb.op("Where", [first, lb.reshape(feats, [kl, hl, wl]), acts_in[i]]))
     # the class: class_index, or (negative) the top-1 class of iteration 0's logits f(x); then carried
     top1 = lb.op("Slice", [lb.op("ArgMax", [renamed[class_output]], axis=1, keepdims=0), lb.const([0], np.int64),
                            lb.const([1], np.int64)])
@@ -405,38 +443,49 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
         if head.weight_scale != 1.0:
             row = lb.op("Mul", [row, lb.const(head.weight_scale, np.float64)])
         row = lb.op("Abs", [row])
-    plan = sched.plan(lb, lb.reshape(acts_out, [k, h * w]), row)
-    lb.nodes.append(helper.make_node("Identity", [acts_out], [_L + "acts_out"], name=_L + "acts_out"))
-    lb.nodes.append(helper.make_node("Identity", [plan["perm"]], [_L + "perm_out"], name=_L + "perm_out"))
-    lb.nodes.append(helper.make_node("Identity", [plan["n_run"]], [_L + "nrun_out"], name=_L + "nrun_out"))
-    lb.nodes.append(helper.make_node("Identity", [cls_out], [_L + "cls_out"], name=_L + "cls_out"))
-    lb.nodes.append(helper.make_node("Identity", [plan["scored"]], [_L + "scored_out"], name=_L + "scored_out"))
-    lb.nodes.append(helper.make_node("Less", [it, plan["trips"]], [_L + "cond_out"], name=_L + "cond_out"))
+    plans = [sched.plan(lb, lb.reshape(acts_out[i], [grids[i][0], grids[i][1] * grids[i][2]]),
+                        row if i == 0 else None) for i, sched in enumerate(scheds)]
+    trips_out = lb.op("Concat", [lb.unsqueeze(p["trips"], [0]) for p in plans], axis=0)
+    outs: list[tuple[str, str, int, list]] = []  # (tensor, output name, type, shape)
+    for i, (kl, hl, wl) in enumerate(grids):
+        outs += [(acts_out[i], f"acts_out{i}", f32, [kl, hl, wl]),
+                 (plans[i]["perm"], f"perm_out{i}", i64, [kl + 1 + chunk]),
+                 (plans[i]["n_run"], f"nrun_out{i}", i64, []), (plans[i]["scored"], f"scored_out{i}", boolean, [kl])]
+    outs += [(cls_out, "cls_out", i64, [1]), (trips_out, "trips_out", i64, [n_layers])]
+    for tensor, name, _, _ in outs:
+        lb.nodes.append(helper.make_node("Identity", [tensor], [_L + name], name=_L + name))
+    lb.nodes.append(helper.make_node("Less", [it, lb.reduce("ReduceSum", trips_out, [0], keepdims=0)],
+                                     [_L + "cond_out"], name=_L + "cond_out"))
     pads = lb.op("Concat", [lb.const([0, 0], np.int64), lb.unsqueeze(lb.op("Sub", [lb.const(chunk, np.int64), n]), [0]),
                             lb.const([0], np.int64)], axis=0)
     lb.nodes.append(helper.make_node("Pad", [renamed[class_output], pads], [_L + "scores"], name=_L + "scores"))
+    carried_in = []
+    for i, (kl, hl, wl) in enumerate(grids):
+        carried_in += [helper.make_tensor_value_info(acts_in[i], f32, [kl, hl, wl]),
+                       helper.make_tensor_value_info(perm_in[i], i64, [kl + 1 + chunk]),
+                       helper.make_tensor_value_info(nrun_in[i], i64, []),
+                       helper.make_tensor_value_info(scored_in[i], boolean, [kl])]
     body = helper.make_graph(
         lb.nodes, "scorecam_chunk",
-        [helper.make_tensor_value_info(it, i64, []), helper.make_tensor_value_info(cond, boolean, []),
-         helper.make_tensor_value_info(acts_in, f32, [k, h, w]),
-         helper.make_tensor_value_info(perm_in, i64, [k + 1 + chunk]), helper.make_tensor_value_info(nrun_in, i64, []),
-         helper.make_tensor_value_info(cls_in, i64, [1]), helper.make_tensor_value_info(scored_in, boolean, [k])],
+        [helper.make_tensor_value_info(it, i64, []), helper.make_tensor_value_info(cond, boolean, []), *carried_in,
+         helper.make_tensor_value_info(cls_in, i64, [1]), helper.make_tensor_value_info(trips_in, i64, [n_layers])],
         [helper.make_tensor_value_info(_L + "cond_out", boolean, []),
-         helper.make_tensor_value_info(_L + "acts_out", f32, [k, h, w]),
-         helper.make_tensor_value_info(_L + "perm_out", i64, [k + 1 + chunk]),
-         helper.make_tensor_value_info(_L + "nrun_out", i64, []),
-         helper.make_tensor_value_info(_L + "cls_out", i64, [1]),
-         helper.make_tensor_value_info(_L + "scored_out", boolean, [k]),
+         *(helper.make_tensor_value_info(_L + name, t, shape) for _, name, t, shape in outs),
          helper.make_tensor_value_info(_L + "scores", f32, [chunk, n_classes])],
         list(g0.initializer) + lb.inits)  # the weights live in the body: stored once, and ONNX Runtime's layout
     # optimisations (NCHWc on CPU) apply to them, which they do not to weights read from an outer scope
-    acts0 = b.op("ConstantOfShape", [b.const([k, h, w], np.int64)], value=numpy_helper.from_array(
-        np.zeros(1, np.float32)))
-    perm0 = b.const(np.full(k + 1 + chunk, k), np.int64, "perm0")  # iteration 0 reads slot K, the zero map
-    acts, _, _, _, loop_scored, scan = b.op(
-        "Loop", [b.const(1 + -(-(k + 1) // chunk), np.int64, "max_trips"), b.const(True, np.bool_, "true"), acts0,
-                 perm0, b.const(1, np.int64, "nrun0"), b.const([0], np.int64, "cls0"),
-                 b.const(np.zeros(k, bool), np.bool_, "scored0")], n_out=6, tag="loop", body=body)
+    initial = []
+    for kl, hl, wl in grids:
+        initial += [b.op("ConstantOfShape", [b.const([kl, hl, wl], np.int64)],
+                         value=numpy_helper.from_array(np.zeros(1, np.float32))),
+                    b.const(np.full(kl + 1 + chunk, kl), np.int64, "perm0"),  # iteration 0 reads slot K, the zero map
+                    b.const(1, np.int64, "nrun0"), b.const(np.zeros(kl, bool), np.bool_, "scored0")]
+    max_trips = 1 + sum(-(-(kl + 1) // chunk) for kl, _, _ in grids)
+    loop_out = b.op("Loop", [b.const(max_trips, np.int64, "max_trips"), b.const(True, np.bool_, "true"), *initial,
+                             b.const([0], np.int64, "cls0"), b.const(np.ones(n_layers), np.int64, "trips0")],
+                    n_out=4 * n_layers + 3, tag="loop", body=body)
+    finals = [loop_out[4 * i:4 * i + 4] for i in range(n_layers)]  # acts, perm, n_run, scored
+    loop_trips, scan = loop_out[-2], loop_out[-1]
     base = b.reshape(b.op("Slice", [scan, b.const([0, 0], np.int64), b.const([1, 1], np.int64),
                                     b.const([0, 1], np.int64)]), [1, n_classes])  # f(x)
     scores = b.reshape(b.op("Slice", [scan, b.const([1], np.int64), b.const([2 ** 62], np.int64),
@@ -444,43 +493,39 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     dummy = b.op("Shape", [scores], start=0, end=1) if opset >= 15 else \
         b.op("Slice", [b.op("Shape", [scores]), b.const([0], np.int64), b.const([1], np.int64)])
     scores = b.op("Concat", [scores, b.const(np.zeros((1, n_classes)), np.float32, "zero_row")], axis=0)
-
-    # 3. back to channels: the same schedule from the same A; the row of channel k in the scores (a scored
-    # constant channel: the zero map's row; a channel not scored: a zero row)
-    flat = b.reshape(acts, [k, h * w])
-    plan = sched.plan(b, flat, scored=loop_scored)
-    pos = b.cast(b.op("Sub", [b.op("CumSum", [plan["sel"], b.const(0, np.int64)]), b.const(1.0, np.float32)]), i64)
-    pos_k = b.op("Slice", [pos, b.const([0], np.int64), b.const([k], np.int64)])
-    pos_zero = b.op("Slice", [pos, b.const([k], np.int64), b.const([k + 1], np.int64)])
-    rows = b.op("Where", [plan["run_varying"], pos_k, b.op("Where", [plan["run_constant"], pos_zero, dummy])])
-    masked = b.op("Gather", [scores, rows], axis=0)  # [K,C]
-    scored = plan["scored"]
-    class_output = base
+    row_offsets = b.op("Mul", [b.op("Sub", [b.op("CumSum", [loop_trips, b.const(0, np.int64)]), loop_trips]),
+                               b.const(chunk, np.int64)])  # [L]: where each layer's rows start in the scores
 
     # the class
+    class_output = base
     top = b.op("ArgMax", [class_output], axis=1, keepdims=0)  # [1], first maximum
     cls = b.op("Where", [b.op("Less", [CLASS_INDEX, b.const([0], np.int64)]), top, CLASS_INDEX])
     b.nodes.append(helper.make_node("Identity", [cls], [EXPLAINED_CLASS], name=_G + "class"))
 
-    # the weights a [1,K]
-    ignore = b.op("Not", [scored])
-    if preset.name == "official":
-        peak = b.reduce("ReduceMax", masked, [1])
-        e = b.op("Exp", [b.op("Sub", [masked, peak])])
-        probs = b.op("Div", [e, b.reduce("ReduceSum", e, [1])])
-        pc = b.reshape(b.op("Gather", [probs, cls], axis=1), [1, k])
-        alpha = b.op("Where", [ignore, b.const(0.0, np.float32), pc])
-    else:
-        s = b.reshape(b.op("Gather", [masked, cls], axis=1), [1, k])
-        if preset.name == "torchcam":
-            s = b.op("Sub", [s, b.op("Gather", [class_output, cls], axis=1)])
-        z = b.op("Where", [ignore, b.const(-np.inf, np.float32), s])
-        e = b.op("Exp", [b.op("Sub", [z, b.reduce("ReduceMax", z, [1])])])
-        alpha = b.op("Div", [e, b.reduce("ReduceSum", e, [1])])
-
-    # the map: S = sum_k a_k A_k [h,w], then the preset's finishing at H x W
-    s_map = b.reshape(b.op("MatMul", [alpha, flat]), [h, w])
-    sal = _finish(b, preset, s_map, (h, w), size)
+    # 3. back to channels, layer by layer: the same schedule from the same A; the row of channel k in the
+    # scores (a scored constant channel: the zero map's row; a channel not scored: a zero row)
+    cams = []
+    for i, (kl, hl, wl) in enumerate(grids):
+        acts, _, _, loop_scored = finals[i]
+        flat = b.reshape(acts, [kl, hl * wl])
+        plan = scheds[i].plan(b, flat, scored=loop_scored)
+        pos = b.cast(b.op("Sub", [b.op("CumSum", [plan["sel"], b.const(0, np.int64)]), b.const(1.0, np.float32)]), i64)
+        pos = b.op("Add", [pos, b.op("Gather", [row_offsets, b.const(i, np.int64)], axis=0)])
+        pos_k = b.op("Slice", [pos, b.const([0], np.int64), b.const([kl], np.int64)])
+        pos_zero = b.op("Slice", [pos, b.const([kl], np.int64), b.const([kl + 1], np.int64)])
+        rows = b.op("Where", [plan["run_varying"], pos_k, b.op("Where", [plan["run_constant"], pos_zero, dummy])])
+        masked = b.op("Gather", [scores, rows], axis=0)  # [K,C]
+        if i == 0:
+            s_map = _deep_map(b, preset, masked, plan["scored"], cls, class_output, flat, kl, (hl, wl))
+            if n_layers == 1:
+                sal = _finish(b, preset, s_map, (h, w), size)
+                break
+            cams.append(_cam(b, preset, s_map))
+        else:
+            cams.append(_finer_map(b, masked, b.op("And", [plan["scored"], plan["varying"]]), cls, flat, kl, (hl, wl)))
+    if n_layers > 1:
+        sal = b.minmax(b.op("Relu", [_up(b, _fuse(b, options.fusion, cams, [g[1:] for g in grids]), grids[-1][1:],
+                                         size)]))
     sal = b.op("Where", [b.op("IsNaN", [sal]), b.const(0.0, np.float32), sal])
     sal = b.op("Clip", [sal, b.const(0.0, np.float32), b.const(1.0, np.float32)])
     b.nodes.append(helper.make_node("Reshape", [sal, b.const([1, *size], np.int64)], [SALIENCY], name=_G + "saliency"))
@@ -504,6 +549,9 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     source = Path(source or bundle.source or bundle.model_path)
     props = explainer_metadata(bundle, preset, budget, select, chunk, k, (h, w), n_classes,
                                file_sha256(source) if source.is_file() else "")
+    if stages:
+        props[PREFIX + "layers"] = json.dumps([meta.layer, *(st.name for st in stages)])
+        props[PREFIX + "fusion"] = options.fusion
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -512,6 +560,133 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     except Exception as e:  # onnx raises ValidationError and InferenceError
         raise GraphBuildError(f"the explainer graph does not pass onnx.checker: {str(e).splitlines()[0]}") from None
     return model
+
+
+def _select_branch(lb: _Builder, layer: str, branches: list) -> tuple[str, str]:
+    """(maps, n) of the branch ``layer`` selects: one layer inline, else a chain of ``If`` nodes (the layers'
+    maps differ in shape, so no ``Where`` can pick them)."""
+    if len(branches) == 1:
+        bb, maps, n = branches[0]
+        lb.nodes += bb.nodes
+        lb.inits += bb.inits
+        return maps, n
+
+    def graph(i: int) -> onnx.GraphProto:
+        if i == len(branches) - 1:
+            bb, maps, n = branches[i]
+            nodes, outs = list(bb.nodes), [maps, n]
+            inits = list(bb.inits)
+        else:
+            eb = _Builder(lb.opset, _L + f"if{i}/")
+            maps, n = _if_node(eb, i, graph)
+            nodes, outs, inits = eb.nodes, [maps, n], eb.inits
+        return helper.make_graph(nodes, f"layer{i}", [], [helper.make_tensor_value_info(outs[0], TensorProto.FLOAT,
+                                                                                          None),
+                                                          helper.make_tensor_value_info(outs[1], TensorProto.INT64,
+                                                                                        None)], inits)
+
+    def _if_node(builder: _Builder, i: int, rest) -> tuple[str, str]:
+        bb, maps, n = branches[i]
+        then = helper.make_graph(list(bb.nodes), f"layer{i}", [], [
+            helper.make_tensor_value_info(maps, TensorProto.FLOAT, None),
+            helper.make_tensor_value_info(n, TensorProto.INT64, None)], list(bb.inits))
+        cond = builder.op("Equal", [layer, builder.const(i, np.int64)])
+        return builder.op("If", [cond], n_out=2, tag=f"layer{i}", then_branch=then, else_branch=rest(i + 1))
+
+    maps, n = _if_node(lb, 0, graph)
+    return maps, n
+
+
+def _deep_map(b: _Builder, preset: Preset, masked: str, scored: str, cls: str, class_output: str, flat: str,
+              k: int, low: tuple[int, int]) -> str:
+    """``S = sum_k a_k A_k`` [h,w] of the target layer, ``a`` the preset's weights for the class ``cls``."""
+    ignore = b.op("Not", [scored])
+    if preset.name == "official":
+        peak = b.reduce("ReduceMax", masked, [1])
+        e = b.op("Exp", [b.op("Sub", [masked, peak])])
+        probs = b.op("Div", [e, b.reduce("ReduceSum", e, [1])])
+        pc = b.reshape(b.op("Gather", [probs, cls], axis=1), [1, k])
+        alpha = b.op("Where", [ignore, b.const(0.0, np.float32), pc])
+    else:
+        s = b.reshape(b.op("Gather", [masked, cls], axis=1), [1, k])
+        if preset.name == "torchcam":
+            s = b.op("Sub", [s, b.op("Gather", [class_output, cls], axis=1)])
+        z = b.op("Where", [ignore, b.const(-np.inf, np.float32), s])
+        e = b.op("Exp", [b.op("Sub", [z, b.reduce("ReduceMax", z, [1])])])
+        alpha = b.op("Div", [e, b.reduce("ReduceSum", e, [1])])
+    return b.reshape(b.op("MatMul", [alpha, flat]), list(low))
+
+
+def _cam(b: _Builder, preset: Preset, s: str) -> str:
+    """The preset's map at feature resolution from ``S`` (``runtime.scorecam``'s ``cam``), fused when multi-layer."""
+    cam = b.op("Relu", [s])
+    if preset.name == "gradcam":
+        return b.shift_scale(cam, GRADCAM_EPS, add_eps_first=True)
+    if preset.name == "torchcam":
+        return b.shift_scale(cam, MASK_EPS, add_eps_first=False)
+    if preset.name == "official":
+        return b.minmax(cam)
+    return cam
+
+
+def _finer_map(b: _Builder, masked: str, valid: str, cls: str, flat: str, k: int, low: tuple[int, int]) -> str:
+    """``runtime.fusion.finer_map``: ``sum_k max(0, s_k - median s) norm(A_k)`` over the ``valid`` channels, the
+    median of the valid scores taken by sorting them (TopK, the others set to +inf) and averaging the middle two."""
+    i64 = TensorProto.INT64
+    s = b.reshape(b.op("Gather", [masked, cls], axis=1), [k])
+    keyed = b.op("Where", [valid, s, b.const(np.inf, np.float32)])
+    ordered, _ = b.op("TopK", [keyed, b.const([k], np.int64)], n_out=2, axis=0, largest=0, sorted=1)
+    n = b.reduce("ReduceSum", b.cast(valid, i64), [0], keepdims=1)  # [1]
+    last = b.op("Max", [b.op("Sub", [n, b.const([1], np.int64)]), b.const([0], np.int64)])
+    lo = b.op("Div", [last, b.const([2], np.int64)])
+    hi = b.op("Sub", [last, lo])
+    mid = b.op("Mul", [b.op("Add", [b.op("Gather", [ordered, lo], axis=0), b.op("Gather", [ordered, hi], axis=0)]),
+                       b.const(0.5, np.float32)])
+    wts = b.op("Where", [valid, b.op("Relu", [b.op("Sub", [s, mid])]), b.const(0.0, np.float32)])
+    lo_k = b.reduce("ReduceMin", flat, [1])
+    rng = b.op("Sub", [b.reduce("ReduceMax", flat, [1]), lo_k])
+    pos = b.op("Greater", [rng, b.const(0.0, np.float32)])
+    normed = b.op("Where", [pos, b.op("Div", [b.op("Sub", [flat, lo_k]),
+                                              b.op("Where", [pos, rng, b.const(1.0, np.float32)])]),
+                            b.const(0.0, np.float32)])
+    return b.reshape(b.op("MatMul", [b.unsqueeze(wts, [0]), normed]), list(low))
+
+
+def _up(b: _Builder, m: str, low: tuple[int, int], size: tuple[int, int]) -> str:
+    """``Wy @ m @ Wx^T``: bilinear (half-pixel) from ``low`` to ``size``, as ``runtime.scorecam.upsample``."""
+    wy = b.const(interp_matrix(low[0], size[0], False).astype(np.float32), np.float32, "wy")
+    wxt = b.const(interp_matrix(low[1], size[1], False).astype(np.float32).T, np.float32, "wxt")
+    return b.op("MatMul", [b.op("MatMul", [wy, m]), wxt])
+
+
+def _down(b: _Builder, m: str, high: tuple[int, int], grid: tuple[int, int]) -> str:
+    """The area average from ``high`` to ``grid``, as ``runtime.fusion.downsample``."""
+    wy = b.const(area_matrix(high[0], grid[0]).astype(np.float32), np.float32, "ay")
+    wxt = b.const(area_matrix(high[1], grid[1]).astype(np.float32).T, np.float32, "axt")
+    return b.op("MatMul", [b.op("MatMul", [wy, m]), wxt])
+
+
+def _fuse(b: _Builder, how: str, cams: list[str], grids: list[tuple[int, int]]) -> str:
+    """``runtime.fusion``'s ``poly``, ``product`` or ``sum`` of the per-layer maps, at the finest grid."""
+    cams = [b.op("Relu", [c]) for c in cams]
+    finest = grids[-1]
+    if how == "poly":
+        m = b.minmax(cams[0])
+        for prev, cam, grid in zip(grids[:-1], cams[1:], grids[1:], strict=True):
+            c = b.minmax(cam)
+            local = b.op("Add", [_up(b, _down(b, c, grid, prev), prev, grid), b.const(LOCAL_EPS, np.float32)])
+            m = b.op("Mul", [_up(b, m, prev, grid), b.op("Div", [c, local])])
+        return m
+    ups = [_up(b, b.minmax(c), g, finest) if g != finest else b.minmax(c) for c, g in zip(cams, grids, strict=True)]
+    if how == "product":
+        m = ups[0]
+        for u in ups[1:]:
+            m = b.op("Mul", [m, u])
+        return m
+    m = ups[0]
+    for u in ups[1:]:
+        m = b.op("Add", [m, u])
+    return b.op("Div", [m, b.const(float(len(ups)), np.float32)])
 
 
 def _finish(b: _Builder, preset: Preset, s: str, low: tuple[int, int], size: tuple[int, int]) -> str:

@@ -383,3 +383,53 @@ def test_bench_onegraph_runs(tmp_path):
         assert len(r["python_s"]) == len(r["graph_s"]) == 2 and r["ratio"] > 0 and r["size_ratio"] > 1
         assert r["max_abs_diff"] <= TOL and r["class_index"] == r["python_class"]
     assert "| exact |" in (tmp_path / "res.md").read_text()
+
+
+# ------------------------------------------------------------------------------------ multi-layer
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("fusion, max_channels, chunk", [("product", None, None), ("poly", 5, 3), ("sum", None, 7)])
+def test_multilayer_parity(tmp_path, preset, fusion, max_channels, chunk):
+    """``--layers 2`` equals ``Explainer(layers=2)``: both layers scored in one Loop (the finer one after the
+    target layer's chunks), the finer map and the fusion in the graph, top-1 and an explicit class."""
+    bundle = make_bundle(tmp_path / "tiny", seed=2)
+    b = open_model(bundle)
+    model = build_explainer(b, Options(preset, max_channels, chunk, layers=2, fusion=fusion))
+    props = read_props(model)
+    assert json.loads(props["scorecam.layers"]) == ["body.3", "r1"] and props["scorecam.fusion"] == fusion
+    ex = Explainer(bundle, device="cpu", preset=preset, max_channels=max_channels, layers=2, fusion=fusion)
+    rgb = sized(photo(seed=7), b)
+    x = ex.pre.apply(rgb)[None]
+    for level in LEVELS:
+        sess = session(model, level)
+        for asked in (-1, 3):
+            sal, cls, _ = run_graph(sess, rgb, asked)
+            want = ex.explain_tensor(x, targets=[cls])[0]
+            assert asked in (-1, cls) and np.abs(sal - want.saliency).max() <= TOL, (level, asked)
+
+
+def test_multilayer_three_layers_on_lite0(lite0_bundle):
+    """Three layers (an If chain picks each chunk's maps: 7x7x1280, 14x14x112, 28x28x40) with 16 channels per
+    layer, the default ``relevance`` on the target layer and ``std`` on the finer ones, as the Python explainer."""
+    bundle = open_model(lite0_bundle)
+    model = build_explainer(bundle, Options("paper", 16, layers=3))
+    ex = Explainer(lite0_bundle, device="cpu", max_channels=16, layers=3)
+    rgb = sized(images.load_image(ROOT / "samples" / "coffee.png"), bundle)
+    sal, cls, _ = run_graph(session(model, "enabled"), rgb, -1)
+    want = ex.explain_tensor(ex.pre.apply(rgb)[None], targets=[cls])[0]
+    assert want.passes <= 48 and np.abs(sal - want.saliency).max() <= TOL
+
+
+def test_multilayer_cli_and_errors(tmp_path):
+    bundle = make_bundle(tmp_path / "tiny")
+    out = tmp_path / "fine.onnx"
+    proc = cli("explainer", str(bundle), "--out", str(out), "--layers", "2", "--fusion", "poly")
+    assert proc.returncode == 0, proc.stderr
+    assert "layers body.3, r1" in proc.stdout and read_props(onnx.load(str(out)))["scorecam.fusion"] == "poly"
+    for args, message in ((["--layers", "3"], "has 1 stage"), (["--layers", "0"], "between 1 and 6"),
+                          (["--layers", "nosuch"], "not a tensor of this model")):
+        bad = cli("explainer", str(bundle), "--out", str(tmp_path / "x.onnx"), *args)
+        lines = [ln for ln in bad.stderr.splitlines() if not ln.startswith(("TORCH:", "loading", "building"))]
+        assert bad.returncode == 2 and len(lines) == 1 and message in lines[0], bad.stderr
+        assert not (tmp_path / "x.onnx").exists()

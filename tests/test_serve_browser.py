@@ -1,8 +1,8 @@
 """The service's web page in a real browser: Playwright driving Debian's chromium (/usr/bin/chromium).
 
 Upload a sample photo, wait for the overlay, and compare the class the page shows with the API's
-answer for the same photo; the opacity slider must change the picture; the page must fetch nothing
-from outside the server. ``SCORECAM_SCREENSHOT=PATH`` also saves the screenshot there (the README's
+answer for the same photo; the opacity slider must change the picture; the "fine" toggle must ask for the
+multi-layer map (3 layers) and show it; the page must fetch nothing from outside the server. ``SCORECAM_SCREENSHOT=PATH`` also saves the screenshot there (the README's
 docs/serve-page.png was made so).
 """
 
@@ -42,6 +42,8 @@ def test_page_explains_an_uploaded_photo(lite0_bundle, samples_dir, tmp_path):
                 page = browser.new_page(viewport={"width": 1100, "height": 760})
                 requested: list[str] = []
                 page.on("request", lambda r: requested.append(r.url))
+                bodies: list[dict] = []
+                page.on("request", lambda r: bodies.append(r.post_data_json) if ":explain" in r.url else None)
                 errors: list[str] = []
                 page.on("pageerror", lambda e: errors.append(str(e)))
                 page.goto(server.url + "/")
@@ -69,6 +71,14 @@ def test_page_explains_an_uploaded_photo(lite0_bundle, samples_dir, tmp_path):
                 page.fill("#opacity", "60")
                 page.dispatch_event("#opacity", "input")
                 assert canvas_sum() != plain  # the heat map is drawn over the photo, by the slider's amount
+                assert not page.is_checked("#fine") and bodies[-1]["parameters"]["layers"] == 1
+                before = canvas_sum()
+
+                page.check("#fine")  # multi-layer Score-CAM: the request asks for 3 layers, the page shows it
+                page.wait_for_function("document.getElementById('info').textContent.includes('3 layers')",
+                                       timeout=120_000)
+                assert bodies[-1]["parameters"]["layers"] == 3 and page.inner_text("#error") == ""
+                assert canvas_sum() != before
 
                 shot = tmp_path / "serve-page.png"
                 page.screenshot(path=str(shot), full_page=True)
