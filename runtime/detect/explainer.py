@@ -2,11 +2,14 @@
 
 For a target detection ``(b, p)`` (a box and a class vector: one of the model's detections on the image, or
 a box and a class given by the user), every channel ``k`` of the chosen feature map ``A`` [K,h,w] becomes a
-mask ``H_k`` (the preset's, as for classifiers), the masked image ``x * H_k`` goes through the detector, and
+mask ``H_k`` (the preset's, as for classifiers; a channel with several blobs gives one mask per blob,
+:mod:`.parts`), the masked image ``x * H_k`` goes through the detector, and
 its score is the D-RISE similarity ``s_k = max_d IoU(b, b_d) cos(p, p_d) o_d`` (:mod:`.heads`). The weights:
 
-- ``similarity`` (default): ``a_k = s_k``, D-RISE's own estimator (the sum of masks weighted by their
-  similarity) over the feature-map masks instead of random ones;
+- ``centred`` (default): ``a_k = s_k - mean_j s_j``, D-RISE's estimator (masks weighted by their
+  similarity) with the mean similarity taken off, as RISE's and D-RISE's maps are centred: a part whose mask
+  keeps the target no better than the average mask weighs nothing or less;
+- ``similarity``: ``a_k = s_k``;
 - ``softmax``: ``a_k = softmax_k(s_k)``, the preset's rule on the similarity as it is on a logit.
 
 The map is the preset's: ``ReLU(sum_k a_k A_k)`` upsampled and min-max normalised (``paper``). The feature map
@@ -35,9 +38,10 @@ from ..scorecam import constant_channels, get_preset, mask_safe, minmax, softmax
 from ..selection import COVER_POWER, cover, distinct_masks, kernel_fill, spatial_std, top_channels
 from .geometry import Geometry, place
 from .heads import Head, Proposals, Target, decode_batch, detections, similarities, target_of
+from .parts import split_channels
 from .model import RESOLVE_CELLS, Detector, Level, key_of, open_detector
 
-WEIGHTINGS = ("similarity", "softmax")
+WEIGHTINGS = ("centred", "similarity", "softmax")
 FILLS = ("zero", "kernel")
 SELECTS = ("auto", "cover", "std")
 DEFAULT_SCORE_THRESHOLD = 0.25
@@ -122,7 +126,8 @@ class DetectionExplainer:
         layer: ``auto`` (per box: the deepest neck level that resolves it), ``fuse`` (every level, maps
             averaged) or a feature map's tensor name (see :func:`runtime.detect.model.format_levels`).
         max_channels, select, fill: the fast mode (module doc).
-        weighting: ``similarity`` (default) or ``softmax``.
+        weighting: ``centred`` (default), ``similarity`` or ``softmax``.
+        split: cut channels into their blobs (:mod:`.parts`; default True).
         score_threshold, nms_iou: which proposals are detections (raw heads: NMS here).
         input_size, mean, std, scale, bgr, labels, letterbox, head: preprocessing and head, over the sidecar and
             the model's metadata (:func:`runtime.detect.model.open_detector`).
@@ -131,9 +136,10 @@ class DetectionExplainer:
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int | None = None,
                  preset: str = "paper", threads: int | None = None, max_channels: int | None = None, *,
                  layer: str | None = "auto", select: str = "auto", fill: str = "zero",
-                 weighting: str = "similarity", score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+                 weighting: str = "centred", score_threshold: float = DEFAULT_SCORE_THRESHOLD,
                  nms_iou: float = DEFAULT_NMS_IOU, input_size=None, mean=None, std=None, scale=None,
-                 bgr: bool = False, labels=None, letterbox: bool | None = None, head: str | None = None) -> None:
+                 bgr: bool = False, labels=None, letterbox: bool | None = None, head: str | None = None,
+                 split: bool = True) -> None:
         self.preset = get_preset(preset)
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -150,6 +156,7 @@ class DetectionExplainer:
                              f"and {nms_iou}")
         self.max_channels = int(max_channels) if max_channels else None
         self.select, self.fill, self.weighting = select, fill, weighting
+        self.split = bool(split)
         self.score_threshold, self.nms_iou = float(score_threshold), float(nms_iou)
         self.detector: Detector = open_detector(model, input_size=input_size, mean=mean, std=std, scale=scale,
                                                 bgr=bgr or None, labels=labels, letterbox=letterbox, head=head)
@@ -369,6 +376,11 @@ class DetectionExplainer:
             return top_channels(rank, ~skipped, self.max_channels)
         return cover(acts, rank ** COVER_POWER, ~skipped, self.max_channels)
 
+    def parts(self, acts: np.ndarray) -> np.ndarray:
+        """The masks' source maps [P,h,w]: each channel, or, where it has several blobs, each blob apart
+        (:func:`runtime.detect.parts.split_channels`)."""
+        return split_channels(acts) if self.split else acts
+
     def score_level(self, x: np.ndarray, acts: np.ndarray, targets: list[Target],
                     progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, int]:
         """``(s [K,T], weighed [K], passes)``: the similarity of every masked input ``x * H_k`` to each target
@@ -403,6 +415,9 @@ class DetectionExplainer:
 
     def weights_of(self, s: np.ndarray, weighed: np.ndarray) -> np.ndarray:
         """[T,K] weights from the similarities [K,T] (module doc); channels not weighed get 0."""
+        if self.weighting == "centred":
+            mean = s[weighed].mean(axis=0) if weighed.any() else np.zeros(s.shape[1])
+            return np.where(weighed[None, :], s.T - mean[:, None], 0.0)
         if self.weighting == "softmax":
             z = np.where(weighed[None, :], s.T, -np.inf)
             return softmax(z, axis=1) if weighed.any() else np.zeros_like(s.T)
@@ -410,6 +425,7 @@ class DetectionExplainer:
 
     def _level_maps(self, x, acts, targets, progress):
         """(saliency [T,H,W] in [0,1], weights [T][K], channels used, passes) for one level."""
+        acts = self.parts(acts)
         s, weighed, passes = self.score_level(x, acts, targets, progress)
         a = self.weights_of(s, weighed)
         flat = np.nan_to_num(acts.reshape(acts.shape[0], -1).astype(np.float64))
