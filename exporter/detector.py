@@ -1,6 +1,6 @@
 """Export a torch object detector once into a detection bundle: ``model.onnx`` that carries its preprocessing.
 
->>> export_detector(model, "models/toy_detector", input_size=(64, 64), labels=["square", "ring", "cross"])  # doctest: +SKIP
+>>> export_detector(model, "models/toy_detector", input_size=(64, 64))  # doctest: +SKIP
 
 The detector must return one raw head tensor (``head="yolo8"``: [N, 4+C, A]; ``"yolo5"``: [N, A, 5+C]).
 The graph is exported with a dynamic batch, stamped with the ``scorecam.task = detect`` metadata that

@@ -38,8 +38,8 @@ from ..scorecam import constant_channels, get_preset, mask_safe, minmax, softmax
 from ..selection import COVER_POWER, cover, distinct_masks, kernel_fill, spatial_std, top_channels
 from .geometry import Geometry, place
 from .heads import Head, Proposals, Target, decode_batch, detections, similarities, target_of
-from .parts import split_channels
 from .model import RESOLVE_CELLS, Detector, Level, key_of, open_detector
+from .parts import split_channels
 
 WEIGHTINGS = ("centred", "similarity", "softmax")
 FILLS = ("zero", "kernel")
