@@ -53,6 +53,7 @@ class Level:
     stride: float
     op: str
     level: bool = False  # a neck output (what the automatic choice picks from)
+    branch: bool = False  # feeds two or more nodes (a block's output, not a step inside one)
 
     def describe(self) -> str:
         tag = "  level" if self.level else ""
@@ -294,7 +295,8 @@ def feature_levels(m: onnx.ModelProto, info: GraphInfo, head: Head, size: tuple[
         for lv in found:
             picked[round(lv.stride)] = lv.name
     names = set(picked.values())
-    return [Level(lv.name, lv.channels, lv.grid, lv.stride, lv.op, lv.name in names) for lv in found]
+    return [Level(lv.name, lv.channels, lv.grid, lv.stride, lv.op, lv.name in names, len(cons.get(lv.name, [])) >= 2)
+            for lv in found]
 
 
 def _warn(msg: str) -> None:
@@ -426,7 +428,11 @@ def key_of(det: Detector) -> str:
 
 def format_levels(det: Detector, auto: str | None = None) -> str:
     """The ``--list-layers`` text of a detector."""
-    lines = [("* " if lv.name == auto else "  ") + lv.describe() for lv in det.levels]
+    shown = [lv for lv in det.levels if lv.level or lv.branch]
+    lines = [("* " if lv.name == auto else "  ") + lv.describe() for lv in shown]
+    if len(shown) < len(det.levels):
+        lines.append(f"  ({len(det.levels) - len(shown)} more maps inside blocks: any 4-D tensor name works "
+                     "with --layer)")
     return "\n".join([f"detector head {det.head.kind} ({det.head.num_classes or '?'} classes), input "
                       f"{det.input_size[0]}x{det.input_size[1]}; candidate feature maps:", *lines,
                       "(level = a neck output; the automatic choice per box is the deepest level whose stride "
