@@ -50,6 +50,8 @@ PRECISIONS = ("fp32", "int8", "fp16")
 DEFAULT_BATCH = {CPU: 16, CUDA: 128}  # masked inputs per run at 224 x 224; scaled by the input area
 
 Progress = Callable[[int, int], None]
+#: ``reduce(outputs of one chunk, n) -> [n, T]``: what a detector keeps of a chunk's raw outputs
+Reduce = Callable[[list[np.ndarray], int], np.ndarray]
 Graph = onnx.ModelProto | Callable[[], onnx.ModelProto]  # a proto, or a loader that reads it again
 
 # sessions shared by every engine of the same graph and settings in this process (freed with the last engine)
@@ -203,15 +205,16 @@ class Engine:
                  precision: str = "fp32", int8_classifier: Callable[[], onnx.ModelProto] | None = None,
                  tf32: bool = False, mask: MaskSpec | None = None, *, features_output: str | None = None,
                  key: str | None = None, inspect: Callable[[onnx.ModelProto, Engine], None] | None = None,
-                 int8_key: str | None = None, layers: Sequence[str] = ()) -> None:
+                 int8_key: str | None = None, extra_outputs: Sequence[str] = ()) -> None:
         """``classifier``/``features``: the graphs, or loaders returning them (then no proto is kept).
         ``features_output``: the feature graph's output (None: read from the graph). ``key``: names
         the two graphs (their sha256s); engines with the same key and settings share their sessions.
         ``inspect(classifier, engine)``: called with the classifier graph when the engine loads it, before
         the main session is built on it (read what you need of it then: it is not kept). ``int8_key``: names
         the int8 classifier file (its path, size and mtime), so an int8 session is shared only by engines of
-        that very file. ``layers``: more tensors of the classifier (finer target layers) the main session
-        outputs beside the logits and the target layer, in the same run (:meth:`classify_and_layers`)."""
+        that very file. ``extra_outputs``: more tensors of the classifier the main session outputs after the
+        target layer, in the same run (a detector's other feature levels, :mod:`runtime.detect`; the finer
+        layers of multi-layer Score-CAM, :meth:`classify_and_layers`)."""
         if precision not in PRECISIONS:
             raise EngineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.device = device
@@ -224,7 +227,7 @@ class Engine:
         self._int8_classifier = int8_classifier
         self.key = key
         self.int8_key = int8_key
-        self.layers = tuple(layers)
+        self.extra_outputs = tuple(extra_outputs)
         self.providers = providers_for(device)
         if precision == "fp16" and self.providers[0] != CUDA:
             raise EngineError("precision 'fp16' needs the CUDA provider; on CPU use 'fp32' or 'int8'")
@@ -252,7 +255,7 @@ class Engine:
         # a proto we loaded ourselves is handed over (and built on in place); one we were given is not touched
         handed = [model] if model is not None and callable(classifier) else []
         del model
-        if self.fused or self.layers:
+        if self.fused or self.extra_outputs:
             self.scorer(self.mask, "fp32", _take=handed)  # the main session, now: a refused graph fails here
         else:
             handed.clear()
@@ -407,7 +410,8 @@ class Engine:
                                     extra_outputs=self._main_outputs() if main else (),
                                     in_place=own, blend=spec.blend).SerializeToString()
 
-            kind = (f"scorer/{key}" + (f"/main:{','.join(self._main_outputs())}" if main else "")
+            kind = (f"scorer/{key}" + (f"/main:{self.features_output}" if main and self.fused else "")
+                    + (f"/extra:{','.join(self.extra_outputs)}" if main and self.extra_outputs else "")
                     + (f"/int8:{self.int8_key}" if precision == "int8" else ""))
             # an int8 engine runs the fp32 main session (class, A) once, then the int8 scorer: the fp32
             # session's threads spinning after its run would take the cores from the int8 one (Lite0, int8 +
@@ -418,18 +422,19 @@ class Engine:
         return self.cached(self._scorers, key, make)
 
     def _is_main(self, spec: MaskSpec, precision: str) -> bool:
-        return (self.fused or bool(self.layers)) and precision == "fp32" and spec.key == self.mask.key
+        return (self.fused or bool(self.extra_outputs)) and precision == "fp32" and spec.key == self.mask.key
 
     def _main_outputs(self) -> list[str]:
         """The classifier's tensors the main session outputs beside the logits: the target layer (when it is
-        one of them) and the finer layers."""
-        return ([self.features_output] if self.fused else []) + [t for t in self.layers if t != self.features_output]
+        one of them), then :attr:`extra_outputs`."""
+        return ([self.features_output] if self.fused else []) + \
+            [t for t in self.extra_outputs if t != self.features_output]
 
     # ----------------------------------------------------------------------------------- running
     def classify(self, x: np.ndarray) -> np.ndarray:
         """Classifier outputs [N,C] for preprocessed [N,3,H,W]."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if (self.fused or self.layers) and x.shape[0] == 1:
+        if (self.fused or self.extra_outputs) and x.shape[0] == 1:
             return self._main_run(x, [self.class_output])[0]
         return self.classifier.run([self.class_output], {self.input_name: x})[0]
 
@@ -453,7 +458,7 @@ class Engine:
                                                                                  list[np.ndarray]]:
         """(outputs [1,C], activations [K,h,w], the tensors ``layers`` of the classifier as it computes them
         for this image, batch axis dropped) of one preprocessed image [1,3,H,W], in one run of the main
-        session when it outputs those layers (the engine's ``layers``), else of a session of the classifier
+        session when it outputs those layers (the engine's ``extra_outputs``), else of a session of the classifier
         with those outputs (made once per set of layers and kept with the engine)."""
         layers = tuple(layers)
         if not layers:
@@ -461,7 +466,7 @@ class Engine:
             return logits, acts, []
         x = np.ascontiguousarray(x, dtype=np.float32)
         feats = [self.features_output] if self.fused else []
-        if set(layers) <= set(self.layers):
+        if set(layers) <= set(self.extra_outputs):
             out = self._main_run(x, [self.class_output, *feats, *layers])
         else:
             sess = self.extra_session(("layers", layers), lambda: self.session(
@@ -476,6 +481,13 @@ class Engine:
             raise EngineError(f"the feature graph returned a {acts.ndim}-D tensor; a [N,K,h,w] map is needed")
         return logits, acts[0], [t[0] for t in out[1 + len(feats):]]
 
+    def main_outputs(self, x: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
+        """Tensors ``outputs`` (graph outputs, the target layer, :attr:`extra_outputs`) of one preprocessed image
+        [1,3,H,W] from the main session in one pass (needs the target layer to be a tensor of the graph)."""
+        if not self.fused:
+            raise EngineError("the target layer is not a tensor of the model graph: no main session")
+        return self._main_run(np.ascontiguousarray(x, dtype=np.float32), list(outputs))
+
     def _main_run(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """The main session on one image: an all-zero map (the zero mask in every preset) plus offset 1
         makes the masked input ``x * 1``, i.e. ``x``. ``eps`` is 1 here, so that norm(0) = 0 / (0 + eps)
@@ -488,12 +500,17 @@ class Engine:
         return sess.run(outputs, feeds)
 
     def score(self, x: np.ndarray, maps: np.ndarray, spec: MaskSpec, batch_size: int | None = None,
-              progress: Progress | None = None, base: np.ndarray | None = None) -> np.ndarray:
+              progress: Progress | None = None, outputs: Sequence[str] | None = None,
+              reduce: Reduce | None = None, base: np.ndarray | None = None) -> np.ndarray:
         """Classifier outputs [K,C] of ``x * H_k`` (``spec.blend``: ``x * H_k + base * (1 - H_k)``, ``base``
         [1,3,H,W]) for every map in ``maps`` [K,h,w] (any grid), chunk by chunk.
 
         At a reduced precision (fp16, int8) an output row that is not finite (fp16 overflows past
         65504) is scored again in fp32, with a one-line warning, so no NaN reaches the map.
+
+        ``outputs`` + ``reduce`` (a detector, :mod:`runtime.detect`): each chunk's graph outputs ``outputs``
+        (default: the first) go through ``reduce(arrays, n) -> [n, T]`` at once, so only the reduced scores
+        are kept (memory O(batch) however large the raw outputs); the result is their [K,T] concatenation.
         """
         bs = int(batch_size or self.default_batch_size())
         maps4 = np.ascontiguousarray(maps[:, None], dtype=np.float32)
@@ -505,19 +522,27 @@ class Engine:
             base = np.ascontiguousarray(base, dtype=np.float32)
         else:
             base = None
-        out = self._run_chunks(self.scorer(spec), x, maps4, eps, bs, progress, base)
+        if reduce is not None:
+            return self._run_chunks(self.scorer(spec), x, maps4, eps, bs, progress, outputs, reduce, base)
+        out = self._run_chunks(self.scorer(spec), x, maps4, eps, bs, progress, base=base)
         if self.precision != "fp32" and out.size:
             bad = ~np.isfinite(out).all(axis=1)
             if bad.any():
                 _warn(f"{self.precision} overflowed on {int(bad.sum())} of {bad.size} masked inputs; "
                       "those were scored again in fp32")
-                out[bad] = self._run_chunks(self.scorer(spec, "fp32"), x, maps4[bad], eps, bs, None, base)
+                out[bad] = self._run_chunks(self.scorer(spec, "fp32"), x, maps4[bad], eps, bs, None, base=base)
         return out
 
     def _run_chunks(self, sess: ort.InferenceSession, x: np.ndarray, maps4: np.ndarray, eps: np.ndarray,
-                    bs: int, progress: Progress | None, base: np.ndarray | None = None) -> np.ndarray:
-        """Outputs of ``sess`` for the maps [K,1,h,w] in chunks of ``bs`` (on CUDA: IO binding, padded chunks)."""
-        out_name = sess.get_outputs()[0].name
+                    bs: int, progress: Progress | None, outputs: Sequence[str] | None = None,
+                    reduce: Reduce | None = None, base: np.ndarray | None = None) -> np.ndarray:
+        """Outputs of ``sess`` for the maps [K,1,h,w] in chunks of ``bs`` (on CUDA: IO binding, padded chunks);
+        with ``reduce``, ``reduce(outputs of the chunk, n)`` per chunk (see :meth:`score`)."""
+        names = list(outputs) if outputs else [sess.get_outputs()[0].name]
+
+        def keep(arrays: list[np.ndarray], n: int) -> np.ndarray:
+            return np.asarray(reduce(arrays, n)) if reduce is not None else arrays[0][:n]
+
         k = maps4.shape[0]
         results: list[np.ndarray] = []
         has_offset = any(i.name == OFFSET for i in sess.get_inputs())  # the main session: offset 0 here
@@ -538,9 +563,12 @@ class Engine:
                     pad[n:] = 0
                     chunk = pad
                 binding.bind_cpu_input(MAPS, chunk)
-                binding.bind_output(out_name, "cpu")
+                for name in names:
+                    binding.bind_output(name, "cpu")
                 sess.run_with_iobinding(binding)
-                results.append(binding.copy_outputs_to_cpu()[0][:n])
+                got = binding.copy_outputs_to_cpu()
+                results.append(keep([a[:n] for a in got] if n < bs else got, n))
+                binding.clear_binding_outputs()
                 if progress:
                     progress(min(start + bs, k), k)
         else:
@@ -551,7 +579,7 @@ class Engine:
                     feeds[BASE] = base
                 if has_offset:
                     feeds[OFFSET] = np.zeros((chunk.shape[0], 1, 1, 1), np.float32)
-                results.append(sess.run([out_name], feeds)[0])
+                results.append(keep(sess.run(names, feeds), chunk.shape[0]))
                 if progress:
                     progress(min(start + bs, k), k)
         return np.concatenate(results, axis=0) if results else np.zeros((0, 0), np.float32)

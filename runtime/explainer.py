@@ -242,8 +242,18 @@ class Explainer:
         check_layer_options(wanted, mode, fill, fusion, baseline)
         self.fusion, self.baseline = fusion, baseline
         self._zero_scores: np.ndarray | None = None
-        self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
-                                  scale=scale, bgr=bgr or None, labels=labels)
+        try:
+            self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
+                                      scale=scale, bgr=bgr or None, labels=labels)
+        except BundleError:
+            from .detect.model import looks_like_detector
+
+            if looks_like_detector(model):  # one line that says what to use instead
+                raise BundleError(f"{model} is an object detector, not a classifier: explain it with "
+                                  "runtime.detect.DetectionExplainer (python -m runtime.explain recognises it); "
+                                  "the one-graph explainer, the service and the batch job take classifiers only"
+                                  ) from None
+            raise
         self.meta = self.bundle.meta
         self.pre = self.meta.preprocessing
         if precision == "int8":
@@ -264,7 +274,7 @@ class Explainer:
                              input_size=self.pre.input_size, precision=precision,
                              int8_classifier=self.bundle.load_int8, tf32=tf32, mask=self.mask,
                              features_output=self.bundle.features_output, key=key, inspect=inspect,
-                             int8_key=int8_key, layers=[st.name for st in self.stages])
+                             int8_key=int8_key, extra_outputs=[st.name for st in self.stages])
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
             self.batch_size = self.bundle.max_batch

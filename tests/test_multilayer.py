@@ -239,7 +239,8 @@ def test_the_fast_modes_apply_per_layer(tiny):
 def test_progress_counts_the_masks_of_every_layer_once(tiny):
     d, _, x = tiny
     seen = []
-    r = Explainer(d, device="cpu", layers=2, batch_size=5).explain_tensor(x, progress=lambda a, b: seen.append((a, b)))[0]
+    ex = Explainer(d, device="cpu", layers=2, batch_size=5)
+    r = ex.explain_tensor(x, progress=lambda a, b: seen.append((a, b)))[0]
     assert seen[-1] == (r.passes, r.passes) and all(b == r.passes for _, b in seen)
     assert [a for a, _ in seen] == sorted(a for a, _ in seen)
 

@@ -2,7 +2,8 @@
 
 Upload a sample photo, wait for the overlay, and compare the class the page shows with the API's
 answer for the same photo; the opacity slider must change the picture; the "fine" toggle must ask for the
-multi-layer map (3 layers) and show it; the page must fetch nothing from outside the server. ``SCORECAM_SCREENSHOT=PATH`` also saves the screenshot there (the README's
+multi-layer map (3 layers) and show it; the page must fetch nothing from outside the server.
+``SCORECAM_SCREENSHOT=PATH`` also saves the screenshot there (the README's
 docs/serve-page.png was made so).
 """
 
