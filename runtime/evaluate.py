@@ -440,6 +440,9 @@ def run_detector(args: argparse.Namespace) -> str:
     from .detect.explainer import DetectionExplainer
 
     methods = list(devaluate.DEFAULT_METHODS) if args.methods == list(DEFAULT_METHODS) else list(args.methods)
+    if len(args.substrate) > 1:
+        raise EvaluateError("an object detector's evaluation takes one --substrate (zero or blur)")
+    args.substrate = args.substrate[0]
     ex = DetectionExplainer(args.model, device=args.device, batch_size=args.batch_size)
     samples = [(Path(p).name, images.load_image(p)) for p in args.images]
     _stderr(f"evaluating {len(methods)} method(s) on the top {args.top_k} detection(s) of {len(samples)} image(s) "
