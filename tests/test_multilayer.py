@@ -25,7 +25,7 @@ from runtime.graphinfo import GraphInfo, fixed_shapes
 from runtime.maskgraph import BASE, EPS, IMAGE, MAPS, build_scorer
 from runtime.metrics import blur
 from runtime.scorecam import MaskSpec, make_masks, minmax, softmax, upsample
-from runtime.stages import parse_layers
+from runtime.stages import as_maps, parse_layers
 
 SAMPLES = ROOT / "samples"
 
@@ -405,3 +405,54 @@ def test_the_service_takes_layers_fusion_and_baseline_per_request(tiny):
         q = httpx.post(f"{url}?layers=1", content=buf.getvalue(), headers={"Content-Type": "image/png"}, timeout=60)
         assert q.status_code == 200 and q.json()["explanations"][0]["results"][0]["layers"] == ["body.3"]
         assert "Traceback" not in server.log
+
+
+def _nhwc_net() -> onnx.ModelProto:
+    """A graph whose finer stage is channels-last (as TF-converted models keep their maps): conv (NCHW) ->
+    Transpose to NHWC -> Relu ``fine`` [1,8,8,4] -> Transpose back -> stride-2 conv ``deep`` -> GAP -> Gemm."""
+    rng = np.random.default_rng(2)
+    w = [numpy_helper.from_array(rng.normal(0, 0.5, s).astype(np.float32), n)
+         for n, s in (("w1", (4, 3, 3, 3)), ("w2", (6, 4, 3, 3)), ("fc", (3, 6)))]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["c1"], ["t1"], perm=[0, 2, 3, 1]),
+             helper.make_node("Relu", ["t1"], ["fine"]),
+             helper.make_node("Transpose", ["fine"], ["back"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["back", "w2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c2"], ["deep"]),
+             helper.make_node("GlobalAveragePool", ["deep"], ["gap"]), helper.make_node("Flatten", ["gap"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
+    g = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], w)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_channels_last_finer_layer_is_read_as_k_h_w(tmp_path):
+    path = tmp_path / "nhwc.onnx"
+    onnx.save(_nhwc_net(), str(path))
+    ex = Explainer(path, device="cpu", layers=2, input_size=(8, 8))
+    [st] = ex.stages
+    assert (st.name, st.layout, st.channels, st.grid) == ("fine", "NHWC", 4, (8, 8))
+    x = np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    _, _, (fine,) = ex.engine.classify_and_layers(x, ["fine"])
+    c1 = _plain(path, ["c1"]).run(["c1"], {"input": x})[0][0]
+    np.testing.assert_allclose(as_maps(fine, st), np.maximum(c1, 0), rtol=1e-6, atol=1e-6)
+    r = ex.explain_tensor(x)[0]
+    assert r.cam.shape == (8, 8) and np.isfinite(r.saliency).all()
+
+
+def test_a_third_party_resnet_gets_the_same_multilayer_map_as_its_bundle(resnet, tmp_path):
+    """The same ResNet-18 as a plain .onnx file (no bundle metadata): the stages are found in the derived
+    classifier and the map equals the bundle's."""
+    import torch
+
+    model, bundle = resnet
+    path = tmp_path / "resnet18.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 3, 64, 64),), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, dynamo=False)
+    x = images.preprocess(images.load_image(SAMPLES / "coffee.png"), Explainer(bundle, device="cpu").pre)
+    a = Explainer(path, device="cpu", layers=3, max_channels=24, select="std", input_size=(64, 64)).explain_tensor(x)[0]
+    b = Explainer(bundle, device="cpu", layers=3, max_channels=24, select="std").explain_tensor(x)[0]
+    assert a.class_index == b.class_index and len(a.layers) == 2
+    np.testing.assert_allclose(a.saliency, b.saliency, atol=1e-4)
