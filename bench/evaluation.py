@@ -47,6 +47,11 @@ METHODS = (
     "rise:n=4000",
 )
 REFERENCE = "rise:n=4000"
+#: short column titles of the overlay grid
+LABELS = {"scorecam": "exact", "scorecam:layers=3": "3 layers", "scorecam:layers=3:fusion=poly": "3 layers, poly",
+          "scorecam:baseline=blur": "blur baseline", "faster:n=16:fill=kernel": "16 ch. kernel",
+          "faster:n=16:fill=kernel:layers=3": "16 ch. x 3 layers", "reciprocam": "ReciproCAM", "hsic": "HSIC",
+          "rise:n=4000": "RISE 4000"}
 OPENCV = "/usr/share/doc/opencv-doc/examples"
 MATE = "/usr/share/backgrounds/mate/nature"
 PLASMA = "/usr/share/wallpapers"
@@ -167,7 +172,9 @@ def report(out: Path, photos: list[tuple[str, Path]]) -> str:
     write_csvs(rows, summaries, out)
     shown = [s for s in samples if s.name in {"chelsea.png", "coffee.png", "astronaut.png"}] + \
         [s for s in samples if s.name not in {p.name for p in sample_photos()}][:5]
-    plot_grid(shown, groups["zero"], out / "overlays.png", cell=160)
+    labelled = [Row(r.image, LABELS.get(r.method, r.method), r.class_index, r.label, r.values, r.saliency, None,
+                    r.substrate) for r in groups["zero"]]
+    plot_grid(shown, labelled, out / "overlays.png", cell=160)
     timing = ratios(groups["zero"])
     (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
     lines = [f"# Saliency evaluation: EfficientNet-Lite0, {len(samples)} photos", "",
