@@ -50,7 +50,7 @@ class ServeConfig:
     max_channels: int | None = None
     select: str = "auto"
     mode: str = "scorecam"
-    fill: str = "zero"
+    fill: str | None = None  # None: kernel when channels are capped (runtime.explainer.default_fill)
     batch_size: int | None = None
     threads: int | None = None
     thirdparty: dict = field(default_factory=dict)  # Explainer kwargs for bare .onnx files
