@@ -11,9 +11,11 @@ cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 
 # the tests whose outcome a BLAS kernel can change: the algorithm in numpy (scorecam, selection, the fills,
-# the preview), its parity with the peers, the metrics, the one-graph explainer's parity, threads (bit for bit)
+# the preview), its parity with the peers, the one-graph explainer's parity, the metrics, threads (bit for
+# bit), huge activations; without the tests on the real Lite0 bundle (-m 'not lite0': its export and its
+# 1280-pass torch references take minutes per run; the main run has them)
 FILES=(tests/test_scorecam.py tests/test_kernel_fill.py tests/test_interactive.py tests/test_parity.py
-       tests/test_threads.py tests/test_zoo.py tests/test_metrics.py)
+       tests/test_explainer_graph.py tests/test_metrics.py tests/test_threads.py tests/test_zoo.py)
 # kernel, then extra environment ("-" for none)
 RUNS=("Haswell OPENBLAS_L2_SIZE=512" "SkylakeX -" "Zen -")
 
@@ -66,7 +68,7 @@ for run in "${RUNS[@]}"; do
     loaded=$(corename "${env_[@]}")
     echo "blas kernels: ${env_[*]} (OpenBLAS loads $loaded)"
     # shellcheck disable=SC2086
-    if ! env "${env_[@]}" "$PY" -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} "${FILES[@]}"; then
+    if ! env "${env_[@]}" "$PY" -m pytest -q -p no:cacheprovider -m "not lite0" ${PYTEST_ARGS:-} "${FILES[@]}"; then
         echo "blas kernels: FAILED under ${env_[*]}"
         failed=1
     fi

@@ -129,7 +129,7 @@ def test_every_channel_constant(tmp_path, preset):
         assert_parity(bundle, photo(32, 32), preset, max_channels, chunk=3)
         graph = build_explainer(open_model(bundle), Options(preset, max_channels, fill="zero"))
         sal, _, _ = run_graph(session(graph, "enabled"), photo(32, 32), -1)
-        assert np.isfinite(sal).all() and float(np.abs(sal).max()) == 0.0  # by construction: no channel varies, the map is 0
+        assert np.isfinite(sal).all() and float(np.abs(sal).max()) == 0.0  # by construction: nothing varies
 
 
 def _head_bundle(directory: Path, head: str) -> Path:

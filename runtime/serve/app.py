@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, images
+from ..cliargs import one_line
 from ..explainer import TargetError
 from ..images import ImageError
 from . import protocol as P
@@ -113,7 +114,7 @@ class State:
         try:
             models = self._loader()
         except Exception as e:  # BundleError, EngineError, ...: one line, then the server stops
-            self.load_error = " ".join(str(e).split()) or type(e).__name__
+            self.load_error = one_line(e)
             log.error("error: %s", self.load_error)
             if self._on_fatal:
                 self._on_fatal(self.load_error)

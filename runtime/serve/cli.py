@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import images, thirdparty
-from ..cliargs import non_negative_int, positive_float, positive_int
+from ..cliargs import non_negative_int, one_line, positive_float, positive_int
 from ..contract import BundleError
 from ..engine import DEVICES
 from ..explain import EXIT_USAGE, UsageError, _Parser, add_mode_arguments
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return serve(args)
     except (UsageError, BundleError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -74,7 +74,8 @@ class ServedModel:
 
     def variant(self, preset: str | None, max_channels: int | None, exact: bool = False, select: str | None = None,
                 mode: str | None = None, fill: str | None = None) -> Explainer:
-        """The explainer for one request (None: the server's setting). A variant shares the engine and its
+        """The explainer for one request (None: the server's setting; a fill neither asked for follows the cap:
+        ``kernel`` with one, :func:`runtime.explainer.default_fill`). A variant shares the engine and its
         sessions; the scorer session of a new mask kind is built here, under a lock, so two requests never
         race to make it. ValueError when the model's head does not allow the mode / selection asked for."""
         ex = self.explainer
