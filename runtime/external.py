@@ -288,15 +288,15 @@ def copy_data(locations: Sequence[str], base: str | os.PathLike, dest: str | os.
     return total
 
 
-def relocate(models: Sequence[onnx.ModelProto], base: str | os.PathLike, dest: str | os.PathLike,
-             name: str, align: int = 4096) -> int:
-    """Move every external tensor of ``models`` into ONE new file ``dest/name`` (each tensor copied once,
-    block by block, at an offset aligned to ``align`` so ONNX Runtime can map it) and point the tensors
-    there. A tensor shared by several graphs (same source file and range) is stored once. The file's size."""
+def relocate(models: Sequence[onnx.ModelProto], base: str | os.PathLike, out_file: str | os.PathLike,
+             location: str, align: int = 4096) -> int:
+    """Move every external tensor of ``models`` (files under ``base``) into ONE new file ``out_file``, each
+    copied once, block by block, at an offset aligned to ``align`` (so ONNX Runtime can map it), and point
+    the tensors at it under the name ``location`` (the file's final name, relative to the graph). A tensor
+    shared by several graphs (same source file and range) is stored once. Returns the file's size."""
     written: dict[tuple, int] = {}
-    out_path = Path(dest) / name
     pos = 0
-    with open(out_path, "wb") as out:
+    with open(out_file, "wb") as out:
         for model in models:
             for t in external_tensors(model):
                 r = ref(t)
@@ -318,11 +318,11 @@ def relocate(models: Sequence[onnx.ModelProto], base: str | os.PathLike, dest: s
                     written[key] = pos
                     pos += length
                 del t.external_data[:]
-                for k, v in (("location", name), ("offset", str(written[key])), ("length", str(length))):
+                for k, v in (("location", location), ("offset", str(written[key])), ("length", str(length))):
                     e = t.external_data.add()
                     e.key, e.value = k, v
-        out.truncate(max(pos, out.tell()))
-    return out_path.stat().st_size
+        out.truncate(pos)
+    return pos
 
 
 # ------------------------------------------------------------------------------------- ONNX Runtime
