@@ -52,7 +52,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from runtime import external
-from runtime.bundle import Bundle
+from runtime.bundle import Bundle, target_tensor
 from runtime.contract import PREFIX, BundleError
 from runtime.engine import CPU, batch_for
 from runtime.head import linear_head
@@ -237,16 +237,6 @@ def _probe(classifier: onnx.ModelProto, input_name: str, outputs: list[str],
     return [tuple(r.shape) for r in res]
 
 
-def _target_tensor(features: onnx.GraphProto, produced: set[str]) -> str:
-    """The classifier's tensor the feature graph outputs: its output, or what a trailing ``Identity`` renames
-    (a third-party model's derived feature graph names its output ``features`` that way)."""
-    name = features.output[0].name
-    node = next((n for n in features.node if name in n.output), None)
-    if name not in produced and node is not None and node.op_type == "Identity" and node.input[0] in produced:
-        return node.input[0]
-    return name
-
-
 def _rename_graph(g: onnx.GraphProto, mapping: dict[str, str]) -> None:
     """Rename tensors referenced in ``g`` (and its nested subgraphs) per ``mapping``."""
     for node in g.node:
@@ -346,7 +336,7 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
         raise GraphBuildError(f"the classifier has {len(inputs)} inputs; the explainer graph needs exactly one")
     input_name = inputs[0].name
     class_output = g0.output[0].name
-    features_output = _target_tensor(bundle.features.graph, {o for n in g0.node for o in n.output})
+    features_output = target_tensor(bundle.features.graph, {o for n in g0.node for o in n.output})
     if features_output not in {o for n in g0.node for o in n.output}:
         raise GraphBuildError(f"the target layer {features_output!r} is not a tensor of the classifier graph")
     data_dir = bundle.data_dir

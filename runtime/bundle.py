@@ -100,7 +100,7 @@ class Bundle:
                      "features": features_sha256 or (graph_sha256(features, data_dir) if features is not None
                                                      else None)}
         if features_output is None and features is not None and features.graph.output:
-            features_output = features.graph.output[0].name
+            features_output = target_tensor(features.graph, _produced(model) if model is not None else set())
         self.features_output = features_output
 
     @property
@@ -238,6 +238,7 @@ def open_bundle(directory: Path, model_path: Path, proto: onnx.ModelProto, **der
     # hashes cover the external data files, read block by block: a swapped weights file is another bundle)
     files = dict.fromkeys(data_files(proto, model_path))
     model_sha = graph_sha256(proto, directory)
+    produced = _produced(proto)
     del proto
     fproto = load_onnx(features_path, "feature graph")
     fmeta = BundleMeta.from_props(read_props(fproto), source=str(features_path))
@@ -245,7 +246,7 @@ def open_bundle(directory: Path, model_path: Path, proto: onnx.ModelProto, **der
         raise BundleError(f"{features_path} is not a feature graph (role {fmeta.role!r})")
     files.update(dict.fromkeys(data_files(fproto, features_path)))
     features_sha = graph_sha256(fproto, directory)
-    features_output = fproto.graph.output[0].name if fproto.graph.output else None
+    features_output = target_tensor(fproto.graph, produced) if fproto.graph.output else None
     del fproto
     if meta.sibling_sha256 != features_sha or fmeta.sibling_sha256 != model_sha:
         raise BundleError(f"{model_path.name} and {features_path.name} in {directory} do not come from the same "
@@ -255,6 +256,24 @@ def open_bundle(directory: Path, model_path: Path, proto: onnx.ModelProto, **der
                 data_dir=data_dir, data_files=tuple(files), data_stats=external.stats(tuple(files), directory))
     _opened[opened] = seen
     return Bundle(directory, model_path, features_path, None, None, **seen)
+
+
+def _produced(model: onnx.ModelProto) -> set[str]:
+    return {str(o) for n in model.graph.node for o in n.output}
+
+
+def target_tensor(features: onnx.GraphProto, produced: set[str]) -> str:
+    """The target layer's tensor in the classifier: the feature graph's output, or the tensor a trailing
+    ``Identity`` of it renames (a derived feature graph names its output ``features`` so), when the classifier
+    computes that tensor (``produced``). The engine then takes A from the classifier's own pass (one
+    session, the weights held once) and the head after it can be read."""
+    name = features.output[0].name
+    if name in produced:
+        return name
+    node = next((n for n in features.node if name in n.output), None)
+    if node is not None and node.op_type == "Identity" and node.input[0] in produced:
+        return str(node.input[0])
+    return name
 
 
 def _ignored(model_path: Path, derive: dict) -> None:

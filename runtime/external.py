@@ -220,6 +220,26 @@ def inline(model: onnx.ModelProto, base: str | os.PathLike, model_path: Path | N
         t.raw_data = data
 
 
+#: external tensors this small are read into the graph wherever we build one: ONNX Runtime's shape inference
+#: cannot read an external shape, axes or pads input (a model saved with ``size_threshold=0``), and onnx's own
+#: default keeps tensors under 1 KiB in the graph anyway
+SMALL = 1024
+
+
+def inline_small(model: onnx.ModelProto, base: str | os.PathLike, limit: int = SMALL) -> int:
+    """Read the external tensors of at most ``limit`` bytes into ``model`` (in place); how many."""
+    n = 0
+    for t in external_tensors(model):
+        size = nbytes(t)
+        if size is not None and size <= limit:
+            data = read_bytes(t, base)
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            t.raw_data = data
+            n += 1
+    return n
+
+
 def fits_one_file(model: onnx.ModelProto, base: str | os.PathLike | None = None) -> bool:
     """Whether ``model`` with its external data inlined stays under protobuf's 2 GB limit."""
     extra = sum(nbytes(t) or 0 for t in external_tensors(model))
@@ -341,5 +361,6 @@ def point_to(options, base: str | os.PathLike | None) -> None:
 
 
 __all__ = ["FOLDER_KEY", "PROTO_LIMIT", "Ref", "all_tensors", "check", "content_sha256", "copy_data", "data_digest",
-           "external_tensors", "file_sha256", "fits_one_file", "has_external", "inline", "nbytes", "point_to",
+           "external_tensors", "file_sha256", "fits_one_file", "has_external", "inline", "inline_small", "nbytes",
+           "point_to",
            "read_bytes", "read_tensor", "ref", "relocate", "resolve", "stats"]

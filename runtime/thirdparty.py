@@ -337,6 +337,8 @@ def prepare(source: onnx.ModelProto, input_size: tuple[int, int] | None = None, 
     m = onnx.ModelProto()
     m.CopyFrom(source)
     del m.metadata_props[:]
+    if base_dir is not None:  # tiny external tensors (shapes, axes) into the graph: ONNX Runtime needs them there
+        external.inline_small(m, base_dir)
     warnings: list[str] = []
     opset = _opset(m)
     if opset < MIN_OPSET:
@@ -604,6 +606,12 @@ def _session(proto: onnx.ModelProto, what: str, base_dir=None):
     opts = session_options()
     opts.log_severity_level = 4  # a graph that fails to run is reported by verify() in one line, not logged
     external.point_to(opts, base_dir)
+    if base_dir is not None and any(external.nbytes(t) is not None and external.nbytes(t) <= external.SMALL
+                                    for t in external.external_tensors(proto)):
+        light = onnx.ModelProto()
+        light.CopyFrom(proto)
+        external.inline_small(light, base_dir)
+        proto = light
     try:
         return ort.InferenceSession(proto.SerializeToString(), opts, providers=[CPU])
     except Exception as e:
