@@ -30,6 +30,7 @@ from conftest import ROOT
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from servers import ServeProcess
+from test_memory import protos_reachable
 
 from runtime import BundleError, Explainer, external
 from runtime.bundle import load_bundle
@@ -278,6 +279,32 @@ def test_the_cli_process_prints_one_line_for_an_escaping_path(escaping):
     assert "'../secret.bin'" in one_error_line(out.stderr)
 
 
+def test_symlinks_a_hub_cache_layout_loads_and_a_link_out_of_the_folder_is_refused(models, tmp_path):
+    """A Hugging Face cache snapshot links ``model.onnx`` and ``model.onnx.data`` to blobs in one other folder:
+    that loads (as ONNX Runtime loads it by path). A data file linked out of the model's folder, when the
+    model file itself is not a link there, is refused."""
+    src = models["cnn-dynamo"]
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    shutil.copyfile(src, blobs / "1f2e")
+    shutil.copyfile(src.parent / "model.onnx.data", blobs / "9a8b")
+    (snap / "model.onnx").symlink_to(blobs / "1f2e")
+    (snap / "model.onnx.data").symlink_to(blobs / "9a8b")
+    ort.InferenceSession(str(snap / "model.onnx"), providers=["CPUExecutionProvider"])  # ONNX Runtime takes it
+    want = Explainer(src, device="cpu").explain(photo())[0]
+    got = Explainer(snap / "model.onnx", device="cpu").explain(photo())[0]
+    np.testing.assert_allclose(got.saliency, want.saliency, atol=SAME_GRAPH, rtol=0)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copyfile(src, plain / "model.onnx")
+    (plain / "model.onnx.data").symlink_to(blobs / "9a8b")
+    with pytest.raises(Exception, match="escapes"):
+        ort.InferenceSession(str(plain / "model.onnx"), providers=["CPUExecutionProvider"])
+    with pytest.raises(BundleError, match="escapes the model's folder"):
+        Explainer(plain / "model.onnx", device="cpu")
+
+
 def test_a_missing_or_truncated_data_file_is_one_line(models, tmp_path, capsys):
     from runtime.explain import main
 
@@ -328,6 +355,8 @@ def test_the_cache_never_reads_the_weights_into_python(models, tmp_path):
     m = onnx.load(str(ex.bundle.model_path), load_external_data=False)
     assert os.path.getsize(ex.bundle.model_path) < 200_000 < os.path.getsize(ex.bundle.directory / "model.onnx.data")
     assert sum(t.ByteSize() for t in m.graph.initializer) < 10_000
+    ex.explain(photo())
+    assert protos_reachable(ex) == []  # no graph (and no weight) kept after the sessions are built
 
 
 # --------------------------------------------------------------------------------------------- bundles
@@ -380,6 +409,23 @@ def test_the_bundle_hash_covers_the_data_file(ext_bundles, tmp_path):
     import hashlib
 
     assert graph_sha256(one) == hashlib.sha256(one.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def test_a_bundle_whose_data_path_escapes_is_refused_by_the_runtime_and_the_quantizer(ext_bundles, tmp_path,
+                                                                                         capsys, samples_dir):
+    from exporter.quantize import main as quantize_main
+    from runtime.explain import main as explain_main
+
+    b = shutil.copytree(ext_bundles["ext"], tmp_path / "b")
+    shutil.copyfile(b / "model.onnx.data", tmp_path / "secret.bin")
+    set_location(b / MODEL_FILE, "../secret.bin")
+    Image.fromarray(photo()).save(tmp_path / "p.png")
+    for call in (lambda: explain_main([str(b), str(tmp_path / "p.png"), "--out", str(tmp_path / "o")]),
+                 lambda: quantize_main([str(b), str(samples_dir)])):
+        assert call() == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "escapes the model's folder" in line and str(b / MODEL_FILE) in line
+    assert not (b / "model.int8.onnx").exists()
 
 
 def test_int8_of_an_external_data_bundle(ext_bundles, tmp_path, monkeypatch, samples_dir):
@@ -569,7 +615,7 @@ def test_peak_rss_holds_the_weights_once(tmp_path, cache):
     model.onnx.data: explaining the external-data one peaks within 1.2 x a bare ONNX Runtime session of it
     (loaded by path), and no higher than the one-file model's explanation (x 1.1): no Python copy of the
     weights at the session's peak. Each derived once first (the measured run is a cache hit)."""
-    from test_memory import heavy_bundle
+    from test_memory import heavy_bundle  # noqa: I001 - tests/ is on the path
 
     heavy = heavy_bundle(tmp_path / "heavy")
     plain = onnx.load(str(heavy / MODEL_FILE))
