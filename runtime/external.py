@@ -149,11 +149,14 @@ def check(model: onnx.ModelProto, base: str | os.PathLike, model_path: Path | No
     source = str(model_path) if model_path is not None else "the model"
     sizes: dict[Path, int] = {}
     seen: dict[str, None] = {}
+    resolved: dict[str, Path] = {}  # by location: a big model has thousands of tensors in one file
     for t in all_tensors(model):
         if not is_external(t):
             continue
         r = ref(t, source)
-        path = resolve(r, base, source, model_path)
+        path = resolved.get(r.location)
+        if path is None:
+            path = resolved[r.location] = resolve(r, base, source, model_path)
         if path not in sizes:
             try:
                 if not path.is_file():

@@ -633,3 +633,34 @@ def test_peak_rss_holds_the_weights_once(tmp_path, cache):
     assert external_peak <= 1.2 * bare, (external_peak, bare)
     assert external_peak <= 1.1 * one_peak, (external_peak, one_peak)
 
+
+
+def test_the_rules_by_hand(tmp_path):
+    """external.check on hand-made entries: what is accepted, and the one-line reason for what is not."""
+    folder = tmp_path / "m"
+    (folder / "sub").mkdir(parents=True)
+    np.arange(12, dtype=np.float32).tofile(folder / "w.bin")
+
+    def model(**entries) -> onnx.ModelProto:
+        t = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[3, 4], data_location=TensorProto.EXTERNAL)
+        for k, v in entries.items():
+            e = t.external_data.add()
+            e.key, e.value = k, str(v)
+        g = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])], [t])
+        return helper.make_model(g)
+
+    assert external.check(model(location="w.bin"), folder) == ["w.bin"]
+    assert external.check(model(location="sub/../w.bin", offset=0, length=48), folder) == ["w.bin"]
+    np.testing.assert_array_equal(external.read_tensor(model(location="w.bin").graph.initializer[0], folder),
+                                  np.arange(12, dtype=np.float32).reshape(3, 4))
+    for entries, reason in [({}, "names no data file"), ({"location": "w.bin", "length": 40}, "needs 48 bytes"),
+                            ({"location": "w.bin", "offset": 8}, "truncated: tensor 'w' needs bytes 8..56"),
+                            ({"location": "w.bin", "offset": "x"}, "malformed"),
+                            ({"location": "w.bin", "offset": -4}, "negative"),
+                            ({"location": "nope.bin"}, "missing"),
+                            ({"location": "../m/../w.bin"}, "escapes"),
+                            ({"location": str(folder / "w.bin")}, "absolute path")]:
+        with pytest.raises(BundleError, match=reason.replace("(", r"\(").replace(".", r"\.")) as e:
+            external.check(model(**entries), folder)
+        assert "\n" not in str(e.value)
