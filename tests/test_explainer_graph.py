@@ -54,7 +54,7 @@ def assert_parity(bundle_dir, rgb: np.ndarray, preset: str, max_channels: int | 
     bundle = open_model(bundle_dir, **derive)
     rgb = sized(rgb, bundle)
     fill = "zero" if max_channels is not None else None  # the graph's only fill, asked explicitly with a cap
-    model = build_explainer(bundle, Options(preset, max_channels, chunk, select, fill))
+    model = build_explainer(bundle, Options(preset, max_channels, chunk, select, fill=fill))
     ex = Explainer(bundle_dir, device="cpu", preset=preset, max_channels=max_channels, select=select, fill=fill,
                    **derive)
     x = ex.pre.apply(rgb)[None]
