@@ -21,8 +21,9 @@ import pytest
 from runtime.cliargs import non_negative_float, non_negative_int, number, one_line, positive_float, positive_int
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_DATA = ("runtime/py.typed", "exporter/py.typed", "exporter/toy_weights.npz", "runtime/serve/static/index.html",
-                "runtime/serve/static/app.js", "runtime/serve/static/style.css")
+PACKAGE_DATA = ("runtime/py.typed", "exporter/py.typed", "exporter/toy_weights.npz",
+                "exporter/toy_detector_weights.npz", "runtime/serve/static/index.html", "runtime/serve/static/app.js",
+                "runtime/serve/static/style.css")
 
 
 def _setuptools_major() -> int:
