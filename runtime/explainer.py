@@ -152,8 +152,18 @@ class Explainer:
                              "over every class); use fill 'zero'")
         self.select, self.mode, self.fill = select, mode, fill
         self._zero_scores: np.ndarray | None = None
-        self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
-                                  scale=scale, bgr=bgr or None, labels=labels)
+        try:
+            self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
+                                      scale=scale, bgr=bgr or None, labels=labels)
+        except BundleError:
+            from .detect.model import looks_like_detector
+
+            if looks_like_detector(model):  # one line that says what to use instead
+                raise BundleError(f"{model} is an object detector, not a classifier: explain it with "
+                                  "runtime.detect.DetectionExplainer (python -m runtime.explain recognises it); "
+                                  "the one-graph explainer, the service and the batch job take classifiers only"
+                                  ) from None
+            raise
         self.meta = self.bundle.meta
         self.pre = self.meta.preprocessing
         if precision == "int8":
@@ -166,13 +176,13 @@ class Explainer:
         seen: list[LinearHead | None] = []
 
         def inspect(proto, engine: Engine) -> None:  # the head is read from the graph the engine loads anyway
-            seen.append(linear_head(proto, engine.features_output, engine.class_output))
+            seen.append(linear_head(proto, engine.features_output, engine.class_output, base_dir=engine.data_dir))
 
         self.engine = Engine(self.bundle.load_model, self.bundle.load_features, device=device, threads=threads,
                              input_size=self.pre.input_size, precision=precision,
                              int8_classifier=self.bundle.load_int8, tf32=tf32, mask=self.preset.mask,
                              features_output=self.bundle.features_output, key=key, inspect=inspect,
-                             int8_key=int8_key)
+                             int8_key=int8_key, data_dir=self.bundle.data_dir)
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
             self.batch_size = self.bundle.max_batch
@@ -181,7 +191,7 @@ class Explainer:
             _HEADS[head_key] = seen[0]
         elif head_key not in _HEADS:  # an engine built on graphs read before: read the head once
             _HEADS[head_key] = linear_head(self.engine.classifier_proto, self.engine.features_output,
-                                           self.engine.class_output)
+                                           self.engine.class_output, base_dir=self.engine.data_dir)
         self.head: LinearHead | None = _HEADS[head_key]
         if self.meta.output_kind == "probabilities":
             self.head = None  # a softmax after the linear layer: the closed form does not hold
