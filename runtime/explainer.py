@@ -126,6 +126,9 @@ class Explainer:
         mode: ``scorecam`` (default) or ``preview``: the one-pass feature-space Score-CAM, each channel's
             mask applied to the features instead of the input, scored in closed form through the linear
             head (no masked passes: one classifier pass plus numpy; needs a global-pooling -> linear head).
+            A rough sketch, not for live use: on photos unlike the samples its map can be unrelated to
+            Score-CAM's (Pearson r 0.01 on scikit-image's retina.jpg); live use wants ``precision="int8",
+            max_channels=32, fill="kernel"`` (docs/fast-modes.md).
         precision: ``fp32`` (exact), ``int8`` (the bundle's quantized classifier scores the masked
             inputs; export with ``--int8``) or ``fp16`` (CUDA only). The class decision, score and
             probability always come from the fp32 classifier.
