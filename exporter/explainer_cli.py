@@ -19,11 +19,15 @@ The graph: inputs  pixels uint8 [1,H,W,3] (RGB, already resized to the network's
 class_index int64 [1] (-1: the top-1 class); outputs saliency float32 [1,H,W] in [0,1], explained_class
 int64 [1] and probabilities float32 [1,C]. The bundle's preprocessing is inside; labels, preprocessing,
 preset, channel budget, chunk size and the sha256 of the source classifier are in its metadata (keys
-scorecam.*). It equals Explainer(MODEL, preset=P, max_channels=N).explain_tensor(x) to ~1e-6.
+scorecam.*). It equals Explainer(MODEL, preset=P, max_channels=N, fill="zero").explain_tensor(x) to ~1e-6.
+
+The graph has no kernel fill (the Python Explainer's default with a channel cap): --max-channels needs
+--fill zero, asked explicitly (Faster Score-CAM: the channels left out weigh 0; less faithful on photos
+unlike those the budget was chosen on). Without --max-channels the graph is exact Score-CAM.
 
 examples:
   python -m exporter explainer efficientnet_lite0 --out explainer.onnx
-  python -m exporter explainer models/efficientnet_lite0 --out lite0-mc64.onnx --max-channels 64
+  python -m exporter explainer models/efficientnet_lite0 --out lite0-mc64.onnx --max-channels 64 --fill zero
   python -m exporter explainer resnet50.onnx --out explainer.onnx --triton triton_repo
 
 A classifier whose weights sit beside it (model.onnx + model.onnx.data, torch's dynamo export) gives ONE
@@ -43,6 +47,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from runtime import thirdparty
+    from runtime.explainer import FILLS
     from runtime.scorecam import PRESETS
 
     from .explainer_graph import SELECTS
@@ -56,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="the explainer .onnx to write (replaced only after success)")
     p.add_argument("--preset", default="paper", choices=list(PRESETS), help="Score-CAM variant (default paper)")
     p.add_argument("--max-channels", type=int, metavar="N", default=None,
-                   help="score only N channels, chosen in the graph by --select (default: all, exact)")
+                   help="score only N channels, chosen in the graph by --select, the others weighing 0; needs "
+                   "--fill zero (default: all, exact)")
+    p.add_argument("--fill", default=None, choices=list(FILLS),
+                   help="what the channels --max-channels leaves out weigh: only zero here (Faster Score-CAM), and "
+                   "it must be asked for explicitly with --max-channels (the Python Explainer's default, kernel, "
+                   "is not in the graph)")
     p.add_argument("--select", default="auto", choices=list(SELECTS),
                    help="the --max-channels rule: relevance = the N of largest |W[c,k]| * spatial std for the class "
                    "explained (needs a global-pooling -> linear head), std = the N of largest spatial std, auto "
@@ -95,7 +105,7 @@ def _write(args: argparse.Namespace) -> int:
     from runtime.contract import BundleError
     from runtime.thirdparty import cli_kwargs, open_model
 
-    from .explainer_graph import Options, build_explainer
+    from .explainer_graph import Options, build_explainer, check_fill
 
     if not args.out:
         raise UsageError("--out FILE is required")
@@ -108,6 +118,7 @@ def _write(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-channels must be >= 1, got {args.max_channels}")
     if args.chunk is not None and args.chunk < 1:
         raise UsageError(f"--chunk must be >= 1, got {args.chunk}")
+    check_fill(args.max_channels, args.fill, flags=True)
     name = args.triton_name or _triton_name(out.stem)
     if args.triton and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise UsageError(f"--triton-name {name!r}: use letters, digits, '_', '.' and '-' only")
@@ -125,9 +136,9 @@ def _write(args: argparse.Namespace) -> int:
                              "(explain detectors with python -m runtime.explain; docs/detection.md)") from None
         raise
     print(f"building the explainer graph (preset {args.preset}, "
-          f"{f'{args.max_channels} channels' if args.max_channels else 'all channels'})", file=sys.stderr)
+          f"{f'{args.max_channels} channels, fill zero' if args.max_channels else 'all channels'})", file=sys.stderr)
     model = build_explainer(bundle, Options(args.preset, args.max_channels, args.chunk, args.select,
-                                            external_data=args.external_data))
+                                            external_data=args.external_data, fill=args.fill))
     written = save_explainer(model, out, bundle.data_dir)
     props = {p.key: p.value for p in model.metadata_props}
     wrote = sum(os.path.getsize(f) for f in written)

@@ -10,7 +10,8 @@ computes in Python (DESIGN.md, "Score-CAM, exactly"):
    as the engine's main session: ``x * 1``) and gives the logits ``f(x)`` [1,C] and the target layer ``A``
    [K,h,w] (loop-carried). From ``A`` the body computes the schedule (:class:`_Schedule`), with no
    ``NonZero``: a channel is *constant* when ``max A_k == min A_k``; ``scored`` = all channels
-   (``official``: the varying ones), then with ``max_channels=N`` the selection rule (:data:`SELECTIONS`, as
+   (``official``: the varying ones), then with ``max_channels=N`` (and ``fill="zero"``, asked explicitly: the
+   channels left out weigh 0, Faster Score-CAM; the graph has no kernel fill) the selection rule (:data:`SELECTIONS`, as
    ``Explainer.channels_to_score`` for the ONE class explained, lower index first on ties): ``std``, the N
    of largest spatial std, or ``relevance``, the N of largest ``|W[c,k]| std(A_k)`` (normalised by its
    max, in float64) with ``W`` the linear head's weight read where the classifier keeps it in the body
@@ -201,11 +202,34 @@ SELECTS = ("auto", *SELECTIONS)
 
 @dataclass(frozen=True)
 class Options:
+    """What the graph computes: the preset, the channel cap (None: exact) and its selection rule, the chunk.
+
+    ``fill``: what the channels ``max_channels`` leaves out weigh. The graph has only ``zero`` (Faster
+    Score-CAM, weight 0), not the Python ``Explainer``'s default ``kernel`` fill, so a cap must come with
+    ``fill="zero"`` asked for explicitly (:func:`check_fill`).
+    """
+
     preset: str = "paper"
     max_channels: int | None = None
     chunk: int | None = None
     select: str = "auto"
     external_data: bool = False  # keep a classifier's external weights external even when one file would do
+    fill: str | None = None
+
+
+def check_fill(max_channels: int | None, fill: str | None, flags: bool = False) -> None:
+    """Refuse (one line) a channel cap without an explicit ``fill="zero"``, and any other fill: the graph has
+    no kernel (or preview) fill, and a cap alone means the kernel fill everywhere else in the project.
+    ``flags``: word the message with the command line's flags."""
+    cap, zero = ("--max-channels", "--fill zero") if flags else ("max_channels", "fill='zero'")
+    if fill not in (None, "zero"):
+        raise GraphBuildError(f"the one-graph explainer has no {fill!r} fill (only the Python Explainer has); "
+                              f"use {zero} with {cap} (Faster Score-CAM: the channels left out weigh 0), or no "
+                              f"{cap} (exact)")
+    if max_channels is not None and fill is None:
+        raise GraphBuildError(f"{cap} needs {zero} here: the one-graph explainer has no kernel fill (the "
+                              f"Python Explainer's default with a channel cap), so the channels left out weigh 0; "
+                              f"add {zero} to accept that, or drop {cap} for exact Score-CAM")
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -320,6 +344,7 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
         raise GraphBuildError(f"max channels must be >= 1, got {options.max_channels}")
     if options.chunk is not None and int(options.chunk) < 1:
         raise GraphBuildError(f"chunk size must be >= 1, got {options.chunk}")
+    check_fill(options.max_channels, options.fill)
     classifier, meta = bundle.model, bundle.meta
     pre = meta.preprocessing
     size = (int(pre.input_size[0]), int(pre.input_size[1]))
@@ -570,6 +595,7 @@ def explainer_metadata(bundle: Bundle, preset: Preset, budget: int | None, selec
         "preset": preset.name,
         "max_channels": str(budget) if budget else "all",
         "select": select,
+        "fill": "zero",  # the channels a budget leaves out weigh 0 (the graph has no kernel fill)
         "chunk": str(chunk),
         "channels": str(k),
         "feature_size": json.dumps([int(low[0]), int(low[1])]),

@@ -126,8 +126,8 @@ def test_fp16_is_faithful(lite0_pair, lite0_bundle):
 
 
 def test_max_channels_matches_the_cpu(lite0_bundle):
-    a = Explainer(lite0_bundle, device="cpu", max_channels=64).explain(CHELSEA, [285])[0]
-    b = Explainer(lite0_bundle, device="cuda", max_channels=64).explain(CHELSEA, [285])[0]
+    a = Explainer(lite0_bundle, device="cpu", max_channels=64, fill="zero").explain(CHELSEA, [285])[0]
+    b = Explainer(lite0_bundle, device="cuda", max_channels=64, fill="zero").explain(CHELSEA, [285])[0]
     assert a.channels_used == b.channels_used == 64
     np.testing.assert_allclose(b.saliency, a.saliency, atol=EXACT)
 
