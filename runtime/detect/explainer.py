@@ -16,8 +16,9 @@ The map is the preset's: ``ReLU(sum_k a_k A_k)`` upsampled and min-max normalise
 is a level of the detector's neck: ``layer="auto"`` takes, per box, the deepest level whose stride is at most
 half the box's shorter side (its cells resolve the box), ``"fuse"`` every level (the mean of the levels' maps),
 or a tensor name. With ``max_channels`` only N channels per level are scored (chosen by ``cover``, the channels
-whose normalised maps cover the others, or ``std``); ``fill="kernel"`` predicts the others' similarities by
-kernel ridge regression on the maps (:func:`runtime.selection.kernel_fill`), ``"zero"`` gives them weight 0.
+whose normalised maps cover the others, or ``std``); ``fill="kernel"`` (the default with a cap, as for
+classifiers) predicts the others' similarities by kernel ridge regression on the maps
+(:func:`runtime.selection.kernel_fill`), ``"zero"`` gives them weight 0.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .. import images
 from ..blas import one_blas_thread
 from ..contract import BundleError
 from ..engine import Engine, Progress, require_finite
-from ..explainer import TargetError
+from ..explainer import TargetError, default_fill
 from ..scorecam import constant_channels, get_preset, mask_safe, minmax, softmax
 from ..selection import COVER_POWER, cover, distinct_masks, kernel_fill, spatial_std, top_channels
 from .geometry import Geometry, place
@@ -135,7 +136,7 @@ class DetectionExplainer:
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int | None = None,
                  preset: str = "paper", threads: int | None = None, max_channels: int | None = None, *,
-                 layer: str | None = "auto", select: str = "auto", fill: str = "zero",
+                 layer: str | None = "auto", select: str = "auto", fill: str | None = None,
                  weighting: str = "centred", score_threshold: float = DEFAULT_SCORE_THRESHOLD,
                  nms_iou: float = DEFAULT_NMS_IOU, input_size=None, mean=None, std=None, scale=None,
                  bgr: bool = False, labels=None, letterbox: bool | None = None, head: str | None = None,
@@ -145,7 +146,7 @@ class DetectionExplainer:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         if max_channels is not None and int(max_channels) < 1:
             raise ValueError(f"max channels must be >= 1, got {max_channels}")
-        if fill not in FILLS:
+        if fill is not None and fill not in FILLS:
             raise ValueError(f"fill {fill!r} does not apply to detectors; choose one of {', '.join(FILLS)}")
         if select not in SELECTS:
             raise ValueError(f"select {select!r} does not apply to detectors; choose one of {', '.join(SELECTS)}")
@@ -155,7 +156,7 @@ class DetectionExplainer:
             raise ValueError(f"score threshold must be in [0, 1] and the NMS IoU in (0, 1], got {score_threshold} "
                              f"and {nms_iou}")
         self.max_channels = int(max_channels) if max_channels else None
-        self.select, self.fill, self.weighting = select, fill, weighting
+        self.select, self.fill, self.weighting = select, default_fill(fill, self.max_channels), weighting
         self.split = bool(split)
         self.score_threshold, self.nms_iou = float(score_threshold), float(nms_iou)
         self.detector: Detector = open_detector(model, input_size=input_size, mean=mean, std=std, scale=scale,
@@ -169,7 +170,7 @@ class DetectionExplainer:
         names = [lv.name for lv in self.levels]
         self.engine = Engine(det.load, det.load, device=device, threads=threads, input_size=det.input_size,
                              mask=self.preset.mask, features_output=names[0], extra_outputs=names[1:],
-                             key=key_of(det))
+                             key=key_of(det), data_dir=det.data_dir)
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if det.batch is not None:
             self.batch_size = int(det.batch)
