@@ -92,20 +92,8 @@ def test_letterbox_geometry_round_trip():
 
 
 @pytest.fixture(scope="module")
-def toy_detector(tmp_path_factory) -> Path:
-    """The committed toy detector, exported through our exporter (verified against torch)."""
-    from exporter.detector import export_toy_detector
-
-    out = tmp_path_factory.mktemp("det") / "toy_detector"
-    export_toy_detector(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def scenes():
-    from exporter.toy_detect import make_scenes
-
-    return make_scenes(16, seed=123)  # held out: training used seed 20000
+def scenes(toy_scenes):
+    return toy_scenes  # held out: training used seed 20000
 
 
 def test_toy_detector_finds_the_shapes(scenes):

@@ -34,7 +34,7 @@ from ..blas import one_blas_thread
 from ..contract import BundleError
 from ..engine import Engine, Progress, require_finite
 from ..explainer import TargetError
-from ..scorecam import constant_channels, get_preset, mask_safe, minmax, softmax
+from ..scorecam import constant_channels, get_preset, minmax, softmax
 from ..selection import COVER_POWER, cover, distinct_masks, kernel_fill, spatial_std, top_channels
 from .geometry import Geometry, place
 from .heads import Head, Proposals, Target, decode_batch, detections, similarities, target_of
@@ -42,7 +42,21 @@ from .model import RESOLVE_CELLS, Detector, Level, key_of, open_detector
 from .parts import split_channels
 
 WEIGHTINGS = ("centred", "similarity", "softmax")
-FILLS = ("zero", "kernel")
+FILLS = ("kernel", "zero")
+#: the similarities of the masked images are "flat" (the map is all zero, :attr:`BoxResult.flat`) when their
+#: spread is within this fraction of their size: float32 outputs carry ~7 significant digits
+FLAT_RTOL = 1e-5
+FLAT_NOTE = ("the detector's output did not change under any mask (every masked image is as similar to the box "
+             "as every other): there is no evidence to show, so the map is all zero; an untrained detector whose "
+             "signal dies out before its head does this (docs/detection.md)")
+
+
+def default_fill(fill: str | None, max_channels: int | None) -> str:
+    """The fill that runs, by the classifiers' rule: ``fill`` when given, else ``kernel`` when channels are capped,
+    else ``zero`` (every channel is scored: nothing is filled)."""
+    if fill is not None:
+        return fill
+    return "kernel" if max_channels else "zero"
 SELECTS = ("auto", "cover", "std")
 DEFAULT_SCORE_THRESHOLD = 0.25
 DEFAULT_NMS_IOU = 0.5
@@ -85,6 +99,12 @@ class BoxResult:
     fill: str
     geometry: Geometry = field(repr=False)
     weights: list[np.ndarray] = field(default_factory=list, repr=False)
+    flat: bool = False  # every masked image scored the same: no evidence, the map is all zero (FLAT_NOTE)
+
+    @property
+    def note(self) -> str | None:
+        """Why the map is blank, when it is (:data:`FLAT_NOTE`), else None."""
+        return FLAT_NOTE if self.flat else None
 
     @property
     def image_shape(self) -> tuple[int, int]:
@@ -112,7 +132,8 @@ class BoxResult:
                 "similarity": round(float(self.similarity), 6), "detection": self.detection,
                 "layers": self.layers, "channels_used": self.channels_used, "passes": self.passes,
                 "seconds": round(self.seconds, 4), "provider": self.provider, "preset": self.preset,
-                "weighting": self.weighting, "fill": self.fill,
+                "weighting": self.weighting, "fill": self.fill, "flat": self.flat,
+                **({"note": self.note} if self.flat else {}),
                 "image_shape": [int(self.geometry.shape[0]), int(self.geometry.shape[1])]}
 
 
@@ -135,7 +156,7 @@ class DetectionExplainer:
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int | None = None,
                  preset: str = "paper", threads: int | None = None, max_channels: int | None = None, *,
-                 layer: str | None = "auto", select: str = "auto", fill: str = "zero",
+                 layer: str | None = "auto", select: str = "auto", fill: str | None = None,
                  weighting: str = "centred", score_threshold: float = DEFAULT_SCORE_THRESHOLD,
                  nms_iou: float = DEFAULT_NMS_IOU, input_size=None, mean=None, std=None, scale=None,
                  bgr: bool = False, labels=None, letterbox: bool | None = None, head: str | None = None,
@@ -145,6 +166,8 @@ class DetectionExplainer:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         if max_channels is not None and int(max_channels) < 1:
             raise ValueError(f"max channels must be >= 1, got {max_channels}")
+        self.fill_asked = fill  # None: follows max_channels (a variant with another cap: default_fill)
+        fill = default_fill(fill, max_channels)
         if fill not in FILLS:
             raise ValueError(f"fill {fill!r} does not apply to detectors; choose one of {', '.join(FILLS)}")
         if select not in SELECTS:
@@ -330,10 +353,12 @@ class DetectionExplainer:
             sal = np.zeros((len(sub), *self.input_size), np.float64)
             used = passes = 0
             weights: list[list[np.ndarray]] = [[] for _ in sub]
+            flat = np.ones(len(sub), bool)
             for i in key:
-                s, w, u, p = self._level_maps(x, acts[i], sub, step)
+                s, w, u, p, f = self._level_maps(x, acts[i], sub, step)
                 done[0] += self._channel_count(acts[i])
                 sal += s
+                flat &= f
                 used, passes = used + u, passes + p
                 for j in range(len(sub)):
                     weights[j].append(w[j])
@@ -347,7 +372,7 @@ class DetectionExplainer:
                     detection=ranks[t], layers=[self.levels[i].name for i in key], channels_used=used,
                     passes=passes, seconds=0.0, provider=self.provider, preset=self.preset.name,
                     weighting=self.weighting, fill=self.fill if self._capped(acts, key) else "zero", geometry=geo,
-                    weights=weights[j])
+                    weights=weights[j], flat=bool(flat[j]))
         return [r for r in results if r is not None]
 
     def levels_for(self, box: np.ndarray) -> tuple[int, ...]:
@@ -397,7 +422,7 @@ class DetectionExplainer:
         idx = np.flatnonzero(scored & ~skipped)
         passes = 0
         if idx.size:
-            safe = mask_safe(acts[idx])
+            safe = unit_peak(acts[idx])
             first, inverse = distinct_masks(safe, spec)
             got = self.engine.score(x, safe[first], spec, self.batch_size, progress, outputs=self.head.outputs,
                                     reduce=reduce)
@@ -424,16 +449,39 @@ class DetectionExplainer:
         return np.where(weighed[None, :], s.T, 0.0)
 
     def _level_maps(self, x, acts, targets, progress):
-        """(saliency [T,H,W] in [0,1], weights [T][K], channels used, passes) for one level."""
+        """(saliency [T,H,W] in [0,1], weights [T][K], channels used, passes, flat [T]) for one level; a target
+        whose similarities are flat (:func:`is_flat`) gets an all-zero map and weights, whatever the weighting."""
         acts = self.parts(acts)
         s, weighed, passes = self.score_level(x, acts, targets, progress)
-        a = self.weights_of(s, weighed)
-        flat = np.nan_to_num(acts.reshape(acts.shape[0], -1).astype(np.float64))
-        sums = (a @ flat).reshape(len(targets), *acts.shape[1:])
+        flat = is_flat(s[weighed])
+        a = np.where(flat[:, None], 0.0, self.weights_of(s, weighed))
+        rows = np.nan_to_num(acts.reshape(acts.shape[0], -1).astype(np.float64))
+        sums = (a @ rows).reshape(len(targets), *acts.shape[1:])
         sal = np.stack([self.preset.finish(sums[j].astype(np.float32), self.input_size)[1]
                         for j in range(len(targets))]) if len(targets) else np.zeros((0, *self.input_size))
         return np.clip(np.nan_to_num(sal), 0, 1), [a[j].astype(np.float32) for j in range(len(targets))], \
-            int(weighed.sum()), passes
+            int(weighed.sum()), passes, flat
+
+
+def is_flat(s: np.ndarray) -> np.ndarray:
+    """[T]: whether the similarities ``s`` [K,T] of the scored masks are all the same up to float32 precision,
+    ``max - min <= FLAT_RTOL * max |s|`` (exactly equal for a detector whose head never sees the masks)."""
+    s = np.asarray(s, np.float64)
+    if not s.shape[0]:
+        return np.ones(s.shape[1], bool)
+    return np.ptp(s, axis=0) <= FLAT_RTOL * np.abs(s).max(axis=0)
+
+
+def unit_peak(acts: np.ndarray) -> np.ndarray:
+    """Activations [K,h,w] with each channel divided by its largest magnitude (1 when it is 0).
+
+    ``norm(up(A_k)) = (up(A_k) - min) / (max - min + eps)`` is invariant to a positive scale of ``A_k`` except for
+    ``eps`` (1e-8): on channels of tiny magnitude (a detector's neck at 1e-9, untrained) the eps would shrink every
+    mask toward black. At unit peak the eps is relative, as it is for the classifiers' O(1) activations."""
+    a = np.asarray(acts, np.float32)
+    peak = np.abs(a.reshape(a.shape[0], -1)).max(axis=1, initial=0.0).astype(np.float64)
+    peak = np.where(peak > 0, peak, 1.0)
+    return (a.astype(np.float64) / peak[:, None, None]).astype(np.float32)
 
 
 def _fmt(b: np.ndarray) -> str:

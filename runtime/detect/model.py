@@ -190,6 +190,8 @@ def _ours(props: dict) -> dict:
             out["letterbox"] = props[PREFIX + "letterbox"] == "true"
         if PREFIX + "head" in props:
             out["head"] = props[PREFIX + "head"]
+        if PREFIX + "background" in props:
+            out["background"] = props[PREFIX + "background"] == "true"
     except (ValueError, TypeError) as e:
         raise BundleError(f"the detector's scorecam metadata is damaged ({e})") from None
     return out
@@ -199,8 +201,10 @@ def is_detection_bundle(props: dict) -> bool:
     return props.get(TASK_KEY) == "detect"
 
 
-def detection_props(pre: Preprocessing, letterbox: bool, labels, head: str | None) -> dict[str, str]:
-    """The metadata_props that make a detector file carry its preprocessing (``exporter annotate``)."""
+def detection_props(pre: Preprocessing, letterbox: bool, labels, head: str | None,
+                    background: bool = False) -> dict[str, str]:
+    """The metadata_props that make a detector file carry its preprocessing (``exporter annotate``);
+    ``background``: the class scores' column 0 is a background class (:class:`runtime.detect.heads.Head`)."""
     props = {TASK_KEY: "detect", PREFIX + "input_size": json.dumps(list(pre.input_size)),
              PREFIX + "color_order": pre.color_order, PREFIX + "scale": repr(float(pre.scale)),
              PREFIX + "mean": json.dumps([float(v) for v in pre.mean]),
@@ -210,6 +214,8 @@ def detection_props(pre: Preprocessing, letterbox: bool, labels, head: str | Non
         props[PREFIX + "labels"] = json.dumps(list(labels))
     if head:
         props[PREFIX + "head"] = head
+    if background:
+        props[PREFIX + "background"] = "true"
     return props
 
 
@@ -350,8 +356,8 @@ def open_detector(model, *, input_size=None, mean=None, std=None, scale=None, bg
     shapes = fixed_shapes(m, name, (1, 3, *size))
     info = GraphInfo(m, name, shapes)
     h = find_head(m.graph, shapes, pick(head, "head"))
-    if h.kind == "boxes" and wrap:  # torchvision: label 0 is the background class
-        h = Head(h.kind, h.outputs, h.num_classes, label_offset=0)
+    if h.kind == "boxes" and not h.nms_in_graph and bool(pick(None, "background")):
+        h = Head(h.kind, h.outputs, h.num_classes, h.label_offset, background=True)
     levels = feature_levels(m, info, h, size)
     if not levels:
         raise BundleError("the detector has no 4-D feature map with a spatial size > 1 feeding its outputs")
