@@ -112,7 +112,7 @@ def run(args, stdout, stderr) -> int:
                                  progress=bar)
             bar.finish()
             for r in results:
-                if r.flat:
+                if r.note:
                     print(f"warning: {item.arg}: {'box' if r.detection is None else f'detection {r.detection}'}: "
                           f"{r.note}", file=stderr)
                 tag = "box" if r.detection is None else f"det{r.detection}"

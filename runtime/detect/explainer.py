@@ -12,7 +12,11 @@ its score is the D-RISE similarity ``s_k = max_d IoU(b, b_d) cos(p, p_d) o_d`` (
 - ``similarity``: ``a_k = s_k``;
 - ``softmax``: ``a_k = softmax_k(s_k)``, the preset's rule on the similarity as it is on a logit.
 
-The map is the preset's: ``ReLU(sum_k a_k A_k)`` upsampled and min-max normalised (``paper``). The feature map
+The map is the preset's finish of ``sum_k a_k norm(A_k)`` (``paper``: ReLU, upsampled, min-max normalised), with
+``norm`` the channel's min-max at h x w: the masks as they were applied, not the raw activations. A detector's neck
+maps are often signed (an FPN output is a linear convolution, values of either sign) and a negative activation is
+no evidence against a pixel, its mask just keeps that pixel less; on the toy detector (ReLU maps) both give the same
+maps to within 0.01 of the pointing game and insertion AUC. The feature map
 is a level of the detector's neck: ``layer="auto"`` takes, per box, the deepest level whose stride is at most
 half the box's shorter side (its cells resolve the box), ``"fuse"`` every level (the mean of the levels' maps),
 or a tensor name. With ``max_channels`` only N channels per level are scored (chosen by ``cover``, the channels
@@ -49,6 +53,8 @@ FLAT_RTOL = 1e-5
 FLAT_NOTE = ("the detector's output did not change under any mask (every masked image is as similar to the box "
              "as every other): there is no evidence to show, so the map is all zero; an untrained detector whose "
              "signal dies out before its head does this (docs/detection.md)")
+NEGATIVE_NOTE = ("no mask kept the box's similarity above the average mask's (keeping more of the image never "
+                 "helped this box): there is no positive evidence, so the map is all zero")
 
 
 def default_fill(fill: str | None, max_channels: int | None) -> str:
@@ -102,9 +108,14 @@ class BoxResult:
     flat: bool = False  # every masked image scored the same: no evidence, the map is all zero (FLAT_NOTE)
 
     @property
+    def blank(self) -> bool:
+        """The map is all zero (:attr:`flat`, or no mask kept the box more than the average mask did)."""
+        return not float(np.max(self.saliency, initial=0.0)) > 0.0
+
+    @property
     def note(self) -> str | None:
-        """Why the map is blank, when it is (:data:`FLAT_NOTE`), else None."""
-        return FLAT_NOTE if self.flat else None
+        """Why the map is blank, when it is (:data:`FLAT_NOTE` / :data:`NEGATIVE_NOTE`), else None."""
+        return FLAT_NOTE if self.flat else NEGATIVE_NOTE if self.blank else None
 
     @property
     def image_shape(self) -> tuple[int, int]:
@@ -133,7 +144,7 @@ class BoxResult:
                 "layers": self.layers, "channels_used": self.channels_used, "passes": self.passes,
                 "seconds": round(self.seconds, 4), "provider": self.provider, "preset": self.preset,
                 "weighting": self.weighting, "fill": self.fill, "flat": self.flat,
-                **({"note": self.note} if self.flat else {}),
+                **({"note": self.note} if self.note else {}),
                 "image_shape": [int(self.geometry.shape[0]), int(self.geometry.shape[1])]}
 
 
@@ -455,7 +466,7 @@ class DetectionExplainer:
         s, weighed, passes = self.score_level(x, acts, targets, progress)
         flat = is_flat(s[weighed])
         a = np.where(flat[:, None], 0.0, self.weights_of(s, weighed))
-        rows = np.nan_to_num(acts.reshape(acts.shape[0], -1).astype(np.float64))
+        rows = np.nan_to_num(minmax(acts).reshape(acts.shape[0], -1).astype(np.float64))  # norm(A_k): module doc
         sums = (a @ rows).reshape(len(targets), *acts.shape[1:])
         sal = np.stack([self.preset.finish(sums[j].astype(np.float32), self.input_size)[1]
                         for j in range(len(targets))]) if len(targets) else np.zeros((0, *self.input_size))

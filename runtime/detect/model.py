@@ -7,10 +7,11 @@ Pure onnx (plus one ONNX Runtime run when shape inference cannot tell a shape). 
 - the head (:mod:`.heads`): from ``--head`` / the sidecar's ``head`` / the bundle metadata, else from the
   output shapes: one [1,A,N] output with A < N is ``yolo8`` (C = A - 4), one [1,N,A] with N > A ``yolo5``
   (C = A - 5), outputs ``boxes`` [N,4] + ``scores`` (+ ``labels``) are ``boxes``;
-- the candidate feature maps: every 4-D map (spatial size > 1) the head's outputs are computed from, with
-  its stride (input height / map height); the *levels* are the neck outputs, per stride the last map that
-  feeds two or more convolutions (the box and class branches, the next stage); without such maps, the last
-  map of each stride;
+- the candidate feature maps: every 4-D map (spatial size > 1, one per image) the head's outputs are computed
+  from, with its stride (input height / map height); the *levels* are the neck outputs, per stride the last map
+  that feeds two or more convolutions (the box and class branches, the next stage), or, in a two-stage detector,
+  the last map its regions are pooled from (``RoiAlign``: Faster R-CNN's FPN outputs); without such maps, the
+  last map of each stride;
 - the preprocessing: flags, else the sidecar ``<model>.json`` (the classifier keys plus ``letterbox``,
   ``head``), else the bundle metadata written by ``python -m exporter annotate``, else what the model says
   about itself (Ultralytics: RGB, 1/255, letterbox to ``imgsz`` with grey 114 padding, class names), else
@@ -287,6 +288,8 @@ def feature_levels(m: onnx.ModelProto, info: GraphInfo, head: Head, size: tuple[
         if t not in anc or not info.is_map(t) or info.layout(t) != NCHW:
             continue
         shape = info.shapes[t]
+        if shape[0] not in (1, None):  # one map per region (a two-stage detector's pooled features), not the image's
+            continue
         k, h, w = int(shape[1]), int(shape[2]), int(shape[3])
         sy, sx = size[0] / h, size[1] / w
         if abs(sy - sx) > 0.5 * max(sy, sx) or min(sy, sx) < 1:  # not an image grid (a reshaped head tensor)
@@ -294,7 +297,10 @@ def feature_levels(m: onnx.ModelProto, info: GraphInfo, head: Head, size: tuple[
         node = info.producer.get(t)
         found.append(Level(t, k, (h, w), round(float(np.sqrt(sy * sx)), 2), node.op_type if node else "input"))
     picked: dict[float, str] = {}
-    for lv in found:
+    pooled = [lv for lv in found if "RoiAlign" in cons.get(lv.name, [])]
+    for lv in pooled:  # a two-stage detector: the maps its regions are pooled from (FPN outputs)
+        picked[round(lv.stride)] = lv.name
+    for lv in found if not pooled else []:
         if cons.get(lv.name, []).count("Conv") >= 2:
             picked[round(lv.stride)] = lv.name
     if not picked:

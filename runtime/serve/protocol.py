@@ -505,7 +505,7 @@ def result_detect_v1(r, options: Options, overlay_png: bytes | None = None) -> d
          "seconds": round(finite(r.seconds), 4), "provider": str(r.provider), "preset": str(r.preset),
          "weighting": str(r.weighting), "fill": str(r.fill), "flat": bool(r.flat),
          "saliency": encode_saliency(r.saliency_cropped(), options.saliency_encoding)}
-    if r.flat:
+    if r.note:
         d["note"] = r.note
     if overlay_png is not None:
         d["overlay"] = {"format": "png", "b64": base64.b64encode(overlay_png).decode("ascii")}

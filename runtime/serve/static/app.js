@@ -210,7 +210,7 @@ async function explainBox() {
     $("shown-class").dataset.classIndex = r.class_index;
     $("info").textContent = `score ${r.score.toFixed(3)} · similarity ${r.similarity.toFixed(3)} · ${r.seconds.toFixed(2)} s ` +
       `on the server (${((performance.now() - t0) / 1000).toFixed(2)} s round trip) · ${r.provider} · ${r.passes} masked images` +
-      (r.flat ? ` · ${r.note}` : "");
+      (r.note ? ` · ${r.note}` : "");
     $("shown").hidden = false;
     for (const li of $("probs").children) li.classList.toggle("chosen", r.detection !== null && Number(li.dataset.detection) === r.detection);
     status("");
