@@ -163,6 +163,25 @@ def test_toy_kernel_fill_and_fuse(toy_detector, scenes):
         assert np.corrcoef(r.saliency.ravel(), f.saliency.ravel())[0, 1] > 0.7
 
 
+def test_fill_follows_the_classifiers_rule(toy_detector, scenes):
+    """``fill`` unset: kernel with a channel cap, zero without one (runtime.explainer's rule); asked: as asked. A
+    variant the service makes for a request with another cap follows the same rule."""
+    from runtime.detect.explainer import default_fill
+    from runtime.serve.models import ServedModel
+
+    assert (default_fill(None, 8), default_fill(None, None), default_fill("zero", 8)) == ("kernel", "zero", "zero")
+    capped = DetectionExplainer(toy_detector, device="cpu", max_channels=8)
+    assert capped.fill == "kernel" and DetectionExplainer(toy_detector, device="cpu").fill == "zero"
+    r = capped.explain(scenes[0][0], detection=0)[0]
+    assert r.fill == "kernel" and r.passes <= 8
+    assert DetectionExplainer(toy_detector, device="cpu", max_channels=8, fill="zero").fill == "zero"
+    served = ServedModel("shapes", DetectionExplainer(toy_detector, device="cpu"), 0.0)
+    assert served.variant(None, 8).fill == "kernel" and served.variant(None, 8, fill="zero").fill == "zero"
+    assert served.variant(None, None) is served.explainer
+    with pytest.raises(ValueError, match="does not apply to detectors"):
+        served.variant(None, 8, fill="preview")
+
+
 def test_drise_reference_on_the_engine(toy_detector, scenes):
     from runtime.detect.evaluate import box_curves
     from runtime.methods import METHODS, parse_method
