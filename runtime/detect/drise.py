@@ -33,12 +33,11 @@ def drise_map(explainer, x: np.ndarray, target: Target, n: int = 4000, cells: in
     """The D-RISE saliency [H,W] in [0,1] of one box (module doc)."""
     from ..methods import rise_masks
 
-    rng = np.random.default_rng(seed)
     size = tuple(np.shape(x)[-2:])
     bs = max(1, int(explainer.batch_size))
     total = np.zeros(size, np.float64)
-    for start in range(0, n, bs):
-        m = rise_masks(rng, min(bs, n - start), size, cells, p)
+    for start in range(0, n, bs):  # mask i from its own generator (seed, i): the same masks whatever the batch
+        m = rise_masks(seed, start, min(start + bs, n), size, cells, p)
         s = masked_similarity(explainer, x * m[:, None], [target])[:, 0]
         total += np.tensordot(s, m, axes=1)
     return minmax((total / (n * p)).astype(np.float32))

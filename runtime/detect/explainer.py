@@ -20,8 +20,9 @@ maps to within 0.01 of the pointing game and insertion AUC. The feature map
 is a level of the detector's neck: ``layer="auto"`` takes, per box, the deepest level whose stride is at most
 half the box's shorter side (its cells resolve the box), ``"fuse"`` every level (the mean of the levels' maps),
 or a tensor name. With ``max_channels`` only N channels per level are scored (chosen by ``cover``, the channels
-whose normalised maps cover the others, or ``std``); ``fill="kernel"`` predicts the others' similarities by
-kernel ridge regression on the maps (:func:`runtime.selection.kernel_fill`), ``"zero"`` gives them weight 0.
+whose normalised maps cover the others, or ``std``); ``fill="kernel"`` (the default with a cap, as for
+classifiers) predicts the others' similarities by kernel ridge regression on the maps
+(:func:`runtime.selection.kernel_fill`), ``"zero"`` gives them weight 0.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .. import images
 from ..blas import one_blas_thread
 from ..contract import BundleError
 from ..engine import Engine, Progress, require_finite
-from ..explainer import TargetError
+from ..explainer import TargetError, default_fill
 from ..scorecam import constant_channels, get_preset, minmax, softmax
 from ..selection import COVER_POWER, cover, distinct_masks, kernel_fill, spatial_std, top_channels
 from .geometry import Geometry, place
@@ -55,14 +56,6 @@ FLAT_NOTE = ("the detector's output did not change under any mask (every masked 
              "signal dies out before its head does this (docs/detection.md)")
 NEGATIVE_NOTE = ("no mask kept the box's similarity above the average mask's (keeping more of the image never "
                  "helped this box): there is no positive evidence, so the map is all zero")
-
-
-def default_fill(fill: str | None, max_channels: int | None) -> str:
-    """The fill that runs, by the classifiers' rule: ``fill`` when given, else ``kernel`` when channels are capped,
-    else ``zero`` (every channel is scored: nothing is filled)."""
-    if fill is not None:
-        return fill
-    return "kernel" if max_channels else "zero"
 SELECTS = ("auto", "cover", "std")
 DEFAULT_SCORE_THRESHOLD = 0.25
 DEFAULT_NMS_IOU = 0.5
@@ -178,8 +171,7 @@ class DetectionExplainer:
         if max_channels is not None and int(max_channels) < 1:
             raise ValueError(f"max channels must be >= 1, got {max_channels}")
         self.fill_asked = fill  # None: follows max_channels (a variant with another cap: default_fill)
-        fill = default_fill(fill, max_channels)
-        if fill not in FILLS:
+        if fill is not None and fill not in FILLS:
             raise ValueError(f"fill {fill!r} does not apply to detectors; choose one of {', '.join(FILLS)}")
         if select not in SELECTS:
             raise ValueError(f"select {select!r} does not apply to detectors; choose one of {', '.join(SELECTS)}")
@@ -189,7 +181,7 @@ class DetectionExplainer:
             raise ValueError(f"score threshold must be in [0, 1] and the NMS IoU in (0, 1], got {score_threshold} "
                              f"and {nms_iou}")
         self.max_channels = int(max_channels) if max_channels else None
-        self.select, self.fill, self.weighting = select, fill, weighting
+        self.select, self.fill, self.weighting = select, default_fill(fill, self.max_channels), weighting
         self.split = bool(split)
         self.score_threshold, self.nms_iou = float(score_threshold), float(nms_iou)
         self.detector: Detector = open_detector(model, input_size=input_size, mean=mean, std=std, scale=scale,
@@ -203,7 +195,7 @@ class DetectionExplainer:
         names = [lv.name for lv in self.levels]
         self.engine = Engine(det.load, det.load, device=device, threads=threads, input_size=det.input_size,
                              mask=self.preset.mask, features_output=names[0], extra_outputs=names[1:],
-                             key=key_of(det))
+                             key=key_of(det), data_dir=det.data_dir)
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if det.batch is not None:
             self.batch_size = int(det.batch)

@@ -61,9 +61,9 @@ class Options:
     preset: str | None = None  # None: the server's
     max_channels: int | None = None  # None: the server's
     exact: bool = False  # True: max_channels explicitly off (all channels) even if the server caps them
-    select: str | None = None  # None: the server's (auto, std, relevance: how max_channels ranks channels)
+    select: str | None = None  # None: the server's (auto, cover, relevance, std: how max_channels chooses channels)
     mode: str | None = None  # None: the server's (scorecam, preview)
-    fill: str | None = None  # None: the server's (zero, preview)
+    fill: str | None = None  # None: the server's when it set one, else kernel with max_channels (kernel, zero, preview)
     task: str | None = None  # None: the model's (classify or detect); a request naming the other one is refused
     score_threshold: float | None = None  # detectors: None: the server's
 
