@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .layout import Layout, LayoutError
 from .maskgraph import EPS, IMAGE, MAPS, OFFSET, build_scorer
 from .scorecam import MaskSpec, get_preset
 
@@ -203,14 +204,15 @@ class Engine:
                  precision: str = "fp32", int8_classifier: Callable[[], onnx.ModelProto] | None = None,
                  tf32: bool = False, mask: MaskSpec | None = None, *, features_output: str | None = None,
                  key: str | None = None, inspect: Callable[[onnx.ModelProto, Engine], None] | None = None,
-                 int8_key: str | None = None) -> None:
+                 int8_key: str | None = None, layout: Layout | None = None) -> None:
         """``classifier``/``features``: the graphs, or loaders returning them (then no proto is kept).
         ``features_output``: the feature graph's output (None: read from the graph). ``key``: names
         the two graphs (their sha256s); engines with the same key and settings share their sessions.
         ``inspect(classifier, engine)``: called with the classifier graph when the engine loads it, before
         the main session is built on it (read what you need of it then: it is not kept). ``int8_key``: names
         the int8 classifier file (its path, size and mtime), so an int8 session is shared only by engines of
-        that very file."""
+        that very file. ``layout``: how the target layer holds its maps (default NCHW); the activations
+        leave the engine as [K,h,w] whatever it is (:meth:`classify_and_activations`)."""
         if precision not in PRECISIONS:
             raise EngineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.device = device
@@ -218,6 +220,7 @@ class Engine:
         self.input_size = input_size
         self.precision = precision
         self.tf32 = bool(tf32)
+        self.layout = layout or Layout()
         self._load_classifier = classifier if callable(classifier) else (lambda: classifier)
         self._load_features = features if callable(features) else (lambda: features)
         self._int8_classifier = int8_classifier
@@ -429,16 +432,27 @@ class Engine:
         return self.classify_and_activations(x)[1]
 
     def classify_and_activations(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(outputs [1,C], activations [K,h,w]) of one preprocessed image [1,3,H,W], in one pass."""
+        """(outputs [1,C], activations [K,h,w]) of one preprocessed image [1,3,H,W], in one pass.
+
+        The target layer's tensor is turned into maps [K,h,w] here, once, by the bundle's layout
+        (:meth:`runtime.layout.Layout.to_maps`: NCHW as it is, NHWC transposed, NLC tokens less their
+        auxiliary tokens on their grid); nothing after the engine sees a layout."""
+        logits, out = self.classify_and_layer(x)
+        return logits, self.layout.to_maps(out[0])
+
+    def classify_and_layer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(outputs [1,C], the target layer's tensor [1,...] as the graph holds it, checked against the layout)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.fused:
             logits, out = self._main_run(x, [self.class_output, self.features_output])
         else:
             logits = self.classifier.run([self.class_output], {self.input_name: x})[0]
             out = self.features.run([self.features_output], {self.features.get_inputs()[0].name: x})[0]
-        if out.ndim != 4:
-            raise EngineError(f"the feature graph returned a {out.ndim}-D tensor; a [N,K,h,w] map is needed")
-        return logits, out[0]
+        try:
+            self.layout.maps_shape(out.shape)
+        except LayoutError as e:
+            raise EngineError(f"the feature graph's output does not fit the bundle's layout: {e}") from None
+        return logits, out
 
     def _main_run(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """The main session on one image: an all-zero map (the zero mask in every preset) plus offset 1

@@ -163,13 +163,13 @@ class Explainer:
         seen: list[LinearHead | None] = []
 
         def inspect(proto, engine: Engine) -> None:  # the head is read from the graph the engine loads anyway
-            seen.append(linear_head(proto, engine.features_output, engine.class_output))
+            seen.append(linear_head(proto, engine.features_output, engine.class_output, engine.layout))
 
         self.engine = Engine(self.bundle.load_model, self.bundle.load_features, device=device, threads=threads,
                              input_size=self.pre.input_size, precision=precision,
                              int8_classifier=self.bundle.load_int8, tf32=tf32, mask=self.preset.mask,
                              features_output=self.bundle.features_output, key=key, inspect=inspect,
-                             int8_key=int8_key)
+                             int8_key=int8_key, layout=self.meta.layout)
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
             self.batch_size = self.bundle.max_batch
@@ -178,7 +178,7 @@ class Explainer:
             _HEADS[head_key] = seen[0]
         elif head_key not in _HEADS:  # an engine built on graphs read before: read the head once
             _HEADS[head_key] = linear_head(self.engine.classifier_proto, self.engine.features_output,
-                                           self.engine.class_output)
+                                           self.engine.class_output, self.engine.layout)
         self.head: LinearHead | None = _HEADS[head_key]
         if self.meta.output_kind == "probabilities":
             self.head = None  # a softmax after the linear layer: the closed form does not hold

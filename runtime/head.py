@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .layout import NCHW, NHWC, NLC, Layout
+
 PASS_OPS = frozenset({"Dropout", "Identity", "Flatten", "Reshape", "Squeeze"})
 
 
@@ -74,16 +76,22 @@ def _consumers(g: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
     return [n for n in g.node if name in n.input]
 
 
-def linear_head(model: onnx.ModelProto, target: str, output: str | None = None) -> LinearHead | None:
+def linear_head(model: onnx.ModelProto, target: str, output: str | None = None,
+                layout: Layout | None = None) -> LinearHead | None:
     """W [C,K] and b [C] when ``output`` (default: the first graph output) = linear(global-avg-pool(target)).
 
-    Accepted: ``GlobalAveragePool`` or ``ReduceMean`` over axes {2,3} (keepdims or not), then any of
+    Accepted: ``GlobalAveragePool`` or ``ReduceMean`` over the grid's axes (keepdims or not), then any of
     Flatten / Reshape / Squeeze / Dropout / Identity, then ``Gemm`` (transA 0, transB, alpha, beta) or
-    ``MatMul`` (+ ``Add`` of a constant bias). Every other graph gives None.
+    ``MatMul`` (+ ``Add`` of a constant bias). The grid's axes follow ``layout`` (default NCHW): {2,3} for
+    NCHW, {1,2} for NHWC (or a ``Transpose`` to NCHW first), {1} for NLC tokens without auxiliary tokens
+    (with them the mean is not over the grid). Every other graph gives None.
     """
     g = model.graph
     output = output or g.output[0].name
     consts = _Constants(g)
+    kind = (layout or Layout()).kind
+    if kind == NLC and layout.aux_tokens:
+        return None
     cur = target
     pooled = False
     weight = bias = None
@@ -102,15 +110,19 @@ def linear_head(model: onnx.ModelProto, target: str, output: str | None = None) 
         a = _attrs(n)
         op = n.op_type
         if not pooled:
-            if op == "GlobalAveragePool":
+            ndim = 3 if kind == NLC else 4
+            if op == "Transpose" and kind == NHWC and list(a.get("perm", [])) == [0, 3, 1, 2]:
+                kind = NCHW
+            elif op == "GlobalAveragePool" and kind == NCHW:
                 pooled, rank = True, 4
             elif op == "ReduceMean":
                 axes = a.get("axes")
                 if axes is None and len(n.input) > 1 and n.input[1]:
                     axes = consts[n.input[1]].tolist()
-                if axes is None or sorted(int(x) % 4 for x in axes) != [2, 3]:
+                grid_axes = {NCHW: [2, 3], NHWC: [1, 2], NLC: [1]}[kind]
+                if axes is None or sorted(int(x) % ndim for x in axes) != grid_axes:
                     return None
-                pooled, rank = True, 4 if a.get("keepdims", 1) else 2
+                pooled, rank = True, ndim if a.get("keepdims", 1) else 2
             elif op in ("Dropout", "Identity"):
                 pass
             else:
