@@ -123,6 +123,8 @@ class Explainer:
             bundle metadata (any ONNX image classifier; see :mod:`runtime.thirdparty`): the target
             tensor (None: automatic), the class-score output (None: the first 2-D one) and the
             preprocessing (None: the sidecar ``<model>.json``'s, else 224, ImageNet mean/std, 1/255, RGB).
+        grid, aux_tokens: only for a model file without bundle metadata whose target layer is tokens
+            [N,T,D]: its grid (h, w) and auxiliary tokens (CLS, distillation, registers); None: inferred.
     """
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int | None = None,
@@ -131,7 +133,8 @@ class Explainer:
                  tf32: bool = False,
                  layer: str | None = None, output: str | None = None,
                  input_size: tuple[int, int] | None = None, mean=None, std=None, scale: float | None = None,
-                 bgr: bool = False, labels=None) -> None:
+                 bgr: bool = False, labels=None, grid: tuple[int, int] | None = None,
+                 aux_tokens: int | None = None) -> None:
         self.preset = get_preset(preset)
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -150,7 +153,7 @@ class Explainer:
         self.select, self.mode, self.fill = select, mode, fill
         self._zero_scores: np.ndarray | None = None
         self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
-                                  scale=scale, bgr=bgr or None, labels=labels)
+                                  scale=scale, bgr=bgr or None, labels=labels, grid=grid, aux_tokens=aux_tokens)
         self.meta = self.bundle.meta
         self.pre = self.meta.preprocessing
         if precision == "int8":

@@ -227,13 +227,14 @@ def is_grid(hw: Sequence[int | None], family: set[Grid]) -> bool:
 
 
 def split_tokens(tokens: int, grids: Sequence[Grid], family: set[Grid], input_size: Grid,
-                 grid: Grid | None = None, aux: int | None = None) -> tuple[Grid, int] | None:
+                 grid: Grid | None = None, aux: int | None = None, fallback: bool = True) -> tuple[Grid, int] | None:
     """((h, w), aux) with ``tokens = aux + h*w``, or None when no split fits.
 
     ``grid`` / ``aux`` given: checked (and the other one derived). Else the first of ``grids`` (the
     candidate grids, nearest the layer first: the patch embedding's output) with ``h*w <= T`` and fewer
     auxiliary tokens than cells (at most :data:`MAX_AUX`); else the fewest auxiliary tokens whose rest
-    factors into a grid of the image's family with its aspect ratio (non-square inputs too).
+    factors into a grid of the image's family with its aspect ratio (non-square inputs too; with
+    ``fallback=False`` only ``grids`` are tried, unless ``aux`` is given).
     """
     if grid is not None:
         extra = tokens - grid[0] * grid[1]
@@ -244,6 +245,8 @@ def split_tokens(tokens: int, grids: Sequence[Grid], family: set[Grid], input_si
         extra = tokens - g[0] * g[1]
         if g[0] * g[1] > 1 and 0 <= extra <= MAX_AUX and extra < g[0] * g[1] and (aux is None or extra == aux):
             return (int(g[0]), int(g[1])), extra
+    if aux is None and not fallback:
+        return None
     tries = [aux] if aux is not None else range(0, min(MAX_AUX, tokens - 2) + 1)
     ih, iw = input_size
     for extra in tries:
