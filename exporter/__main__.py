@@ -13,7 +13,7 @@ from .errors import ExportError
 # torch is imported only by the export commands, so `python -m exporter explainer` runs without it
 
 EPILOG = """\
-SPEC is a built-in recipe ({recipes}) or package.module:callable, a function (or
+SPEC is a built-in recipe ({recipes}; the detector toy_detector) or package.module:callable, a function (or
 class) that takes no arguments and returns a torch.nn.Module classifier [N,3,H,W] -> [N,C]; the
 current directory is importable. Recipes bring their own defaults (layer, size, preprocessing,
 labels); for a callable, --layer is required and preprocessing defaults to torchvision ImageNet
@@ -161,6 +161,13 @@ def _export(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise ExportError("--out DIR is required (or use --list-layers)")
+    if args.spec in _detector_recipes():  # a detector: one model.onnx carrying its preprocessing (runtime.detect)
+        report = _detector_recipes()[args.spec](Path(args.out), force=args.force)
+        print(f"wrote {Path(args.out) / 'model.onnx'}: detector, head {report['head']}, input "
+              f"{report['input_size'][0]}x{report['input_size'][1]}, {len(report['labels'] or [])} labels "
+              f"(verified against torch: max relative error "
+              f"{max(c['output_rel_error'] for c in report['verification']['checks']):.2g})")
+        return 0
     recipe = resolve(args.spec)
     layer = args.layer or recipe.layer
     if not layer:
@@ -188,6 +195,12 @@ def _export(args: argparse.Namespace) -> int:
     report = export(model, layer, out, force=args.force, **options)
     print(summarize(report, out))
     return 0
+
+
+def _detector_recipes() -> dict:
+    from .detector import DETECTOR_RECIPES
+
+    return DETECTOR_RECIPES
 
 
 def _int8_step(calib: list[str]):

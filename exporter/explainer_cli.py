@@ -111,6 +111,11 @@ def _write(args: argparse.Namespace) -> int:
         if "unknown role 'explainer'" in str(e):
             raise UsageError(f"{args.model} is already an explainer graph; give the classifier (a bundle or "
                              "its model.onnx, or any ONNX classifier)") from None
+        from runtime.detect.model import looks_like_detector
+
+        if looks_like_detector(args.model):
+            raise UsageError(f"{args.model} is an object detector: the one-graph explainer takes classifiers only "
+                             "(explain detectors with python -m runtime.explain; docs/detection.md)") from None
         raise
     print(f"building the explainer graph (preset {args.preset}, "
           f"{f'{args.max_channels} channels' if args.max_channels else 'all channels'})", file=sys.stderr)

@@ -53,6 +53,11 @@ examples:
   python -m runtime.explain efficientnet_lite0 photo.jpg --target 281 "tiger cat" --alpha 0.4
   python -m runtime.explain efficientnet_lite0 *.jpg --json > results.jsonl
   python -m runtime.explain efficientnet_lite0 photo.jpg --device cuda --batch-size 256
+  python -m runtime.explain yolov8n.onnx photo.jpg --top-k 3          (a detector: one map per box)
+  python -m runtime.explain yolov8n.onnx photo.jpg --box 50 40 300 250 --target dog
+
+detectors (docs/detection.md): OUT/<stem>.det<N>.png|.npy|.json per detection N (a --box: <stem>.box.*):
+the overlay with the box drawn, the saliency over the photo, and the box, class and score.
 
 exit status: 0 success; 2 bad arguments, unreadable image or model, unknown class, unusable
 device (a one-line "error: ..." on stderr, and nothing written).
@@ -152,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar on stderr (default: only when stderr is a terminal)")
     thirdparty.add_arguments(p)
+    from .detect.cli import add_arguments as add_detector_arguments
+
+    add_detector_arguments(p)
     return p
 
 
@@ -321,6 +329,14 @@ def run(args: argparse.Namespace, stdout, stderr) -> int:
 
 
 def _run(args: argparse.Namespace, stdout, stderr) -> int:
+    from .detect.cli import is_detection_run
+
+    if is_detection_run(args):  # an object detector: runtime.detect (docs/detection.md)
+        from .detect.cli import run as run_detection
+
+        return run_detection(args, stdout, stderr)
+    if args.box is not None or args.detection is not None:
+        raise UsageError("--box and --detection apply to object detectors; this model is a classifier")
     if args.list_layers:
         print(thirdparty.layers_report(args.model, args.size, args.model_output), file=stdout)
         return 0

@@ -152,8 +152,18 @@ class Explainer:
                              "over every class); use fill 'zero'")
         self.select, self.mode, self.fill = select, mode, fill
         self._zero_scores: np.ndarray | None = None
-        self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
-                                  scale=scale, bgr=bgr or None, labels=labels, grid=grid, aux_tokens=aux_tokens)
+        try:
+            self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
+                                      scale=scale, bgr=bgr or None, labels=labels, grid=grid, aux_tokens=aux_tokens)
+        except BundleError:
+            from .detect.model import looks_like_detector
+
+            if looks_like_detector(model):  # one line that says what to use instead
+                raise BundleError(f"{model} is an object detector, not a classifier: explain it with "
+                                  "runtime.detect.DetectionExplainer (python -m runtime.explain recognises it); "
+                                  "the one-graph explainer, the service and the batch job take classifiers only"
+                                  ) from None
+            raise
         self.meta = self.bundle.meta
         self.pre = self.meta.preprocessing
         if precision == "int8":

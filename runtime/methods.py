@@ -62,16 +62,18 @@ class Method:
     defaults: dict = field(default_factory=dict)
     description: str = ""
     baseline: bool = False
+    task: str = "classify"  # "detect": fn(detection explainer, x, target: runtime.detect.Target, **params)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, description: str = "", baseline: bool = False, **defaults):
-    """Decorator: register ``fn`` under ``name`` with default parameters ``defaults``."""
+def register(name: str, description: str = "", baseline: bool = False, task: str = "classify", **defaults):
+    """Decorator: register ``fn`` under ``name`` with default parameters ``defaults`` (``task="detect"``: a
+    method for one box of an object detector, :mod:`runtime.detect`)."""
 
     def wrap(fn):
-        METHODS[name] = Method(name, fn, dict(defaults), description, baseline)
+        METHODS[name] = Method(name, fn, dict(defaults), description, baseline, task)
         return fn
 
     return wrap
@@ -424,6 +426,18 @@ def rise(explainer, x, class_index, n=2000, cells=8, p=0.5, seed=0):
         out = sess.run([engine.class_output], {name: np.ascontiguousarray(x * m[:, None], np.float32)})[0]
         total += np.tensordot(_probs(out, explainer)[:, class_index], m, axes=1)
     return minmax((total / (int(n) * float(p))).astype(np.float32))
+
+
+@register("drise", "D-RISE (detectors): n random masks weighted by their D-RISE similarity to the box", task="detect",
+          n=4000, cells=16, p=0.5, seed=0)
+def drise(explainer, x, target, n=4000, cells=16, p=0.5, seed=0):
+    """D-RISE (Petsiuk et al. 2021) for one box of a :class:`runtime.detect.DetectionExplainer`: map =
+    sum_i s_i M_i / (n p), s_i the similarity of ``x * M_i`` to the target (RISE masks, :func:`rise_masks`)."""
+    from .detect.drise import drise_map
+
+    if int(n) < 1 or int(cells) < 1 or not 0 < float(p) <= 1:
+        raise ValueError(f"drise: need n >= 1, cells >= 1 and 0 < p <= 1, got n={n}, cells={cells}, p={p}")
+    return drise_map(explainer, x, target, int(n), int(cells), float(p), int(seed))
 
 
 # ------------------------------------------------------------------------------------ baselines

@@ -81,7 +81,8 @@ DERIVE_VERSION = "3"  # 2: [N,C,1,1] outputs flattened, initializer inputs dropp
 CACHE_ENV = "SCORECAM_CACHE"
 DEFAULT_SIZE = 224
 DERIVED_FILE = "derived.json"
-SIDECAR_KEYS = ("input_size", "mean", "std", "scale", "color_order", "labels")
+SIDECAR_KEYS = ("input_size", "mean", "std", "scale", "color_order", "labels",
+                "letterbox", "head")  # the last two: detectors only (runtime.detect)
 MIN_OPSET = 11
 CONVERT_TO_OPSET = 13
 MIN_IR_VERSION = 7  # what opset 13 needs (onnx.helper.VERSION_TABLE)
