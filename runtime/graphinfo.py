@@ -454,7 +454,7 @@ class GraphInfo:
             names = ", ".join(f"{s} {list(self.shapes[s])}" for s in streams)
             raise BundleError(f"several token streams feed the class scores ({names}); pick the target layer "
                               "with --layer NAME (see --list-layers)")
-        head = [n.op_type for n in reversed(path) if n.op_type not in LAYOUT_OPS]
+        head = [n.op_type for n in reversed(path) if n.op_type not in LAYOUT_OPS and not self._keeps_shape(n)]
         if head and head[0] in POOL_OPS:
             while True:  # step back over identities to the norm or the residual sum
                 node = self.producer.get(t)
@@ -469,6 +469,12 @@ class GraphInfo:
             return t
         r, branch = block
         return self._norm_output(r, branch) or r
+
+    def _keeps_shape(self, n: onnx.NodeProto) -> bool:
+        """A Slice / Gather that takes every token (``x[:, 0:]``): no selection."""
+        src = self.data_input(n)
+        return n.op_type in ("Slice", "Gather") and src is not None and bool(n.output) \
+            and self.shapes.get(src) is not None and self.shapes.get(src) == self.shapes.get(n.output[0])
 
     def _streams(self, output: str) -> list[str]:
         """The token tensors the head reads (walking back over every input until a tensor holds maps)."""

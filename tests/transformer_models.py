@@ -103,3 +103,57 @@ def export(name: str, out, **kwargs):
     build, layer, _, _ = MODELS[name]
     export_bundle(build(), layer, out, input_size=(SIZE, SIZE), **kwargs)
     return out
+
+
+# ------------------------------------------------------------------------------- third-party files
+
+
+def onnx_file(model, path, size=(SIZE, SIZE), dynamo: bool = False, dynamic: bool = True, opset: int | None = None,
+              input_name: str = "input", output_names=("logits",)):
+    """``model`` written by torch's exporter as a user would (no metadata): the legacy TorchScript exporter
+    (``dynamo=False``, opset 17 unless given) or the default dynamo one (weights inside the file:
+    ``external_data=False``); batch dynamic or fixed to 1."""
+    import warnings
+
+    import torch
+
+    x = torch.randn(2 if dynamo and dynamic else 1, 3, *size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()):
+                torch.onnx.export(model.eval(), (x,), str(path), dynamo=True, external_data=False,
+                                  input_names=[input_name], output_names=list(output_names),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if dynamic else None,
+                                  **({"opset_version": opset} if opset else {}))
+        else:
+            axes = {n: {0: "N"} for n in [input_name, *output_names]} if dynamic else None
+            torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, opset_version=opset or 17,
+                              input_names=[input_name], output_names=list(output_names), dynamic_axes=axes)
+    return path
+
+
+def huggingface_vit(size: int = SIZE):
+    """A HuggingFace ``ViTForImageClassification`` from a config (random weights), as its users export it:
+    input ``pixel_values``, outputs ``logits`` and every block's hidden states (``output_hidden_states``)."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=size, patch_size=16, num_hidden_layers=2, hidden_size=96, num_attention_heads=3,
+                    intermediate_size=192, num_labels=CLASSES, output_hidden_states=True)
+    hf = ViTForImageClassification(cfg).eval()
+
+    class Exported(torch.nn.Module):  # what optimum / a user wrapper exports: (logits, *hidden_states)
+        def __init__(self):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, pixel_values):
+            out = self.hf(pixel_values=pixel_values)
+            return (out.logits, *out.hidden_states)
+
+    return Exported().eval(), hf
