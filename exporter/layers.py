@@ -110,6 +110,9 @@ class Probe:
                 if aux:
                     raise LayoutError(f"--aux-tokens applies to token layers [N,T,K]; layer {info.name!r} "
                                       f"outputs {list(shape)}")
+                if kind is None and grid is not None:
+                    raise LayoutError(f"--grid {grid[0]} {grid[1]} is neither axes 2-3 nor axes 1-2 of "
+                                      f"{list(shape)}")
                 if kind is None:
                     return None
                 layout = Layout(kind, grid)

@@ -182,6 +182,7 @@ class Candidate:
     grid: tuple[int, int] | None = None  # NLC: the grid of the tokens
     aux: int = 0  # NLC: auxiliary tokens
     aux_position: str = "first"
+    module: str = ""  # the torch module that made it, when the graph says (dynamo metadata, node names)
 
     @property
     def channels(self) -> int | None:
@@ -202,7 +203,8 @@ class Candidate:
     def describe(self) -> str:
         dims = "x".join("?" if d is None else str(d) for d in self.shape)
         tag = f" {self.as_layout().describe()}" if self.layout != NCHW else ""
-        return f"{self.name}  [{dims}]{tag}  ({self.op})"
+        scope = f" in {self.module}" if self.module and self.module.split(".")[-1] not in self.name else ""
+        return f"{self.name}  [{dims}]{tag}  ({self.op}{scope})"
 
 
 class GraphInfo:
@@ -408,9 +410,11 @@ class GraphInfo:
         node = self.producer.get(name)
         op = node.op_type if node else "input"
         tok = self.tokens(name) if len(self.shapes.get(name) or ()) == 3 else None
+        module = self.module_of(name)
         if tok is not None:
-            return Candidate(name, self.shapes[name], NLC, op, auto, tok.grid, tok.aux_tokens, tok.aux_position)
-        return Candidate(name, self.shapes[name], self.layout(name), op, auto)
+            return Candidate(name, self.shapes[name], NLC, op, auto, tok.grid, tok.aux_tokens, tok.aux_position,
+                             module)
+        return Candidate(name, self.shapes[name], self.layout(name), op, auto, module=module)
 
     # ---------------------------------------------------------------------------- target layer
     def auto_layer(self, output: str) -> str:
