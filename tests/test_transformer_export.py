@@ -76,3 +76,25 @@ def test_overrides_that_fit_write_the_same_bundle(tmp_path, capsys, in_tests_dir
     assert "192 maps of 7x7, NLC, 1 aux" in capsys.readouterr().out
     meta = BundleMeta.from_props(read_props(onnx.load(str(out / "model.onnx"))))
     assert meta.layout == Layout("NLC", (7, 7), 1) and meta.layer == "blocks.1.norm1"
+
+
+def test_a_layout_that_does_not_fit_the_features_is_one_line(transformer_bundle, tmp_path, capsys, samples_dir):
+    """Metadata edited by hand (2 aux tokens on DeiT's 50 tokens): the explainer refuses in one line, exit 2."""
+    import shutil
+    from dataclasses import replace
+
+    from runtime.contract import graph_sha256, write_metadata
+    from runtime.explain import main as explain
+
+    bundle = tmp_path / "b"
+    shutil.copytree(transformer_bundle("deit"), bundle)
+    graphs = {n: onnx.load(str(bundle / n)) for n in ("model.onnx", "features.onnx")}
+    meta = replace(BundleMeta.from_props(read_props(graphs["model.onnx"])), layout=Layout("NLC", (7, 7), 2))
+    write_metadata(graphs["model.onnx"], meta.with_role("classifier", graph_sha256(graphs["features.onnx"])))
+    write_metadata(graphs["features.onnx"], meta.with_role("features", graph_sha256(graphs["model.onnx"])))
+    for n, g in graphs.items():
+        onnx.save(g, str(bundle / n))
+    assert explain([str(bundle), str(samples_dir / "chelsea.png"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "T != aux + h*w" in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()

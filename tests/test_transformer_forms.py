@@ -111,7 +111,7 @@ def test_service_v1_v2_and_the_page(deit_file, data, cache):
             sal = np.frombuffer(base64.b64decode(g["saliency"]["data"]), "<f4").reshape(g["saliency"]["shape"])
             np.testing.assert_allclose(sal, w.saliency, atol=ATOL)
         meta = httpx.get(f"{server.url}/v2/models/deit").json()
-        assert "norm1" in meta["target_layer"]
+        assert "norm1" in meta["target_layer"] and meta["layout"] == "NLC 50 tokens = 1 aux (first) + 7x7"
         v2 = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                           "data": [base64.b64encode(photo.read_bytes()).decode()]}]}
         out = {o["name"]: o for o in httpx.post(f"{server.url}/v2/models/deit/infer", json=v2, timeout=120)
