@@ -116,7 +116,9 @@ def export(f: Family, exporter: str, path: Path) -> dict:
     x = torch.randn(2 if exporter == "dynamo" else 1, 3, f.size, f.size)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+    # no torch.no_grad(): a user exports as is (under no_grad torchvision's attention takes its fused fast path,
+    # aten::_native_multi_head_attention, which the legacy exporter cannot translate)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if exporter == "legacy":
             torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["input"],
