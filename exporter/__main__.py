@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "torch's exporter writes)")
     p.add_argument("--force", action="store_true", help="replace a non-empty DIR (only after success)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch check")
+    p.add_argument("--external-data", action="store_true",
+                   help="write the weights to model.onnx.data beside the graphs, which both read (automatic for "
+                        "a model over 2 GB, protobuf's limit for one file)")
     p.add_argument("--list-layers", action="store_true",
                    help="print every module whose output holds maps, [N,K,h,w], channels-last [N,h,w,K] or "
                         "tokens [N,T,K] with the grid each gives (deepest first), and exit")
@@ -189,7 +192,8 @@ def _export(args: argparse.Namespace) -> int:
     model = recipe.build(size, True)
     options = dict(input_size=pre.input_size, mean=pre.mean, std=pre.std, scale=pre.scale,
                    color_order=pre.color_order, labels=labels, opset=opset, verify=not args.no_verify,
-                   finish=finish, grid=args.grid, aux_tokens=args.aux_tokens, layout=args.layout)
+                   finish=finish, external_data=True if args.external_data else None, grid=args.grid,
+                   aux_tokens=args.aux_tokens, layout=args.layout)
     if args.randomize == "cascade":
         return _cascade(model, layer, out, options, args)
     report = export(model, layer, out, force=args.force, **options)

@@ -33,6 +33,11 @@ The classifier's weights are initializers of the Loop body, stored once. Read fr
 The last chunk runs only the maps left (as the Python engine's last batch) and its logits are padded with
 zero rows to [B,C], so every scan output has the same shape; with nothing to run, one fixed varying map is
 scored and discarded, so no row is ever NaN. The graph keeps the classifier's IR version and opset.
+
+A classifier whose weights are external data (torch's dynamo export, a model over 2 GB) gives a graph that
+is self-contained again whenever it fits protobuf's 2 GB limit (its weights are read in, tensor by tensor);
+one that does not fit, or ``Options.external_data``, keeps them external, relative to the bundle's
+``data_dir``: write it with :func:`exporter.explainer_cli.save_explainer` (ONE data file beside the graph).
 """
 
 from __future__ import annotations
@@ -46,14 +51,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.bundle import Bundle
+from runtime import external
+from runtime.bundle import Bundle, target_tensor
 from runtime.contract import PREFIX, BundleError
 from runtime.engine import CPU, batch_for
 from runtime.head import linear_head
 from runtime.layout import NHWC, NLC, Layout, LayoutError
 from runtime.maskgraph import EPS, IMAGE, MAPS, OFFSET, mask_nodes
 from runtime.scorecam import GRADCAM_EPS, MASK_EPS, Preset, get_preset, interp_matrix
-from runtime.thirdparty import file_sha256
+from runtime.thirdparty import model_sha256
 
 PIXELS = "pixels"
 CLASS_INDEX = "class_index"
@@ -200,6 +206,7 @@ class Options:
     max_channels: int | None = None
     chunk: int | None = None
     select: str = "auto"
+    external_data: bool = False  # keep a classifier's external weights external even when one file would do
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -210,7 +217,7 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def _probe(classifier: onnx.ModelProto, input_name: str, outputs: list[str],
-           size: tuple[int, int]) -> list[tuple[int, ...]]:
+           size: tuple[int, int], base_dir=None) -> list[tuple[int, ...]]:
     """Shapes of ``outputs`` for one zero image, from ONNX Runtime (the target layer's K, h, w; C)."""
     import onnxruntime as ort
 
@@ -222,6 +229,7 @@ def _probe(classifier: onnx.ModelProto, input_name: str, outputs: list[str],
             m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    external.point_to(opts, base_dir)
     try:
         sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         res = sess.run(outputs, {input_name: np.zeros((1, 3, *size), np.float32)})
@@ -329,10 +337,11 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
         raise GraphBuildError(f"the classifier has {len(inputs)} inputs; the explainer graph needs exactly one")
     input_name = inputs[0].name
     class_output = g0.output[0].name
-    features_output = bundle.features.graph.output[0].name
+    features_output = target_tensor(bundle.features.graph, {o for n in g0.node for o in n.output})
     if features_output not in {o for n in g0.node for o in n.output}:
         raise GraphBuildError(f"the target layer {features_output!r} is not a tensor of the classifier graph")
-    c_shape, feat_shape = _probe(classifier, input_name, [class_output, features_output], size)
+    data_dir = bundle.data_dir
+    c_shape, feat_shape = _probe(classifier, input_name, [class_output, features_output], size, data_dir)
     layout = meta.layout
     try:
         maps = layout.maps_shape(feat_shape) if len(c_shape) == 2 else None
@@ -346,7 +355,7 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     chunk = int(options.chunk or default_chunk(size))
     budget = int(options.max_channels) if options.max_channels else None
     # the selection rule, resolved as Explainer.selection: relevance needs a global-pooling -> linear head
-    head = linear_head(classifier, features_output, class_output, layout)
+    head = linear_head(classifier, features_output, class_output, layout, base_dir=data_dir)
     if meta.output_kind == "probabilities":
         head = None  # a softmax after the linear layer (as the runtime: no closed form)
     select = options.select if options.select != "auto" else "relevance" if head is not None else "std"
@@ -509,15 +518,23 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     model.ir_version = classifier.ir_version  # onnx writes its newest IR; older runtimes refuse it
     source = Path(source or bundle.source or bundle.model_path)
     props = explainer_metadata(bundle, preset, budget, select, chunk, k, (h, w), n_classes,
-                               file_sha256(source) if source.is_file() else "")
+                               model_sha256(source) if source.is_file() else "")
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
+    if data_dir is not None and external.has_external(model):
+        if options.external_data or not external.fits_one_file(model):
+            return model  # its tensors point into the bundle's data files: save_explainer relocates and checks
+        external.inline(model, data_dir)  # one self-contained file, as for any classifier under 2 GB
+    _check(model)
+    return model
+
+
+def _check(model: onnx.ModelProto | str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:  # onnx raises ValidationError and InferenceError
         raise GraphBuildError(f"the explainer graph does not pass onnx.checker: {str(e).splitlines()[0]}") from None
-    return model
 
 
 def _to_maps(b: _Builder, row: str, layout: Layout, k: int, h: int, w: int) -> str:

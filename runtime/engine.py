@@ -40,6 +40,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import external
+from .contract import BundleError
 from .layout import Layout, LayoutError
 from .maskgraph import EPS, IMAGE, MAPS, OFFSET, build_scorer
 from .scorecam import MaskSpec, get_preset
@@ -207,7 +209,7 @@ class Engine:
                  tf32: bool = False, mask: MaskSpec | None = None, *, features_output: str | None = None,
                  key: str | None = None, inspect: Callable[[onnx.ModelProto, Engine], None] | None = None,
                  int8_key: str | None = None, extra_outputs: Sequence[str] = (),
-                 layout: Layout | None = None) -> None:
+                 data_dir: str | os.PathLike | None = None, layout: Layout | None = None) -> None:
         """``classifier``/``features``: the graphs, or loaders returning them (then no proto is kept).
         ``features_output``: the feature graph's output (None: read from the graph). ``key``: names
         the two graphs (their sha256s); engines with the same key and settings share their sessions.
@@ -215,8 +217,10 @@ class Engine:
         the main session is built on it (read what you need of it then: it is not kept). ``int8_key``: names
         the int8 classifier file (its path, size and mtime), so an int8 session is shared only by engines of
         that very file. ``extra_outputs``: more tensors of the classifier the main session outputs after the
-        target layer (a detector's other feature levels: :mod:`runtime.detect`). ``layout``: how the target
-        layer holds its maps (default NCHW); the activations leave the engine as [K,h,w] whatever it is
+        target layer (a detector's other feature levels: :mod:`runtime.detect`). ``data_dir``: the folder of the
+        graphs' external data files (weights stored beside them, ``model.onnx.data``); ONNX Runtime reads them
+        from there, None when the graphs hold their weights. ``layout``: how the target layer holds its maps
+        (default NCHW); the activations leave the engine as [K,h,w] whatever it is
         (:meth:`classify_and_activations`)."""
         if precision not in PRECISIONS:
             raise EngineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -232,6 +236,7 @@ class Engine:
         self.key = key
         self.int8_key = int8_key
         self.extra_outputs = tuple(extra_outputs)
+        self.data_dir = data_dir
         self.providers = providers_for(device)
         if precision == "fp16" and self.providers[0] != CUDA:
             raise EngineError("precision 'fp16' needs the CUDA provider; on CPU use 'fp32' or 'int8'")
@@ -309,10 +314,12 @@ class Engine:
         The serialized graph is spilled to a private temporary file and ONNX Runtime loads it from there,
         with no Python copy left: from bytes it would parse them while they are still alive, so the weights
         would be held once more at the peak than by a session made from a path (where the temporary
-        directory is not writable, the bytes are passed as before)."""
+        directory is not writable, the bytes are passed as before). A graph whose weights are external data
+        (``data_dir``) is small: it is passed as bytes, and ONNX Runtime reads the weights from ``data_dir``
+        itself (its own check that no data path escapes that folder applies)."""
         data = proto if isinstance(proto, bytes) else proto.SerializeToString()
         del proto
-        spilled = _spill(data)
+        spilled = _spill(data) if self.data_dir is None else None
         source: str | bytes = data
         if spilled is not None:
             source = spilled
@@ -320,8 +327,11 @@ class Engine:
         release_freed_memory()  # the graph's Python copies are gone: before ONNX Runtime makes its own
         try:
             try:
-                sess = ort.InferenceSession(source, session_options(self.threads, spin),
-                                            providers=self._provider_args())
+                opts = session_options(self.threads, spin)
+                external.point_to(opts, self.data_dir)
+                sess = ort.InferenceSession(source, opts, providers=self._provider_args())
+            except BundleError as e:
+                raise EngineError(str(e)) from None
             except Exception as e:  # onnxruntime raises its own exception types
                 raise EngineError(f"ONNX Runtime cannot load the {what}: {str(e).splitlines()[0]}") from None
             if self.providers[0] == CUDA and sess.get_providers()[0] != CUDA:
@@ -392,7 +402,10 @@ class Engine:
         if precision == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
-            return convert_float_to_float16(self.classifier_proto, keep_io_types=True)
+            proto = self.classifier_proto
+            if self.data_dir is not None:  # the converter rewrites every weight: read them in (fp16: CUDA only)
+                external.inline(proto, self.data_dir)
+            return convert_float_to_float16(proto, keep_io_types=True)
         return self.classifier_proto
 
     def scorer(self, spec: MaskSpec, precision: str | None = None,

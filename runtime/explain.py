@@ -109,7 +109,9 @@ def add_mode_arguments(p: argparse.ArgumentParser, note: str = "") -> None:
     p.add_argument("--mode", choices=list(MODES), default="scorecam",
                    help="scorecam (default) or preview: one classifier pass plus numpy, each channel's mask "
                         "applied to the features and scored in closed form (needs a global-pooling -> linear "
-                        "head); for live video, thumbnails and dashboards" + note)
+                        "head). A rough sketch, not safe for live use: on photos unlike the samples its map can "
+                        "be unrelated to Score-CAM's (r 0.01 on retina.jpg); live use: --precision int8 "
+                        "--max-channels 32 --fill kernel (docs/fast-modes.md)" + note)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -114,6 +114,9 @@ class Explainer:
         mode: ``scorecam`` (default) or ``preview``: the one-pass feature-space Score-CAM, each channel's
             mask applied to the features instead of the input, scored in closed form through the linear
             head (no masked passes: one classifier pass plus numpy; needs a global-pooling -> linear head).
+            A rough sketch, not for live use: on photos unlike the samples its map can be unrelated to
+            Score-CAM's (Pearson r 0.01 on scikit-image's retina.jpg); live use wants ``precision="int8",
+            max_channels=32, fill="kernel"`` (docs/fast-modes.md).
         precision: ``fp32`` (exact), ``int8`` (the bundle's quantized classifier scores the masked
             inputs; export with ``--int8``) or ``fp16`` (CUDA only). The class decision, score and
             probability always come from the fp32 classifier.
@@ -176,13 +179,14 @@ class Explainer:
         seen: list[LinearHead | None] = []
 
         def inspect(proto, engine: Engine) -> None:  # the head is read from the graph the engine loads anyway
-            seen.append(linear_head(proto, engine.features_output, engine.class_output, engine.layout))
+            seen.append(linear_head(proto, engine.features_output, engine.class_output, engine.layout,
+                                    base_dir=engine.data_dir))
 
         self.engine = Engine(self.bundle.load_model, self.bundle.load_features, device=device, threads=threads,
                              input_size=self.pre.input_size, precision=precision,
                              int8_classifier=self.bundle.load_int8, tf32=tf32, mask=self.preset.mask,
                              features_output=self.bundle.features_output, key=key, inspect=inspect,
-                             int8_key=int8_key, layout=self.meta.layout)
+                             int8_key=int8_key, data_dir=self.bundle.data_dir, layout=self.meta.layout)
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
             self.batch_size = self.bundle.max_batch
@@ -191,7 +195,8 @@ class Explainer:
             _HEADS[head_key] = seen[0]
         elif head_key not in _HEADS:  # an engine built on graphs read before: read the head once
             _HEADS[head_key] = linear_head(self.engine.classifier_proto, self.engine.features_output,
-                                           self.engine.class_output, self.engine.layout)
+                                           self.engine.class_output, self.engine.layout,
+                                           base_dir=self.engine.data_dir)
         self.head: LinearHead | None = _HEADS[head_key]
         if self.meta.output_kind == "probabilities":
             self.head = None  # a softmax after the linear layer: the closed form does not hold

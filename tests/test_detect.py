@@ -289,3 +289,30 @@ def test_ssdlite_explains_a_given_box(ssdlite, samples_dir):
     assert dets and all(d.score >= 0 for d in dets)  # random weights: every score is about 1/91
     r = ex.explain(samples_dir / "coffee.png", box=[100, 80, 300, 250], target=1)[0]
     assert np.isfinite(r.saliency).all() and 0 <= r.similarity <= 1
+
+
+def test_a_detector_with_external_data_explains_as_one_file(toy_detector, scenes, tmp_path):
+    """The toy detector with its weights in a data file beside it (every tensor over 16 bytes, in a
+    subfolder): the same detections and maps as the one-file model; a data path escaping its folder is one line."""
+    import onnx
+
+    from runtime.contract import BundleError
+
+    src = toy_detector / "model.onnx"
+    (tmp_path / "ext" / "w").mkdir(parents=True)
+    onnx.save_model(onnx.load(str(src)), str(tmp_path / "ext" / "model.onnx"), save_as_external_data=True,
+                    location="w/weights.bin", size_threshold=16)
+    images, _ = scenes
+    one, ext = DetectionExplainer(toy_detector, device="cpu"), DetectionExplainer(tmp_path / "ext", device="cpu")
+    assert ext.detector.data_dir is not None and ext.detector.sha256 != one.detector.sha256
+    for a, b in zip(one.explain(images[0], top_k=2), ext.explain(images[0], top_k=2), strict=True):
+        assert a.class_index == b.class_index and np.allclose(a.box, b.box, atol=1e-4)
+        np.testing.assert_allclose(a.saliency, b.saliency, atol=1e-6, rtol=0)  # one graph, same weights
+    m = onnx.load(str(tmp_path / "ext" / "model.onnx"), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../../secret.bin"
+    onnx.save_model(m, str(tmp_path / "ext" / "model.onnx"))
+    with pytest.raises(BundleError, match="escapes the model's folder"):
+        DetectionExplainer(tmp_path / "ext", device="cpu")

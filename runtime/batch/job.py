@@ -37,7 +37,7 @@ from ..contract import MODEL_FILE, BundleError
 from ..engine import EngineError
 from ..explainer import Explainer, TargetError
 from ..images import ImageError
-from ..thirdparty import file_sha256
+from ..thirdparty import file_sha256, model_sha256
 
 RESULTS = "results.parquet"
 RUN_JSON = "run.json"
@@ -101,7 +101,8 @@ class Settings:
     """
 
     model: str                        # the model as resolved (absolute path)
-    model_sha256: str                 # of model.onnx (a bundle's feature graph is pinned to it by hash)
+    model_sha256: str                 # of model.onnx and its external data files, if any (a bundle's feature
+    #                                   graph is pinned to it by hash)
     targets: tuple[str, ...] | None   # as given; None: the top-k classes
     top_k: int = 1
     preset: str = "paper"
@@ -122,7 +123,7 @@ class Settings:
             raise BundleError(f"model not found: {onnx_file}")
         tp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in (kw.pop("thirdparty", None) or {}).items()
               if v not in (None, False)}
-        return cls(str(path), file_sha256(onnx_file), tuple(str(t) for t in targets) if targets else None,
+        return cls(str(path), model_sha256(onnx_file), tuple(str(t) for t in targets) if targets else None,
                    thirdparty=tp, **kw)
 
     def to_dict(self) -> dict:

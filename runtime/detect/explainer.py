@@ -169,7 +169,7 @@ class DetectionExplainer:
         names = [lv.name for lv in self.levels]
         self.engine = Engine(det.load, det.load, device=device, threads=threads, input_size=det.input_size,
                              mask=self.preset.mask, features_output=names[0], extra_outputs=names[1:],
-                             key=key_of(det))
+                             key=key_of(det), data_dir=det.data_dir)
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if det.batch is not None:
             self.batch_size = int(det.batch)

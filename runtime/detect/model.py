@@ -30,10 +30,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..bundle import load_onnx, resolve_model_path
+from .. import external
+from ..bundle import data_files, load_onnx, resolve_model_path
 from ..contract import MODEL_FILE, PREFIX, BundleError, Preprocessing, parse_floats, read_props
 from ..graphinfo import NCHW, GraphInfo, dims_of, fixed_shapes
-from ..thirdparty import _free_batch, _size, file_sha256, read_labels, read_sidecar
+from ..thirdparty import _free_batch, _size, read_labels, read_sidecar
 from .heads import KINDS, Head
 
 DEFAULT_SIZE = 640
@@ -78,6 +79,7 @@ class Detector:
     original_input: str
     free_batch: bool = False  # a batch fixed to 1 made dynamic (checked against the model)
     warnings: list[str] = field(default_factory=list)
+    data_dir: Path | None = None  # the folder of its external data files (weights beside the graph), if any
 
     @property
     def neck(self) -> list[Level]:
@@ -98,7 +100,7 @@ class Detector:
     def load(self) -> onnx.ModelProto:
         """The normalised graph (input ``[1|N,3,H,W]``), read from the file again."""
         return normalise(load_onnx(self.path, "detector graph"), self.original_input, self.wrap_3d,
-                         self.input_size, self.free_batch)[0]
+                         self.input_size, self.free_batch, self.data_dir)[0]
 
     def label_of(self, index: int) -> str:
         labels = self.labels
@@ -125,10 +127,13 @@ def _image_input(g: onnx.GraphProto) -> tuple[onnx.ValueInfoProto, bool]:
 
 
 def normalise(m: onnx.ModelProto, input_name: str, wrap_3d: bool,
-              size: tuple[int, int], free_batch: bool = False) -> tuple[onnx.ModelProto, str]:
+              size: tuple[int, int], free_batch: bool = False, base_dir=None) -> tuple[onnx.ModelProto, str]:
     """``m`` with a [1,3,H,W] input in front of a [3,H,W] one (``Squeeze``), or with its batch of 1 made
     dynamic (``free_batch``: ``Reshape`` constants that spell out the batch become -1 / 0, as
-    :func:`runtime.thirdparty.prepare` does for classifiers); (model, image input name)."""
+    :func:`runtime.thirdparty.prepare` does for classifiers); (model, image input name). ``base_dir``: the
+    folder of its external data (tiny external tensors are read in: ONNX Runtime needs shapes in the graph)."""
+    if base_dir is not None:
+        external.inline_small(m, base_dir)
     if free_batch:
         g = m.graph
         for vi in [*(i for i in g.input if i.name == input_name), *g.output]:
@@ -137,7 +142,7 @@ def normalise(m: onnx.ModelProto, input_name: str, wrap_3d: bool,
                 dims[0].ClearField("dim_value")
                 dims[0].dim_param = "N"
         del g.value_info[:]
-        _free_batch(m, GraphInfo(m, input_name, fixed_shapes(m, input_name, (1, 3, *size))))
+        _free_batch(m, GraphInfo(m, input_name, fixed_shapes(m, input_name, (1, 3, *size), base_dir), base_dir))
     if not wrap_3d:
         return m, input_name
     g = m.graph
@@ -318,6 +323,8 @@ def open_detector(model, *, input_size=None, mean=None, std=None, scale=None, bg
     the sidecar over the model's own metadata (module doc)."""
     path = model_path_of(model)
     proto = load_onnx(path, "detector graph")
+    data = data_files(proto, path)
+    data_dir = path.parent if data else None
     props = read_props(proto)
     own = _ours(props) or _ultralytics(props)
     side = read_sidecar(path)
@@ -342,13 +349,13 @@ def open_detector(model, *, input_size=None, mean=None, std=None, scale=None, bg
             raise BundleError(f"the detector takes a fixed {what} of {have}; input size {size[0]}x{size[1]} does "
                               f"not fit (use {model_hw[0]}x{model_hw[1]})")
     batch = 1 if wrap else (d[0] if d and d[0] is not None else None)
-    sha = file_sha256(path)
-    free = batch == 1 and not wrap and _batch_frees(path, sha, vi.name, size)
+    sha = external.content_sha256(path, data)  # the data files too: other weights are another detector
+    free = batch == 1 and not wrap and _batch_frees(path, sha, vi.name, size, data_dir)
     if free:
         batch = None
-    m, name = normalise(proto, vi.name, wrap, size, free)
-    shapes = fixed_shapes(m, name, (1, 3, *size))
-    info = GraphInfo(m, name, shapes)
+    m, name = normalise(proto, vi.name, wrap, size, free, data_dir)
+    shapes = fixed_shapes(m, name, (1, 3, *size), data_dir)
+    info = GraphInfo(m, name, shapes, data_dir)
     h = find_head(m.graph, shapes, pick(head, "head"))
     if h.kind == "boxes" and wrap:  # torchvision: label 0 is the background class
         h = Head(h.kind, h.outputs, h.num_classes, label_offset=0)
@@ -368,13 +375,14 @@ def open_detector(model, *, input_size=None, mean=None, std=None, scale=None, bg
         raise BundleError(f"{len(names)} labels given for a detector with {h.num_classes} classes")
     for w in warnings:
         _warn(w)
-    return Detector(path, sha, name, size, batch, h, levels, pre, bool(lb), names, wrap, vi.name, free, warnings)
+    return Detector(path, sha, name, size, batch, h, levels, pre, bool(lb), names, wrap, vi.name, free, warnings,
+                    data_dir)
 
 
 _FREED: dict[tuple, bool] = {}
 
 
-def _batch_frees(path: Path, sha: str, input_name: str, size: tuple[int, int]) -> bool:
+def _batch_frees(path: Path, sha: str, input_name: str, size: tuple[int, int], data_dir=None) -> bool:
     """Whether the graph, its batch of 1 made dynamic, gives at batch 2 what it gives image by image (once per
     file and size in a process): masked images are then scored in batches, not one at a time."""
     key = (sha, input_name, tuple(size))
@@ -385,9 +393,11 @@ def _batch_frees(path: Path, sha: str, input_name: str, size: tuple[int, int]) -
 
         ok = False
         try:
-            freed, _ = normalise(load_onnx(path, "detector graph"), input_name, False, size, True)
+            freed, _ = normalise(load_onnx(path, "detector graph"), input_name, False, size, True, data_dir)
             x = np.random.default_rng(0).random((2, 3, *size), dtype=np.float32)
-            a = ort.InferenceSession(freed.SerializeToString(), session_options(), providers=[CPU])
+            opts = session_options()
+            external.point_to(opts, data_dir)
+            a = ort.InferenceSession(freed.SerializeToString(), opts, providers=[CPU])
             del freed
             got = a.run(None, {input_name: x})
             b = ort.InferenceSession(str(path), session_options(), providers=[CPU])
