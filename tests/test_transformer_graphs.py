@@ -53,6 +53,8 @@ def _make(key: str, root):
         return tm.onnx_file(tm.deit(), path, dynamo=True)
     if key == "deit_dynamo_fixed":
         return tm.onnx_file(tm.deit(), path, dynamo=True, dynamic=False)
+    if key == "deit_dynamo_default":  # torch's defaults: the weights in deit_dynamo_default.onnx.data beside it
+        return tm.onnx_file(tm.deit(), path, dynamo=True, external_data=True)
     if key == "deit_distilled_legacy":
         return tm.onnx_file(tm.deit_distilled(), path)
     if key == "vit_dynamo":
@@ -78,7 +80,8 @@ def _module(path, tensor: str, size=(tm.SIZE, tm.SIZE)) -> str:
 
 
 @pytest.mark.parametrize("key, aux", [("deit_legacy_fixed", 1), ("deit_legacy_opset14", 1), ("deit_dynamo", 1),
-                                      ("deit_dynamo_fixed", 1), ("deit_distilled_legacy", 2)])
+                                      ("deit_dynamo_fixed", 1), ("deit_dynamo_default", 1),
+                                      ("deit_distilled_legacy", 2)])
 def test_deit_auto_layer_is_the_last_blocks_first_norm_and_maps_equal_the_bundles(files, key, aux, transformer_bundle,
                                                                                    samples_dir):
     path = files(key)

@@ -109,10 +109,11 @@ def export(name: str, out, **kwargs):
 
 
 def onnx_file(model, path, size=(SIZE, SIZE), dynamo: bool = False, dynamic: bool = True, opset: int | None = None,
-              input_name: str = "input", output_names=("logits",)):
+              input_name: str = "input", output_names=("logits",), external_data: bool = False):
     """``model`` written by torch's exporter as a user would (no metadata): the legacy TorchScript exporter
-    (``dynamo=False``, opset 17 unless given) or the default dynamo one (weights inside the file:
-    ``external_data=False``); batch dynamic or fixed to 1."""
+    (``dynamo=False``, opset 17 unless given) or the dynamo one (torch's default; the weights inside the file
+    unless ``external_data``, torch's default, puts them in ``<file>.data`` beside it); batch dynamic or
+    fixed to 1."""
     import warnings
 
     import torch
@@ -125,7 +126,7 @@ def onnx_file(model, path, size=(SIZE, SIZE), dynamo: bool = False, dynamic: boo
             import io
 
             with contextlib.redirect_stdout(io.StringIO()):
-                torch.onnx.export(model.eval(), (x,), str(path), dynamo=True, external_data=False,
+                torch.onnx.export(model.eval(), (x,), str(path), dynamo=True, external_data=external_data,
                                   input_names=[input_name], output_names=list(output_names),
                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if dynamic else None,
                                   **({"opset_version": opset} if opset else {}))
