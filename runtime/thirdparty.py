@@ -862,7 +862,8 @@ def add_arguments(parser) -> None:
     g = parser.add_argument_group("models without bundle metadata (any ONNX image classifier)")
     g.add_argument("--layer", metavar="NAME", default=None,
                    help="target layer: a tensor, node or torch module name (default: the map feeding the "
-                        "global pooling; see --list-layers)")
+                        "global pooling; a ViT/DeiT's last block's first norm, with its tokens' grid; see "
+                        "--list-layers)")
     g.add_argument("--model-output", metavar="NAME", default=None,
                    help="the class-score output of a model with several (default: the first 2-D one)")
     g.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=None,
