@@ -283,7 +283,7 @@ def feature_levels(m: onnx.ModelProto, info: GraphInfo, head: Head, size: tuple[
     cons = _consumers(m.graph)
     found: list[Level] = []
     for t in info.tensor_names():
-        if t not in anc or not info.is_map(t) or info.layout(t) != NCHW:
+        if t not in anc or not info.is_map(t, strict=False) or info.layout(t) != NCHW:  # its own grid test below
             continue
         shape = info.shapes[t]
         k, h, w = int(shape[1]), int(shape[2]), int(shape[3])
