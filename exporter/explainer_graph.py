@@ -57,6 +57,7 @@ from runtime.bundle import Bundle, target_tensor
 from runtime.contract import PREFIX, BundleError
 from runtime.engine import CPU, batch_for
 from runtime.head import linear_head
+from runtime.layout import NHWC, NLC, Layout, LayoutError
 from runtime.maskgraph import EPS, IMAGE, MAPS, OFFSET, mask_nodes
 from runtime.scorecam import GRADCAM_EPS, MASK_EPS, Preset, get_preset, interp_matrix
 from runtime.thirdparty import model_sha256
@@ -366,15 +367,20 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
         raise GraphBuildError(f"the target layer {features_output!r} is not a tensor of the classifier graph")
     data_dir = bundle.data_dir
     c_shape, feat_shape = _probe(classifier, input_name, [class_output, features_output], size, data_dir)
-    if len(c_shape) != 2 or len(feat_shape) != 4:
-        raise GraphBuildError(f"the classifier must give [1,C] scores and a [1,K,h,w] target layer, got "
-                              f"{list(c_shape)} and {list(feat_shape)}")
+    layout = meta.layout
+    try:
+        maps = layout.maps_shape(feat_shape) if len(c_shape) == 2 else None
+    except LayoutError:
+        maps = None
+    if maps is None:
+        raise GraphBuildError(f"the classifier must give [1,C] scores and a target layer holding maps in its "
+                              f"layout ({layout.describe()}), got {list(c_shape)} and {list(feat_shape)}")
     n_classes = int(c_shape[1])
-    k, h, w = (int(v) for v in feat_shape[1:])
+    k, h, w = (int(v) for v in maps)
     chunk = int(options.chunk or default_chunk(size))
     budget = int(options.max_channels) if options.max_channels else None
     # the selection rule, resolved as Explainer.selection: relevance needs a global-pooling -> linear head
-    head = linear_head(classifier, features_output, class_output, base_dir=data_dir)
+    head = linear_head(classifier, features_output, class_output, layout, base_dir=data_dir)
     if meta.output_kind == "probabilities":
         head = None  # a softmax after the linear layer (as the runtime: no closed form)
     select = options.select if options.select != "auto" else "relevance" if head is not None else "std"
@@ -424,8 +430,8 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     lb.nodes += mask_nodes(preset.mask, size, opset, _L + input_name, offset=True)
     body_nodes, renamed = _body_classifier(g0, input_name)
     lb.nodes += body_nodes
-    feats = lb.op("Gather", [renamed[features_output], lb.const(0, np.int64)], axis=0)  # [K,h,w] of row 0
-    acts_out = lb.op("Where", [first, lb.reshape(feats, [k, h, w]), acts_in])
+    feats = lb.op("Gather", [renamed[features_output], lb.const(0, np.int64)], axis=0)  # row 0, as the layer holds it
+    acts_out = lb.op("Where", [first, _to_maps(lb, feats, layout, k, h, w), acts_in])
     # the class: class_index, or (negative) the top-1 class of iteration 0's logits f(x); then carried
     top1 = lb.op("Slice", [lb.op("ArgMax", [renamed[class_output]], axis=1, keepdims=0), lb.const([0], np.int64),
                            lb.const([1], np.int64)])
@@ -556,6 +562,19 @@ def _check(model: onnx.ModelProto | str) -> None:
         raise GraphBuildError(f"the explainer graph does not pass onnx.checker: {str(e).splitlines()[0]}") from None
 
 
+def _to_maps(b: _Builder, row: str, layout: Layout, k: int, h: int, w: int) -> str:
+    """The maps [K,h,w] of one image's target tensor ``row`` (``runtime.layout.Layout.to_maps`` as nodes):
+    NCHW as it is, NHWC transposed, NLC the grid's tokens [h*w,K] (auxiliary tokens sliced off) transposed."""
+    if layout.kind == NHWC:
+        return b.op("Transpose", [b.reshape(row, [h, w, k])], perm=[2, 0, 1])
+    if layout.kind == NLC:
+        start = layout.aux_tokens if layout.aux_position == "first" else 0
+        cells = b.op("Slice", [row, b.const([start], np.int64), b.const([start + h * w], np.int64),
+                               b.const([0], np.int64)])
+        return b.reshape(b.op("Transpose", [b.reshape(cells, [h * w, k])], perm=[1, 0]), [k, h, w])
+    return b.reshape(row, [k, h, w])
+
+
 def _finish(b: _Builder, preset: Preset, s: str, low: tuple[int, int], size: tuple[int, int]) -> str:
     """The preset's map at H x W from ``S`` [h,w] (see ``runtime.scorecam._finish_*``)."""
     wy = b.const(interp_matrix(low[0], size[0], False).astype(np.float32), np.float32, "wy")
@@ -607,6 +626,7 @@ def explainer_metadata(bundle: Bundle, preset: Preset, budget: int | None, selec
     }
     if meta.labels is not None:
         props["labels"] = json.dumps(list(meta.labels))
+    props.update(meta.layout.to_props())  # how the target layer held its maps (tokens, channels last)
     for key, value in meta.versions.items():
         props[f"version.{key}"] = str(value)
     from . import __version__

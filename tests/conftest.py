@@ -63,6 +63,23 @@ def toy_scenes():
 
 
 @pytest.fixture(scope="session")
+def transformer_bundle(tmp_path_factory):
+    """``transformer_bundle(name)``: the bundle of ``tests/transformer_models.py``'s model ``name`` (deit,
+    deit_distilled, swin, vit) at its target layer, exported (and verified) once per session."""
+    import transformer_models
+
+    made: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("transformers")
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = transformer_models.export(name, root / name)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def toy_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """64 held-out toy images: uint8 [64,64,64,3] RGB, labels [64], boxes [64,4] (x0, y0, x1, y1 exclusive)."""
     from exporter.toy import make_dataset

@@ -290,7 +290,7 @@ def feature_levels(m: onnx.ModelProto, info: GraphInfo, head: Head, size: tuple[
     cons = _consumers(m.graph)
     found: list[Level] = []
     for t in info.tensor_names():
-        if t not in anc or not info.is_map(t) or info.layout(t) != NCHW:
+        if t not in anc or not info.is_map(t, strict=False) or info.layout(t) != NCHW:  # its own grid test below
             continue
         shape = info.shapes[t]
         if shape[0] not in (1, None):  # one map per region (a two-stage detector's pooled features), not the image's

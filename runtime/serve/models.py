@@ -150,7 +150,8 @@ class ServedModel:
         return {"task": "classify", "labels": len(ex.labels) or ex.num_classes, "input_size": [h, w],
                 "preprocessing": {"input_size": [h, w], "color_order": pre.color_order,
                                   "scale": pre.scale, "mean": list(pre.mean), "std": list(pre.std)},
-                "target_layer": ex.meta.layer, "provider": ex.provider, "preset": ex.preset.name,
+                "target_layer": ex.meta.layer, "layout": ex.meta.layout.describe(),
+                "provider": ex.provider, "preset": ex.preset.name,
                 "max_channels": ex.max_channels, "select": ex.select, "mode": ex.mode, "fill": ex.fill,
                 "batch_size": ex.batch_size}
 
