@@ -83,9 +83,10 @@ def fast_options(name: str) -> dict | None:
 
 
 def peer_method(name: str) -> str | None:
-    """``reciprocam`` -> ``reciprocam``; ``rise1000`` -> ``rise:n=1000`` (``rise``: 2000 masks); else None."""
-    if name == "reciprocam":
-        return "reciprocam"
+    """``reciprocam``, ``vitreciprocam`` -> themselves; ``rise1000`` -> ``rise:n=1000`` (``rise``: 2000 masks); else
+    None. (``reciprocam`` on a token layer is ViT-ReciproCAM, ``runtime.methods``.)"""
+    if name in ("reciprocam", "vitreciprocam"):
+        return name
     m = re.fullmatch(r"rise(\d*)", name)
     if m:
         return f"rise:n={int(m.group(1) or 2000)}"
@@ -267,24 +268,38 @@ def _torch_reference(ctx: Context) -> Callable[[], object]:
     dev = "cuda" if ctx.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
     net = net.to(dev)
     module = dict(net.named_modules())[layer]
-    pre = load_bundle(ctx.bundle).meta.preprocessing
+    meta = load_bundle(ctx.bundle).meta
+    pre = meta.preprocessing
     with torch.no_grad():  # warm-up
         net(torch.zeros(TORCH_BATCH, 3, *pre.input_size, device=dev))
 
     def run():
         x = torch.from_numpy(images.preprocess(images.load_image(ctx.image), pre)).to(dev)
-        return torch_scorecam(net, module, x)
+        return torch_scorecam(net, module, x, reshape=torch_maps(meta.layout))
 
     return run
 
 
-def torch_scorecam(net, module, x, class_idx: int | None = None, batch: int = TORCH_BATCH):
-    """Score-CAM (``paper`` preset) the way peer libraries write it; returns the [H,W] map in [0,1]."""
+def torch_maps(layout):
+    """pytorch-grad-cam's ``reshape_transform`` for a bundle's layout: the layer's output -> [N,K,h,w]."""
+    if layout.kind == "NCHW":
+        return None
+    if layout.kind == "NHWC":
+        return lambda t: t.permute(0, 3, 1, 2)
+    (h, w), n = layout.grid, layout.grid[0] * layout.grid[1]
+    start = layout.aux_tokens if layout.aux_position == "first" else 0
+    return lambda t: t[:, start:start + n].reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+
+
+def torch_scorecam(net, module, x, class_idx: int | None = None, batch: int = TORCH_BATCH, reshape=None):
+    """Score-CAM (``paper`` preset) the way peer libraries write it; returns the [H,W] map in [0,1].
+    ``reshape``: turns the layer's output into [N,K,h,w] (:func:`torch_maps`; None: it is already)."""
     import torch
     import torch.nn.functional as F
 
     store = {}
-    hook = module.register_forward_hook(lambda _m, _i, o: store.__setitem__("a", o))
+    reshape = reshape or (lambda t: t)
+    hook = module.register_forward_hook(lambda _m, _i, o: store.__setitem__("a", reshape(o)))
     with torch.no_grad():
         try:
             logits = net(x)

@@ -8,6 +8,11 @@
   K = 2048. ``resnet50_k256`` is the same network with layer4's output narrowed to 256 channels (the
   twin for the "memory does not grow with K" claim); any ``resnet50_kN`` works.
 - ``toy``: a two-conv net at 32x32 with K = 16 (tests and smoke runs).
+- ``deit``: timm's DeiT-tiny (``deit_tiny_patch16_224``: 12 blocks, 192 channels, CLS + 14x14 tokens at 224),
+  random weights (timm's init, seeded); target ``blocks.11.norm1`` (``blocks[-1].norm1``), K = 192, the layer
+  pytorch-grad-cam's tutorial explains ViTs at (tokens: the bundle records the grid and the CLS token).
+- ``vitb16``: torchvision's ViT-B/16 (12 blocks, 768 channels), random weights (its zero-initialised head
+  drawn at random, seeded); target ``encoder.layers.encoder_layer_11.ln_1``, K = 768.
 
 Random-weight networks get their BatchNorm statistics from one train-mode pass over seeded noise, so
 their activations stay in a sane range (no exploding logits) without training.
@@ -143,6 +148,13 @@ def parse(name: str) -> tuple[str, int | None]:
 
 def spec(name: str) -> ModelSpec:
     base, k = parse(name)
+    if base in ("deit", "vitb16"):
+        if k is not None:
+            raise ValueError(f"{base} takes no _kN suffix")
+        if base == "deit":
+            return ModelSpec(name, "blocks.11.norm1", 192, 1 / 255, IMAGENET_MEAN, IMAGENET_STD, None, 224)
+        return ModelSpec(name, "encoder.layers.encoder_layer_11.ln_1", 768, 1 / 255, IMAGENET_MEAN, IMAGENET_STD,
+                         None, 224)
     if base == "lite0":
         if k not in (None, 1280):
             raise ValueError("lite0 has K = 1280 only")
@@ -159,6 +171,16 @@ def build(name: str, size: int | None = None, seed: int = 0) -> nn.Module:
     if base == "lite0":
         return Lite0().eval()
     torch.manual_seed(seed)
+    if base == "deit":
+        import timm
+
+        return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=size or 224).eval()
+    if base == "vitb16":
+        from torchvision.models import vit_b_16
+
+        net = vit_b_16(image_size=size or 224)
+        nn.init.normal_(net.heads.head.weight, std=0.02)  # torchvision zero-initialises it: every logit 0
+        return net.eval()
     net = ResNet50(k or 2048) if base == "resnet50" else Toy(k or 16)
     if base == "resnet50":
         _set_bn_stats(net, size or 224, seed)
@@ -180,5 +202,7 @@ def _set_bn_stats(net: nn.Module, size: int, seed: int) -> None:
 
 
 MODELS = {"lite0": "EfficientNet-Lite0 (ImageNet weights), K=1280",
+          "deit": "timm DeiT-tiny, random weights, blocks.11.norm1 (CLS + 14x14 tokens), K=192",
+          "vitb16": "torchvision ViT-B/16, random weights, encoder_layer_11.ln_1 (CLS + 14x14 tokens), K=768",
           "resnet50": "ResNet-50 layout, random weights, layer4, K=2048 (resnet50_kN: K=N)",
           "toy": "two-conv toy net at 32x32, K=16 (toy_kN: K=N)"}

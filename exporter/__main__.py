@@ -29,6 +29,7 @@ examples:
   python -m exporter efficientnet_lite0 --out models/efficientnet_lite0
   python -m exporter efficientnet_lite0 --list-layers
   python -m exporter mypkg.nets:build --layer layer4 --out models/mynet --labels classes.txt
+  python -m exporter mypkg.vits:deit --layer blocks.11.norm1 --out models/deit   (tokens: grid inferred)
   python -m exporter annotate model.onnx ...   (bundle a third-party ONNX classifier; see its --help)
   python -m exporter explainer efficientnet_lite0 --out explainer.onnx   (Score-CAM as ONE ONNX graph;
                                                                            no torch; see its --help)
@@ -72,7 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the weights to model.onnx.data beside the graphs, which both read (automatic for "
                         "a model over 2 GB, protobuf's limit for one file)")
     p.add_argument("--list-layers", action="store_true",
-                   help="print every module whose output is a 4-D map (deepest first) and exit")
+                   help="print every module whose output holds maps, [N,K,h,w], channels-last [N,h,w,K] or "
+                        "tokens [N,T,K] with the grid each gives (deepest first), and exit")
+    tokens = p.add_argument_group("token and channels-last layers (transformers; inferred unless given)")
+    tokens.add_argument("--grid", metavar=("H", "W"), nargs=2, type=int,
+                        help="the layer's grid h x w (default: the patch embedding's, from the reduction)")
+    tokens.add_argument("--aux-tokens", metavar="N", type=int,
+                        help="auxiliary tokens before the grid's T - N tokens: CLS, distillation, registers "
+                             "(default: T - h*w)")
+    tokens.add_argument("--layout", choices=("NCHW", "NHWC", "NLC"),
+                        help="where the channels are: [N,K,h,w], [N,h,w,K] or tokens [N,T,K] (default: inferred)")
     extra = p.add_argument_group("extras")
     extra.add_argument("--int8", metavar="CALIB", nargs="+",
                        help="also write model.int8.onnx (static QDQ), calibrated on these photos or folders")
@@ -125,17 +135,25 @@ def _list_layers(args: argparse.Namespace) -> int:
     recipe = resolve(args.spec)
     size = _input_size(args, recipe.input_size)
     model = recipe.build(size, False).eval()  # weights do not change shapes
-    maps = probe(model, size).maps()
+    found = probe(model, size)
+    maps = found.maps()
     default = args.layer or recipe.layer
-    print(f"{args.spec}: {len(maps)} modules output a 4-D map at {size[0]}x{size[1]}, deepest first "
-          "(* = default layer)")
+    if default and default in found.layers and (args.grid or args.aux_tokens is not None or args.layout):
+        from .layers import check_layer
+
+        chosen = check_layer(model, default, found, tuple(args.grid) if args.grid else None, args.aux_tokens,
+                             args.layout)
+        maps = sorted([m for m in maps if m.name != default] + [chosen], key=lambda i: -i.order)
+    print(f"{args.spec}: {len(maps)} modules output maps at {size[0]}x{size[1]}, deepest first "
+          "(* = default layer; maps are K x h x w, tokens and channels-last outputs say their layout)")
     width = max([len(m.name) for m in maps] + [5])
     print(f"  {'layer':<{width}}  {'output KxHxW':<16}  channels")
     for m in maps:
-        _, k, h, w = m.shape
+        k, h, w = m.maps_shape
         mark = "*" if m.name == default else " "
+        layout = "" if m.layout.is_nchw else f"  {m.layout.describe()}"
         note = "" if m.usable else f"  (runs {m.calls}x per forward: shared, not a valid target)"
-        print(f"{mark} {m.name:<{width}}  {f'{k}x{h}x{w}':<16}  {k}{note}")
+        print(f"{mark} {m.name:<{width}}  {f'{k}x{h}x{w}':<16}  {k}{layout}{note}")
     return 0
 
 
@@ -174,7 +192,8 @@ def _export(args: argparse.Namespace) -> int:
     model = recipe.build(size, True)
     options = dict(input_size=pre.input_size, mean=pre.mean, std=pre.std, scale=pre.scale,
                    color_order=pre.color_order, labels=labels, opset=opset, verify=not args.no_verify,
-                   finish=finish, external_data=True if args.external_data else None)
+                   finish=finish, external_data=True if args.external_data else None, grid=args.grid,
+                   aux_tokens=args.aux_tokens, layout=args.layout)
     if args.randomize == "cascade":
         return _cascade(model, layer, out, options, args)
     report = export(model, layer, out, force=args.force, **options)

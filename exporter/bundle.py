@@ -77,12 +77,17 @@ def export(
     tolerance: float = TOLERANCE,
     finish: Callable[[Path], object] | None = None,
     external_data: bool | None = None,
+    grid: Sequence[int] | None = None,
+    aux_tokens: int | None = None,
+    layout: str | None = None,
 ) -> dict:
     """Export ``model`` and its ``layer`` into a bundle folder ``out_dir``; return the export report.
 
     Args:
         model: a classifier mapping float32 [N,3,H,W] to [N,C] (put in eval mode here).
-        layer: name of the target submodule (as in ``model.named_modules()``), output [N,K,h,w].
+        layer: name of the target submodule (as in ``model.named_modules()``): its output holds the maps,
+            [N,K,h,w], channels-last [N,h,w,K] or tokens [N,T,K] (the layout is inferred, see
+            :mod:`exporter.layers`, and recorded in the bundle).
         out_dir: the bundle folder; must be absent or empty unless ``force``.
         input_size, mean, std, scale, color_order: preprocessing,
             ``x = (pixel * scale - mean) / std`` on 0..255 pixels resized to H x W.
@@ -96,6 +101,8 @@ def export(
             place (e.g. to add ``model.int8.onnx``); an exception from it aborts the export.
         external_data: write the weights to ``model.onnx.data`` beside the graphs (None: only when they
             do not fit one file, over :data:`EXTERNAL_ABOVE` bytes).
+        grid, aux_tokens, layout: override the inferred grid (h, w), number of auxiliary tokens (CLS,
+            distillation, registers; token layers) and layout (``NCHW``, ``NHWC``, ``NLC``).
 
     Raises:
         ExportError: anything wrong, with a one-line message; nothing is written then.
@@ -108,7 +115,7 @@ def export(
         raise ExportError(f"expected a torch.nn.Module, got {type(model).__name__}")
     model.eval()
     found = probe(model, pre.input_size)
-    check_layer(model, layer, found)
+    target = check_layer(model, layer, found, _grid(grid), aux_tokens, layout)
     num_classes = _check_output(found.output_shape)
     if labels is not None:
         labels = tuple(str(s) for s in labels)
@@ -139,7 +146,7 @@ def export(
         folder = tmp if external_data else None
         versions = {"exporter": __version__, "opset": str(int(opset)), "torch": torch.__version__,
                     "onnx": onnx.__version__}
-        meta = BundleMeta("classifier", layer, pre, kind, labels, "", versions)
+        meta = BundleMeta("classifier", layer, pre, kind, labels, "", versions, target.layout)
         hashes = {MODEL_FILE: graph_sha256(classifier, folder), FEATURES_FILE: graph_sha256(features, folder)}
         write_metadata(classifier, meta.with_role("classifier", hashes[FEATURES_FILE]))
         write_metadata(features, meta.with_role("features", hashes[MODEL_FILE]))
@@ -153,7 +160,8 @@ def export(
             photos = default_sample_images() if sample_images is None else [Path(p) for p in sample_images]
             checked = verify_bundle(model, layer, tmp / MODEL_FILE, tmp / FEATURES_FILE, pre, photos,
                                     kind, labels, tolerance)
-        report = build_report(classifier, features, tmp, layer, pre, kind, labels, versions, hashes, checked)
+        report = build_report(classifier, features, tmp, layer, pre, kind, labels, versions, hashes, checked,
+                              target.layout)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if finish is not None:
             finish(tmp)
@@ -165,6 +173,15 @@ def export(
             raise ExportError(f"cannot write the bundle {out}: {e.strerror or e}") from None
         raise
     return report
+
+
+def _grid(grid: Sequence[int] | None) -> tuple[int, int] | None:
+    if grid is None:
+        return None
+    g = tuple(int(v) for v in grid)
+    if len(g) != 2 or min(g) < 1:
+        raise ExportError(f"--grid needs two positive whole numbers H W, got {' '.join(map(str, g))}")
+    return g[0], g[1]
 
 
 def _share_data(features: onnx.ModelProto, classifier: onnx.ModelProto) -> None:

@@ -57,8 +57,8 @@ from runtime.bundle import Bundle, target_tensor
 from runtime.contract import PREFIX, BundleError
 from runtime.engine import CPU, batch_for
 from runtime.fusion import DEFAULT_FUSION, FUSIONS, LOCAL_EPS, area_matrix
-from runtime.graphinfo import NHWC
 from runtime.head import linear_head
+from runtime.layout import NHWC, NLC, Layout, LayoutError
 from runtime.maskgraph import EPS, IMAGE, MAPS, OFFSET, mask_nodes
 from runtime.scorecam import GRADCAM_EPS, MASK_EPS, Preset, get_preset, interp_matrix
 from runtime.stages import find_stages, parse_layers
@@ -380,16 +380,21 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     shapes = _probe(classifier, input_name, [class_output, features_output, *(st.name for st in stages)], size,
                     data_dir)
     c_shape, feat_shape = shapes[0], shapes[1]
-    if len(c_shape) != 2 or len(feat_shape) != 4:
-        raise GraphBuildError(f"the classifier must give [1,C] scores and a [1,K,h,w] target layer, got "
-                              f"{list(c_shape)} and {list(feat_shape)}")
+    layout = meta.layout
+    try:
+        maps = layout.maps_shape(feat_shape) if len(c_shape) == 2 else None
+    except LayoutError:
+        maps = None
+    if maps is None:
+        raise GraphBuildError(f"the classifier must give [1,C] scores and a target layer holding maps in its "
+                              f"layout ({layout.describe()}), got {list(c_shape)} and {list(feat_shape)}")
     n_classes = int(c_shape[1])
-    grids = [tuple(int(v) for v in feat_shape[1:])] + [(st.channels, *st.grid) for st in stages]  # (k, h, w)
+    grids = [tuple(int(v) for v in maps)] + [(st.channels, *st.grid) for st in stages]  # (k, h, w)
     k, h, w = grids[0]
     chunk = int(options.chunk or default_chunk(size))
     budget = int(options.max_channels) if options.max_channels else None
     # the selection rule, resolved as Explainer.selection: relevance needs a global-pooling -> linear head
-    head = linear_head(classifier, features_output, class_output, base_dir=data_dir)
+    head = linear_head(classifier, features_output, class_output, layout, base_dir=data_dir)
     if meta.output_kind == "probabilities":
         head = None  # a softmax after the linear layer (as the runtime: no closed form)
     select = options.select if options.select != "auto" else "relevance" if head is not None else "std"
@@ -461,10 +466,14 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     acts_out = []
     for i, (kl, hl, wl) in enumerate(grids):
         name = features_output if i == 0 else stages[i - 1].name
-        feats = lb.op("Gather", [renamed[name], lb.const(0, np.int64)], axis=0)  # row 0, as the layer keeps it
-        if i > 0 and stages[i - 1].layout == NHWC:
-            feats = lb.op("Transpose", [feats], perm=[2, 0, 1])
-        acts_out.append(lb.op("Where", [first, lb.reshape(feats, [kl, hl, wl]), acts_in[i]]))
+        feats = lb.op("Gather", [renamed[name], lb.const(0, np.int64)], axis=0)  # row 0, as the layer holds it
+        if i == 0:
+            maps = _to_maps(lb, feats, layout, kl, hl, wl)
+        else:
+            if stages[i - 1].layout == NHWC:
+                feats = lb.op("Transpose", [feats], perm=[2, 0, 1])
+            maps = lb.reshape(feats, [kl, hl, wl])
+        acts_out.append(lb.op("Where", [first, maps, acts_in[i]]))
     # the class: class_index, or (negative) the top-1 class of iteration 0's logits f(x); then carried
     top1 = lb.op("Slice", [lb.op("ArgMax", [renamed[class_output]], axis=1, keepdims=0), lb.const([0], np.int64),
                            lb.const([1], np.int64)])
@@ -732,6 +741,19 @@ def _fuse(b: _Builder, how: str, cams: list[str], grids: list[tuple[int, int]]) 
     return b.op("Div", [m, b.const(float(len(ups)), np.float32)])
 
 
+def _to_maps(b: _Builder, row: str, layout: Layout, k: int, h: int, w: int) -> str:
+    """The maps [K,h,w] of one image's target tensor ``row`` (``runtime.layout.Layout.to_maps`` as nodes):
+    NCHW as it is, NHWC transposed, NLC the grid's tokens [h*w,K] (auxiliary tokens sliced off) transposed."""
+    if layout.kind == NHWC:
+        return b.op("Transpose", [b.reshape(row, [h, w, k])], perm=[2, 0, 1])
+    if layout.kind == NLC:
+        start = layout.aux_tokens if layout.aux_position == "first" else 0
+        cells = b.op("Slice", [row, b.const([start], np.int64), b.const([start + h * w], np.int64),
+                               b.const([0], np.int64)])
+        return b.reshape(b.op("Transpose", [b.reshape(cells, [h * w, k])], perm=[1, 0]), [k, h, w])
+    return b.reshape(row, [k, h, w])
+
+
 def _finish(b: _Builder, preset: Preset, s: str, low: tuple[int, int], size: tuple[int, int]) -> str:
     """The preset's map at H x W from ``S`` [h,w] (see ``runtime.scorecam._finish_*``)."""
     wy = b.const(interp_matrix(low[0], size[0], False).astype(np.float32), np.float32, "wy")
@@ -783,6 +805,7 @@ def explainer_metadata(bundle: Bundle, preset: Preset, budget: int | None, selec
     }
     if meta.labels is not None:
         props["labels"] = json.dumps(list(meta.labels))
+    props.update(meta.layout.to_props())  # how the target layer held its maps (tokens, channels last)
     for key, value in meta.versions.items():
         props[f"version.{key}"] = str(value)
     from . import __version__

@@ -10,23 +10,29 @@ import onnxruntime
 
 from runtime.contract import FEATURES_FILE, FORMAT_VERSION, INPUT_NAME, MODEL_FILE, Preprocessing
 from runtime.external import check, has_external
+from runtime.layout import Layout
 
 from .graphs import dims
 
 
 def build_report(classifier: onnx.ModelProto, features: onnx.ModelProto, folder: Path, layer: str,
                  pre: Preprocessing, kind: str, labels: Sequence[str] | None, versions: dict[str, str],
-                 hashes: dict[str, str], checked: dict | None) -> dict:
-    """Versions, shapes, K/h/w, classes, hashes and sizes of both graphs, and the verification result."""
+                 hashes: dict[str, str], checked: dict | None, layout: Layout | None = None) -> dict:
+    """Versions, shapes, K/h/w (and the layout), classes, hashes and sizes of both graphs, and the
+    verification result."""
     out_shape = dims(classifier.graph.output[0])
     feat_shape = dims(features.graph.output[0])
+    layout = layout or Layout()
+    k, h, w = layout.maps_shape([d if isinstance(d, int) else None for d in feat_shape])
     return {
         "format": FORMAT_VERSION,
         "layer": layer,
         "input": {"name": INPUT_NAME, "shape": dims(classifier.graph.input[0])},
         "output": {"name": classifier.graph.output[0].name, "kind": kind, "shape": out_shape},
-        "features": {"name": features.graph.output[0].name, "shape": feat_shape,
-                     "K": feat_shape[1], "h": feat_shape[2], "w": feat_shape[3]},
+        "features": {"name": features.graph.output[0].name, "shape": feat_shape, "K": k, "h": h, "w": w,
+                     "layout": layout.kind, **({"grid": list(layout.grid), "aux_tokens": layout.aux_tokens,
+                                                "aux_position": layout.aux_position}
+                                               if layout.kind == "NLC" else {})},
         "num_classes": out_shape[1],
         "labels": len(labels) if labels is not None else None,
         "preprocessing": {"input_size": list(pre.input_size), "color_order": pre.color_order,
@@ -53,7 +59,9 @@ def summarize(report: dict, out: str | Path) -> str:
         f"  model.onnx     input {_shape(report['input']['shape'])} -> {output['name']} "
         f"{_shape(output['shape'])}  graph sha256 {files['model.onnx']['graph_sha256'][:12]}",
         f"  features.onnx  input {_shape(report['input']['shape'])} -> {feat['name']} "
-        f"{_shape(feat['shape'])}  graph sha256 {files['features.onnx']['graph_sha256'][:12]}",
+        f"{_shape(feat['shape'])}  graph sha256 {files['features.onnx']['graph_sha256'][:12]}"
+        + ("" if feat.get("layout", "NCHW") == "NCHW" else f"  ({feat['K']} maps of {feat['h']}x{feat['w']}, "
+           f"{feat['layout']}" + (f", {feat['aux_tokens']} aux tokens" if feat.get("aux_tokens") else "") + ")"),
     ]
     checked = report.get("verification")
     if not checked:

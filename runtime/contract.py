@@ -3,7 +3,9 @@
 A bundle is a directory with two ONNX graphs that come from one export:
 
 - ``model.onnx``: ``input`` float32 [N,3,H,W] -> ``logits`` float32 [N,C] (or ``probabilities``);
-- ``features.onnx``: ``input`` -> ``features`` float32 [N,K,h,w], the target layer's output.
+- ``features.onnx``: ``input`` -> ``features`` float32, the target layer's output: [N,K,h,w], or in the
+  layout the metadata records (:class:`~runtime.layout.Layout`: channels-last [N,h,w,K], tokens [N,T,K]
+  with their grid and auxiliary tokens); no layout keys (older bundles): NCHW.
 
 Both carry the same metadata (ONNX ``metadata_props``, keys prefixed ``scorecam.``) except ``role``
 and ``sibling_sha256``, the sha256 of the *other* file's serialised ``GraphProto`` (graph only, so
@@ -21,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .layout import Layout, LayoutError
 
 MODEL_FILE = "model.onnx"
 FEATURES_FILE = "features.onnx"
@@ -96,10 +100,11 @@ class BundleMeta:
     labels: tuple[str, ...] | None = None
     sibling_sha256: str = ""
     versions: Mapping[str, str] = field(default_factory=dict)
+    layout: Layout = field(default_factory=Layout)  # how the target layer holds its maps (NCHW by default)
 
     def with_role(self, role: str, sibling_sha256: str) -> BundleMeta:
         return BundleMeta(role, self.layer, self.preprocessing, self.output_kind, self.labels,
-                          sibling_sha256, dict(self.versions))
+                          sibling_sha256, dict(self.versions), self.layout)
 
     def to_props(self) -> dict[str, str]:
         """The ``metadata_props`` key/value strings for this metadata."""
@@ -122,6 +127,7 @@ class BundleMeta:
         }
         if self.labels is not None:
             props["labels"] = json.dumps(list(self.labels))
+        props.update(self.layout.to_props())
         for k, v in self.versions.items():
             props[f"version.{k}"] = str(v)
         return {PREFIX + k: v for k, v in props.items()}
@@ -162,8 +168,12 @@ class BundleMeta:
             reason = (str(e).splitlines() or [type(e).__name__])[0]
             raise BundleError(f"{source}: malformed bundle metadata ({reason})") from None
         versions = {k[len("version."):]: v for k, v in ours.items() if k.startswith("version.")}
+        try:
+            layout = Layout.from_props(ours, source)
+        except LayoutError as e:
+            raise BundleError(str(e)) from None
         meta = cls(need("role"), need("layer"), pre, ours.get("output_kind", "logits"), labels,
-                   ours.get("sibling_sha256", ""), versions)
+                   ours.get("sibling_sha256", ""), versions, layout)
         if meta.role not in ROLES:
             raise BundleError(f"{source}: unknown role {meta.role!r}")
         if meta.output_kind not in OUTPUT_KINDS:

@@ -42,6 +42,7 @@ import onnxruntime as ort
 
 from . import external
 from .contract import BundleError
+from .layout import Layout, LayoutError
 from .maskgraph import BASE, EPS, IMAGE, MAPS, OFFSET, build_scorer
 from .scorecam import MaskSpec, get_preset
 
@@ -208,7 +209,7 @@ class Engine:
                  tf32: bool = False, mask: MaskSpec | None = None, *, features_output: str | None = None,
                  key: str | None = None, inspect: Callable[[onnx.ModelProto, Engine], None] | None = None,
                  int8_key: str | None = None, extra_outputs: Sequence[str] = (),
-                 data_dir: str | os.PathLike | None = None) -> None:
+                 data_dir: str | os.PathLike | None = None, layout: Layout | None = None) -> None:
         """``classifier``/``features``: the graphs, or loaders returning them (then no proto is kept).
         ``features_output``: the feature graph's output (None: read from the graph). ``key``: names
         the two graphs (their sha256s); engines with the same key and settings share their sessions.
@@ -219,7 +220,9 @@ class Engine:
         target layer, in the same run (a detector's other feature levels, :mod:`runtime.detect`; the finer
         layers of multi-layer Score-CAM, :meth:`classify_and_layers`). ``data_dir``: the folder of the
         graphs' external data files (weights stored beside them, ``model.onnx.data``); ONNX Runtime reads them
-        from there, None when the graphs hold their weights."""
+        from there, None when the graphs hold their weights. ``layout``: how the target layer holds its maps
+        (default NCHW); the activations leave the engine as [K,h,w] whatever it is
+        (:meth:`classify_and_activations`)."""
         if precision not in PRECISIONS:
             raise EngineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.device = device
@@ -227,6 +230,7 @@ class Engine:
         self.input_size = input_size
         self.precision = precision
         self.tf32 = bool(tf32)
+        self.layout = layout or Layout()
         self._load_classifier = classifier if callable(classifier) else (lambda: classifier)
         self._load_features = features if callable(features) else (lambda: features)
         self._int8_classifier = int8_classifier
@@ -457,16 +461,27 @@ class Engine:
         return self.classify_and_activations(x)[1]
 
     def classify_and_activations(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(outputs [1,C], activations [K,h,w]) of one preprocessed image [1,3,H,W], in one pass."""
+        """(outputs [1,C], activations [K,h,w]) of one preprocessed image [1,3,H,W], in one pass.
+
+        The target layer's tensor is turned into maps [K,h,w] here, once, by the bundle's layout
+        (:meth:`runtime.layout.Layout.to_maps`: NCHW as it is, NHWC transposed, NLC tokens less their
+        auxiliary tokens on their grid); nothing after the engine sees a layout."""
+        logits, out = self.classify_and_layer(x)
+        return logits, self.layout.to_maps(out[0])
+
+    def classify_and_layer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(outputs [1,C], the target layer's tensor [1,...] as the graph holds it, checked against the layout)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.fused:
             logits, out = self._main_run(x, [self.class_output, self.features_output])
         else:
             logits = self.classify(x)
             out = self.features.run([self.features_output], {self.features.get_inputs()[0].name: x})[0]
-        if out.ndim != 4:
-            raise EngineError(f"the feature graph returned a {out.ndim}-D tensor; a [N,K,h,w] map is needed")
-        return logits, out[0]
+        try:
+            self.layout.maps_shape(out.shape)
+        except LayoutError as e:
+            raise EngineError(f"the feature graph's output does not fit the bundle's layout: {e}") from None
+        return logits, out
 
     def classify_and_layers(self, x: np.ndarray, layers: Sequence[str]) -> tuple[np.ndarray, np.ndarray,
                                                                                  list[np.ndarray]]:
@@ -491,9 +506,11 @@ class Engine:
             acts = out[1]
         else:
             acts = self.features.run([self.features_output], {self.features.get_inputs()[0].name: x})[0]
-        if acts.ndim != 4:
-            raise EngineError(f"the feature graph returned a {acts.ndim}-D tensor; a [N,K,h,w] map is needed")
-        return logits, acts[0], [t[0] for t in out[1 + len(feats):]]
+        try:
+            self.layout.maps_shape(acts.shape)
+        except LayoutError as e:
+            raise EngineError(f"the feature graph's output does not fit the bundle's layout: {e}") from None
+        return logits, self.layout.to_maps(acts[0]), [t[0] for t in out[1 + len(feats):]]
 
     def main_outputs(self, x: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
         """Tensors ``outputs`` (graph outputs, the target layer, :attr:`extra_outputs`) of one preprocessed image

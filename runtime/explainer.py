@@ -227,6 +227,8 @@ class Explainer:
             bundle metadata (any ONNX image classifier; see :mod:`runtime.thirdparty`): the target
             tensor (None: automatic), the class-score output (None: the first 2-D one) and the
             preprocessing (None: the sidecar ``<model>.json``'s, else 224, ImageNet mean/std, 1/255, RGB).
+        grid, aux_tokens: only for a model file without bundle metadata whose target layer is tokens
+            [N,T,D]: its grid (h, w) and auxiliary tokens (CLS, distillation, registers); None: inferred.
     """
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int | None = None,
@@ -236,7 +238,8 @@ class Explainer:
                  fusion: str = DEFAULT_FUSION, baseline: str = "zero",
                  layer: str | None = None, output: str | None = None,
                  input_size: tuple[int, int] | None = None, mean=None, std=None, scale: float | None = None,
-                 bgr: bool = False, labels=None) -> None:
+                 bgr: bool = False, labels=None, grid: tuple[int, int] | None = None,
+                 aux_tokens: int | None = None) -> None:
         self.preset = get_preset(preset)
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -261,7 +264,7 @@ class Explainer:
         self._zero_scores: np.ndarray | None = None
         try:
             self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
-                                      scale=scale, bgr=bgr or None, labels=labels)
+                                      scale=scale, bgr=bgr or None, labels=labels, grid=grid, aux_tokens=aux_tokens)
         except BundleError:
             from .detect.model import looks_like_detector
 
@@ -283,7 +286,8 @@ class Explainer:
         seen: list[LinearHead | None] = []
 
         def inspect(proto, engine: Engine) -> None:  # the head is read from the graph the engine loads anyway
-            seen.append(linear_head(proto, engine.features_output, engine.class_output, base_dir=engine.data_dir))
+            seen.append(linear_head(proto, engine.features_output, engine.class_output, engine.layout,
+                                    base_dir=engine.data_dir))
 
         self._key = key
         self.stages: list[Stage] = self.find_layers(wanted) if wanted else []
@@ -291,7 +295,7 @@ class Explainer:
                              input_size=self.pre.input_size, precision=precision,
                              int8_classifier=self.bundle.load_int8, tf32=tf32, mask=self.mask,
                              features_output=self.bundle.features_output, key=key, inspect=inspect,
-                             int8_key=int8_key, data_dir=self.bundle.data_dir,
+                             int8_key=int8_key, data_dir=self.bundle.data_dir, layout=self.meta.layout,
                              extra_outputs=[st.name for st in self.stages])
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
@@ -301,7 +305,8 @@ class Explainer:
             _HEADS[head_key] = seen[0]
         elif head_key not in _HEADS:  # an engine built on graphs read before: read the head once
             _HEADS[head_key] = linear_head(self.engine.classifier_proto, self.engine.features_output,
-                                           self.engine.class_output, base_dir=self.engine.data_dir)
+                                           self.engine.class_output, self.engine.layout,
+                                           base_dir=self.engine.data_dir)
         self.head: LinearHead | None = _HEADS[head_key]
         if self.meta.output_kind == "probabilities":
             self.head = None  # a softmax after the linear layer: the closed form does not hold
@@ -319,6 +324,10 @@ class Explainer:
         key = (self._key, self.bundle.features_output, layers, tuple(self.pre.input_size))
         found = _STAGES.get(key)
         if found is None:
+            if self.meta.layout.kind == "NLC":
+                raise BundleError(f"multi-layer Score-CAM needs a map target layer (NCHW or NHWC); this model's is "
+                                  f"tokens ({self.meta.layout.describe()}) and its blocks have no finer grid: "
+                                  "explain it from one layer")
             proto = self.bundle.load_model()
             g = proto.graph
             inits = {i.name for i in g.initializer}

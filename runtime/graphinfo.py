@@ -3,15 +3,35 @@
 Pure onnx (no ONNX Runtime, no torch). Used by :mod:`runtime.thirdparty` to derive a feature graph
 from a classifier that no exporter of ours has seen.
 
+What holds maps. A 4-D tensor is a map only when its spatial axes are one of the image's grids: the
+input's, a convolution's or a pooling's output, or one reached from them by halving (patch merging,
+stride-2 stages); that rejects an attention product [1,12,197,64] or a [1,heads,16,16] attention matrix.
+Its layout (NCHW or channels-last NHWC) is where that grid is. A 3-D tensor [1,T,D] holds tokens when
+T = aux + h*w, the grid h x w the nearest map's upstream (the patch embedding's output) and the aux
+auxiliary tokens (CLS, distillation, registers) put there by a ``Concat`` over the token axis (which
+says whether they come first or last); see :mod:`runtime.layout`.
+
 The automatic target layer is the tensor a person would pick: walk back from the classifier output
 along its data path (through Gemm/MatMul/Flatten/Reshape/GlobalAveragePool/ReduceMean/... whatever
-the head is) to the first 4-D tensor whose spatial size is > 1 (the map that feeds the global
-pooling or the flatten), then step back over layout-only and local pooling ops (Transpose, Identity,
-Dropout, MaxPool, AveragePool) to the activation after the last conv.
+the head is) to the first tensor that holds maps.
+
+- A 4-D map (a CNN; hybrids whose last stage is a map; Swin's final channels-last norm): step back over
+  layout-only and local pooling ops (Transpose, Identity, Dropout, MaxPool, AveragePool) to the activation
+  after the last conv (the map that feeds the global pooling or the flatten).
+- Tokens pooled by the head (a mean over the tokens: LeViT, Swin-style heads): those tokens.
+- Tokens of which the head takes some (the CLS token: ViT, DeiT and its distillation token, HuggingFace's
+  ``ViTForImageClassification``): the patch tokens there do not reach the class score, so the layer is the
+  one pytorch-grad-cam's tutorial names, the output of the last block's first norm (``blocks[-1].norm1``: a
+  ``LayerNormalization`` node or its decomposed ReduceMean/Sub/Pow/Sqrt/Div pattern), else the residual
+  stream entering the last block. The last block is the last residual ``Add`` (skip + branch) whose branch
+  holds an attention (``Softmax``).
+
+When the head reads two different token streams (two branches), the choice is refused naming them.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
 from dataclasses import dataclass
 
@@ -20,6 +40,7 @@ from onnx import TensorProto, numpy_helper
 
 from . import external
 from .contract import BundleError
+from .layout import NLC, Layout, grid_family, is_grid, split_tokens
 
 NCHW = "NCHW"
 NHWC = "NHWC"
@@ -126,33 +147,70 @@ def module_path(node_name: str) -> str:
     return path
 
 
-def _in_module(node_name: str, module: str) -> bool:
-    path = module_path(node_name)
+def node_module(node: onnx.NodeProto) -> str:
+    """The torch module path of a node: from the dynamo exporter's ``pkg.torch.onnx.name_scopes`` metadata
+    (``['', 'blocks', 'blocks.1', 'blocks.1.norm1', 'layer_norm_2']``: ``blocks.1.norm1``), else from the
+    legacy exporter's node name (:func:`module_path`)."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                break
+            if isinstance(scopes, list) and len(scopes) >= 2 and all(isinstance(v, str) for v in scopes):
+                return scopes[-2]
+    return module_path(node.name)
+
+
+def _in_scope(path: str, module: str) -> bool:
     return bool(path) and (path == module or path.startswith(module + "."))
+
+
+#: ops that only move tokens or maps around (walked over between a layer and a pooling head)
+LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Cast", "Flatten", "Squeeze", "Unsqueeze", "Dropout"})
+#: ops of a head that pools over the grid
+POOL_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "GlobalAveragePool", "GlobalMaxPool", "AveragePool"})
+#: ops of an attention (a transformer block's branch holds one)
+ATTENTION_OPS = frozenset({"Softmax", "Attention", "MultiHeadAttention"})
+#: ops of a decomposed normalisation (LayerNorm, RMSNorm) as converters write it
+NORM_OPS = frozenset({"ReduceMean", "Sub", "Pow", "Mul", "Div", "Add", "Sqrt", "Reciprocal", "Cast", "Identity"})
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A 4-D tensor that could be Score-CAM's target layer."""
+    """A tensor that could be Score-CAM's target layer: a 4-D map, channels-last map or tokens."""
 
     name: str
     shape: Shape  # as the graph holds it (batch 1, the input size given)
-    layout: str  # NCHW or NHWC
+    layout: str  # NCHW, NHWC or NLC
     op: str  # the op type that produces it
     auto: bool = False  # the automatic choice
+    grid: tuple[int, int] | None = None  # NLC: the grid of the tokens
+    aux: int = 0  # NLC: auxiliary tokens
+    aux_position: str = "first"
+    module: str = ""  # the torch module that made it, when the graph says (dynamo metadata, node names)
 
     @property
     def channels(self) -> int | None:
-        return self.shape[1] if self.layout == NCHW else self.shape[3]
+        return self.shape[{NCHW: 1, NHWC: 3, NLC: 2}[self.layout]]
 
     @property
     def spatial(self) -> tuple[int | None, int | None]:
+        if self.layout == NLC:
+            return self.grid
         return (self.shape[2], self.shape[3]) if self.layout == NCHW else (self.shape[1], self.shape[2])
+
+    def as_layout(self) -> Layout:
+        """The bundle contract's :class:`~runtime.layout.Layout` of this tensor."""
+        if self.layout == NLC:
+            return Layout(NLC, self.grid, self.aux, self.aux_position)
+        return Layout(NHWC, tuple(self.spatial)) if self.layout == NHWC else Layout()
 
     def describe(self) -> str:
         dims = "x".join("?" if d is None else str(d) for d in self.shape)
-        tag = f" {self.layout}" if self.layout != NCHW else ""
-        return f"{self.name}  [{dims}]{tag}  ({self.op})"
+        tag = f" {self.as_layout().describe()}" if self.layout != NCHW else ""
+        scope = f" in {self.module}" if self.module and self.module.split(".")[-1] not in self.name else ""
+        return f"{self.name}  [{dims}]{tag}  ({self.op}{scope})"
 
 
 class GraphInfo:
@@ -167,11 +225,15 @@ class GraphInfo:
         self.nodes = list(g.node)
         self.producer: dict[str, onnx.NodeProto] = {}
         self.order: dict[str, int] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for i, n in enumerate(self.nodes):
             for o in n.output:
                 if o:
                     self.producer[o] = n
                     self.order[o] = i
+            for t in n.input:
+                if t:
+                    self.consumers.setdefault(t, []).append(n)
         self.initializers = {i.name: i for i in g.initializer}
         # tensors that depend on the image input (the rest is constant: weights, folded shapes)
         self.dynamic: set[str] = {input_name}
@@ -184,6 +246,14 @@ class GraphInfo:
         for n in self.nodes:
             if n.op_type in ("Identity", "Transpose", "Cast") and n.input and n.input[0] in self.aliases:
                 self.aliases.update(n.output)
+        hw = (shapes.get(input_name) or (None, None, None, None))[2:]
+        self.input_hw = (int(hw[0]), int(hw[1])) if None not in hw else None
+        grids = [tuple(shapes[o][2:]) for n in self.nodes if n.op_type in NCHW_OPS for o in n.output[:1]
+                 if len(shapes.get(o) or ()) == 4 and None not in shapes[o][2:]]
+        self.family = grid_family(grids, self.input_hw) if self.input_hw else set()
+        self._near: dict[str, tuple] | None = None
+        self._tokens: dict[str, Layout | None] = {}
+        self._concats: list[tuple[int, int, str]] | None = None
 
     # ------------------------------------------------------------------------------ tensors
     def tensor_names(self) -> list[str]:
@@ -226,12 +296,18 @@ class GraphInfo:
                     return np.asarray(list(a.ints), np.int64)
         return None
 
+    def module_of(self, name: str) -> str:
+        """The torch module path of the node that makes tensor ``name`` ('' when not known)."""
+        node = self.producer.get(name)
+        return node_module(node) if node is not None else ""
+
     # ------------------------------------------------------------------------------ layouts
     def layout(self, name: str) -> str:
         """NCHW, NHWC or OTHER for a 4-D tensor: from the op that made it (Conv & co. are NCHW), carried
         through elementwise ops and moved by a ``Transpose`` (wherever its perm puts the channel axis:
         axis 1 NCHW, axis 3 NHWC, else OTHER, e.g. the (0,3,2,1) torch's legacy exporter writes
-        around a 4-D softmax)."""
+        around a 4-D softmax). A tensor reshaped into 4-D reads as NCHW unless only its axes 1 and 2 are
+        one of the image's grids (channels last: Swin's window-reverse reshapes)."""
         if name in self._layouts:
             return self._layouts[name]
         path = []
@@ -251,8 +327,12 @@ class GraphInfo:
             src = self.data_input(node)
             if src is None:
                 break
-            if len(self.shapes.get(src) or ()) != 4:
-                break  # a reshape into 4-D: no way to tell, assume NCHW
+            if len(self.shapes.get(src) or ()) != 4:  # a reshape into 4-D: where is the grid?
+                shape = self.shapes.get(t) or ()
+                if len(shape) == 4 and self.family and not is_grid(shape[2:], self.family) \
+                        and is_grid(shape[1:3], self.family):
+                    result = NHWC
+                break
             t = src
         for t, node in reversed(path):
             if node.op_type == "Transpose" and result != OTHER:
@@ -263,39 +343,115 @@ class GraphInfo:
             self._layouts[t] = result
         return self._layouts.get(name, result)
 
-    def is_map(self, name: str) -> bool:
-        """A 4-D floating tensor with a known spatial size > 1."""
+    def is_map(self, name: str, strict: bool = True) -> bool:
+        """A 4-D floating tensor of batch 1 with a spatial size > 1 that is one of the image's grids (with
+        ``strict=False``: any spatial size > 1, the rule before grids were checked)."""
         shape = self.shapes.get(name)
         if shape is None or len(shape) != 4 or name not in self.dynamic or name in self.aliases:
             return False
         if self.layout(name) == OTHER:
             return False
         h, w = (shape[2], shape[3]) if self.layout(name) == NCHW else (shape[1], shape[2])
-        return h is not None and w is not None and h * w > 1
+        if not strict:
+            return h is not None and w is not None and h * w > 1
+        return shape[0] in (1, None) and (is_grid((h, w), self.family) if self.family else
+                                          h is not None and w is not None and h * w > 1)
+
+    def tokens(self, name: str) -> Layout | None:
+        """The token layout of a [1,T,D] tensor (see the module docstring), or None."""
+        if name in self._tokens:
+            return self._tokens[name]
+        shape = self.shapes.get(name)
+        lay = None
+        if shape is not None and len(shape) == 3 and None not in shape and shape[0] == 1 and shape[1] > 1 \
+                and shape[2] > 1 and name in self.dynamic and self.input_hw:
+            grids = list(dict.fromkeys(g for _, g in self.near_grids(name)))
+            split = split_tokens(int(shape[1]), grids, self.family, self.input_hw, fallback=not grids)
+            if split is not None:
+                (h, w), aux = split
+                position = "first" if not aux else self._aux_position(int(shape[1]), h * w)
+                if position is not None:
+                    lay = Layout(NLC, (h, w), aux, position)
+        self._tokens[name] = lay
+        return lay
+
+    def holds_maps(self, name: str) -> bool:
+        return self.is_map(name) or self.tokens(name) is not None
+
+    def near_grids(self, name: str) -> tuple:
+        """((order, grid), ...): the grids of the maps nearest upstream of ``name`` (at most 4, latest first)."""
+        if self._near is None:
+            near: dict[str, tuple] = {}
+            for i, n in enumerate(self.nodes):
+                inherited = sorted({e for t in n.input if t in near for e in near[t]}, reverse=True)
+                for o in n.output:
+                    if not o or o not in self.dynamic:
+                        continue
+                    own = [(i, tuple(self.candidate_spatial(o)))] if self.is_map(o) else []
+                    near[o] = tuple(sorted(set(own + inherited), reverse=True)[:4])
+            self._near = near
+        return self._near.get(name, ())
+
+    def candidate_spatial(self, name: str) -> tuple[int, int]:
+        shape = self.shapes[name]
+        return (shape[2], shape[3]) if self.layout(name) == NCHW else (shape[1], shape[2])
+
+    def _aux_position(self, tokens: int, cells: int) -> str | None:
+        """Where a ``Concat`` over the token axis that makes ``tokens`` tokens from ``cells`` grid tokens put
+        the others: ``first`` or ``last``; None when no such Concat exists or it puts them on both sides."""
+        if self._concats is None:
+            found = []
+            for n in self.nodes:
+                if n.op_type != "Concat" or not n.output or n.output[0] not in self.dynamic:
+                    continue
+                out = self.shapes.get(n.output[0]) or ()
+                axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+                if len(out) != 3 or axis % 3 != 1 or out[1] is None:
+                    continue
+                sizes = [(self.shapes.get(i) or (None, None))[1] for i in n.input]
+                for j, (inp, size) in enumerate(zip(n.input, sizes, strict=True)):
+                    if inp in self.dynamic and size is not None:
+                        where = "first" if j == len(sizes) - 1 else "last" if j == 0 else None
+                        found.append((int(out[1]), int(size), where))
+            self._concats = found
+        where = {pos for t, size, pos in self._concats if t == tokens and size == cells}
+        return where.pop() if len(where) == 1 else None
 
     def candidate(self, name: str, auto: bool = False) -> Candidate:
         node = self.producer.get(name)
-        return Candidate(name, self.shapes[name], self.layout(name), node.op_type if node else "input", auto)
+        op = node.op_type if node else "input"
+        tok = self.tokens(name) if len(self.shapes.get(name) or ()) == 3 else None
+        module = self.module_of(name)
+        if tok is not None:
+            return Candidate(name, self.shapes[name], NLC, op, auto, tok.grid, tok.aux_tokens, tok.aux_position,
+                             module)
+        return Candidate(name, self.shapes[name], self.layout(name), op, auto, module=module)
 
     # ---------------------------------------------------------------------------- target layer
     def auto_layer(self, output: str) -> str:
         """The automatic target layer for classifier output ``output`` (see the module docstring)."""
         t: str | None = output
         seen = set()
+        path: list[onnx.NodeProto] = []  # the nodes walked back over, output first
         while t is not None and t not in self.aliases and t not in seen:
             seen.add(t)
-            if self.is_map(t):
+            if self.is_map(t) or self.tokens(t) is not None:
                 break
             node = self.producer.get(t)
+            if node is not None:
+                path.append(node)
             t = self.data_input(node) if node is not None else None
         else:
             t = None
         if t is None:
-            maps = self.candidates(output)
+            maps = self.candidates(output) or [self.candidate(n) for n in self.tensor_names()
+                                               if n in self.ancestors(output) and self.is_map(n, strict=False)]
             if not maps:
-                raise BundleError("the classifier has no 4-D feature map with a spatial size > 1 "
-                                  "(is it a convolutional image classifier?)")
+                raise BundleError("the classifier has no 4-D feature map with a spatial size > 1 (nor a token layer) "
+                                  "on the image's grid (is it an image classifier?)")
             return maps[-1].name
+        if self.tokens(t) is not None:
+            return self._token_layer(t, path, output)
         while True:
             node = self.producer.get(t)
             if node is None or node.op_type not in STEP_BACK_OPS:
@@ -306,22 +462,182 @@ class GraphInfo:
             t = src
         return t
 
+    def _token_layer(self, t: str, path: list[onnx.NodeProto], output: str) -> str:
+        """The target among tokens: ``t`` itself when the head pools it, else the last block's first norm."""
+        streams = self._streams(output)
+        if len(streams) > 1:
+            names = ", ".join(f"{s} {list(self.shapes[s])}" for s in streams)
+            raise BundleError(f"several token streams feed the class scores ({names}); pick the target layer "
+                              "with --layer NAME (see --list-layers)")
+        head = [n.op_type for n in reversed(path) if n.op_type not in LAYOUT_OPS and not self._keeps_shape(n)]
+        if head and head[0] in POOL_OPS:
+            while True:  # step back over identities to the norm or the residual sum
+                node = self.producer.get(t)
+                if node is None or node.op_type not in ("Identity", "Dropout", "Cast"):
+                    return t
+                src = self.data_input(node)
+                if src is None or self.tokens(src) != self.tokens(t):
+                    return t
+                t = src
+        block = self.last_block_input(t)
+        if block is None:
+            return t
+        r, branch = block
+        return self._norm_output(r, branch) or r
+
+    def _keeps_shape(self, n: onnx.NodeProto) -> bool:
+        """A Slice / Gather that takes every token (``x[:, 0:]``): no selection."""
+        src = self.data_input(n)
+        return n.op_type in ("Slice", "Gather") and src is not None and bool(n.output) \
+            and self.shapes.get(src) is not None and self.shapes.get(src) == self.shapes.get(n.output[0])
+
+    def _streams(self, output: str) -> list[str]:
+        """The token tensors the head reads (walking back over every input until a tensor holds maps)."""
+        found: list[str] = []
+        stack, seen = [output], set()
+        while stack:
+            t = stack.pop()
+            if t in seen or t not in self.dynamic or t in self.aliases:
+                continue
+            seen.add(t)
+            if self.is_map(t):
+                continue
+            if self.tokens(t) is not None:
+                found.append(t)
+                continue
+            node = self.producer.get(t)
+            if node is not None:
+                stack.extend(i for i in node.input if i)
+        return sorted(set(found), key=lambda n: self.order.get(n, -1))
+
+    def _between(self, skip: str, out: str) -> set[str] | None:
+        """The tensors on the paths from ``skip`` to ``out`` (walking back from ``out``, never before ``skip``);
+        None when ``out`` is not computed from ``skip``."""
+        floor = self.order.get(skip, -1)
+        seen: set[str] = set()
+        stack, reached = [out], False
+        while stack:
+            t = stack.pop()
+            if t in seen or t not in self.dynamic:
+                continue
+            if t == skip:
+                reached = True
+                continue
+            if self.order.get(t, -1) <= floor:
+                continue
+            seen.add(t)
+            node = self.producer.get(t)
+            if node is not None:
+                stack.extend(i for i in node.input if i)
+        return seen if reached else None
+
+    def last_block_input(self, t: str) -> tuple[str, set[str]] | None:
+        """(r, branch): the residual stream entering the last transformer block before ``t`` (the skip input of
+        the last ``Add(r, f(r))`` whose branch f holds an attention) and the branch's tensors; None if none."""
+        shape = self.shapes.get(t)
+        end = self.order.get(t, len(self.nodes))
+        for i in range(min(end, len(self.nodes) - 1), -1, -1):
+            n = self.nodes[i]
+            if n.op_type not in ("Add", "Sum") or len(n.input) != 2 or not all(x in self.dynamic for x in n.input):
+                continue
+            if any(self.shapes.get(x) != shape for x in n.input):
+                continue
+            a, b = sorted(n.input, key=lambda x: self.order.get(x, -1))
+            branch = self._between(a, b)
+            if branch is None:
+                continue
+            if any(self.producer[x].op_type in ATTENTION_OPS for x in branch if x in self.producer):
+                return a, branch
+        return None
+
+    def _norm_output(self, r: str, branch: set[str]) -> str | None:
+        """The output of the normalisation the branch applies to ``r`` first: a ``LayerNormalization`` node, or
+        the decomposed pattern (ReduceMean, Sub, Pow, Sqrt, Div, Mul, Add: one region with one way out, of
+        ``r``'s shape); None when the branch starts otherwise."""
+        users = [n for n in self.consumers.get(r, []) if any(o in branch for o in n.output)]
+        for n in users:
+            if n.op_type in ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"):
+                return n.output[0]
+        region: list[onnx.NodeProto] = []
+        todo = [n for n in users if n.op_type in NORM_OPS]
+        while todo and len(region) <= 24:
+            n = todo.pop()
+            if any(n is m for m in region):
+                continue
+            region.append(n)
+            for o in n.output:
+                todo += [c for c in self.consumers.get(o, []) if c.op_type in NORM_OPS
+                         and any(x in branch for x in c.output)]
+        ops = {n.op_type for n in region}
+        if "ReduceMean" not in ops or not ops & {"Sqrt", "Reciprocal", "Div", "Pow"}:
+            return None
+        inside = {id(n) for n in region}
+        exits = {o for n in region for o in n.output
+                 if any(id(c) not in inside for c in self.consumers.get(o, [])) and o in branch}
+        if len(exits) != 1:
+            return None
+        out = exits.pop()
+        return out if self.shapes.get(out) == self.shapes.get(r) else None
+
+    def layer_layout(self, name: str, grid: tuple[int, int] | None = None, aux: int | None = None) -> Layout:
+        """The layout of target tensor ``name``: a 4-D tensor's (NCHW, or NHWC where its grid is), a token
+        tensor's (:meth:`tokens`, or as ``grid``/``aux`` say: T must be aux + h*w); BundleError otherwise."""
+        shape = self.shapes.get(name) or ()
+        if len(shape) == 4:
+            if aux:
+                raise BundleError(f"--aux-tokens applies to token layers [N,T,D]; {name} is {list(shape)}")
+            kind = self.layout(name)
+            if kind == OTHER:
+                raise BundleError(f"{name} {list(shape)} has its channels neither on axis 1 nor 3")
+            spatial = (shape[2], shape[3]) if kind == NCHW else (shape[1], shape[2])
+            if grid is not None and tuple(grid) != tuple(spatial):
+                other = (shape[1], shape[2]) if kind == NCHW else (shape[2], shape[3])
+                if tuple(grid) != tuple(other):
+                    raise BundleError(f"--grid {grid[0]} {grid[1]} does not fit {name} {list(shape)}")
+                kind = NHWC if kind == NCHW else NCHW
+                spatial = other
+            if None in spatial or spatial[0] * spatial[1] < 2:
+                raise BundleError(f"{name} {list(shape)} has no spatial extent")
+            return Layout(NHWC, tuple(int(v) for v in spatial)) if kind == NHWC else Layout()
+        t = shape[1] if len(shape) == 3 else None
+        if t is None:
+            raise BundleError(f"{name} {list(shape)} is not a map [N,K,h,w] / [N,h,w,K] nor tokens [N,T,D]")
+        if grid is None and aux is None:
+            found = self.tokens(name)
+            if found is None:
+                raise BundleError(f"{name} {list(shape)}: no grid of the image fits its {t} tokens (T = aux + h*w); "
+                                  "give --grid H W (and --aux-tokens N)")
+            return found
+        grids = list(dict.fromkeys(g for _, g in self.near_grids(name)))
+        split = split_tokens(int(t), grids, self.family, self.input_hw or (1, 1), grid, aux)
+        if split is None:
+            need = f"{aux or 0} aux + {grid[0]}x{grid[1]} = {(aux or 0) + grid[0] * grid[1]}" if grid else \
+                f"{aux} aux + a grid of the image"
+            raise BundleError(f"{name} has {t} tokens, and {need} (T must be aux + H*W)")
+        (h, w), extra = split
+        position = "first" if not extra else (self._aux_position(int(t), h * w) or "first")
+        return Layout(NLC, (h, w), extra, position)
+
     def candidates(self, output: str, auto: str | None = None) -> list[Candidate]:
-        """Every 4-D map (spatial size > 1) the output is computed from, in graph order."""
+        """Every tensor holding maps (4-D maps on the image's grid, tokens) the output is computed from, in
+        graph order."""
         anc = self.ancestors(output)
-        names = [t for t in self.tensor_names() if t in anc and self.is_map(t)]
+        names = [t for t in self.tensor_names() if t in anc and self.holds_maps(t)]
+        if auto is not None and auto not in names and auto in anc:
+            names = sorted([*names, auto], key=lambda n: self.order.get(n, -1))
         return [self.candidate(t, auto=(t == auto)) for t in names]
 
     def resolve_layer(self, layer: str, output: str) -> str:
         """A user's layer name -> a tensor name: a tensor, a node's name (its first output) or a torch
-        module path (``body.3`` matches the one node named ``/body/body.3/...``)."""
+        module path (``body.3`` matches the nodes named ``/body/body.3/...``, or scoped so by the dynamo
+        exporter's metadata; the module's output is its last tensor holding maps)."""
         tensors = self.tensor_names()
         if layer in self.producer or layer == self.input_name:
             name = layer
         else:
             by_node = [n.output[0] for n in self.nodes if n.name == layer and n.output]
-            scoped = sorted({n.output[0] for n in self.nodes if n.output and self.is_map(n.output[0]) and
-                             (_in_module(n.name, layer) or f"/{layer.strip('/')}/" in f"{n.name}/")},
+            scoped = sorted({n.output[0] for n in self.nodes if n.output and self.holds_maps(n.output[0]) and
+                             (_in_scope(node_module(n), layer) or f"/{layer.strip('/')}/" in f"{n.name}/")},
                             key=lambda o: self.order[o])
             if by_node:
                 name = by_node[0]
@@ -335,9 +651,10 @@ class GraphInfo:
         if name in self.aliases:
             raise BundleError(f"layer {layer!r} is the model input, not a feature map")
         shape = self.shapes.get(name)
-        if shape is None or len(shape) != 4:
+        if shape is None or len(shape) not in (3, 4):
             what = "of unknown shape" if shape is None else f"{len(shape)}-D {list(shape)}"
-            raise BundleError(f"layer {layer!r} ({name}) is {what}; Score-CAM needs a 4-D [N,K,h,w] feature map")
+            raise BundleError(f"layer {layer!r} ({name}) is {what}; Score-CAM needs maps [N,K,h,w] or "
+                              "[N,h,w,K], or tokens [N,T,K]")
         if name not in self.ancestors(output):
             raise BundleError(f"layer {layer!r} ({name}) does not feed the classifier output {output!r}")
         return name

@@ -18,6 +18,12 @@ them. A method is named on the command line as ``name[:key=value]...``, e.g. ``s
 ``reciprocam``   ReciproCAM (Byun & Lee 2022): the h*w spatially masked copies of the feature map
                  (3x3 Gaussian kernel around each cell, ``gaussian=1``; one cell, ``gaussian=0``) through
                  the classifier's tail after the target layer; map[i,j] = softmax(tail(A * M_ij))_c
+                 (channels-last layers masked as they lie; token layers: ``vitreciprocam``)
+``vitreciprocam`` ViT-ReciproCAM (Byun & Lee 2023; OpenVINO XAI's ``ViTReciproCAM``) for token layers
+                 [N,T,D]: h*w copies of the tokens, copy (i,j) keeping cell (i,j)'s token (3x3 Gaussian
+                 weights around it, ``gaussian=1``) and the auxiliary tokens (CLS, ``cls=1``; zeroed with
+                 ``cls=0``), through the rest of the network: the target (the last block's first norm) and
+                 the residual stream it normalises are masked alike, as OpenVINO XAI masks both
 ``rise``         RISE (Petsiuk et al. 2018): ``n`` random binary ``cells`` x ``cells`` grids (keep ``p``),
                  bilinearly upsampled and randomly shifted; map = sum_i softmax(f(x * M_i))_c M_i / (n p)
 ``hsic``         HSIC attribution (Novello et al. 2022): ``n`` binary ``cells`` x ``cells`` masks from a
@@ -47,6 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .engine import require_finite
+from .layout import NCHW, NHWC, NLC
 from .maskgraph import EPS, GAIN, IMAGE, MAPS, NOISE, build_scorer
 from .scorecam import PRESETS, constant_channels, get_preset, maps_from_scores, minmax, upsample
 
@@ -335,6 +342,10 @@ def _softmax_rows(z: np.ndarray) -> np.ndarray:
 @register("reciprocam", "ReciproCAM: h*w spatially masked feature maps through the classifier's tail", gaussian=1)
 def reciprocam(explainer, x, class_index, gaussian=1):
     engine = explainer.engine
+    if engine.layout.kind == NLC:  # its authors' ReciproCAM for transformers
+        return vitreciprocam(explainer, x, class_index, gaussian=gaussian)
+    if engine.layout.kind != NCHW:
+        return _masked_cells(explainer, x, class_index, bool(int(gaussian)), keep_aux=True)
     sess = _tail(engine)
     _, acts = engine.classify_and_activations(x)
     k, h, w = acts.shape
@@ -347,6 +358,68 @@ def reciprocam(explainer, x, class_index, gaussian=1):
         scores.append(_probs(sess.run([out_name], {name: mosaic})[0], explainer)[:, class_index])
     cam = minmax(np.concatenate(scores).reshape(h, w).astype(np.float32))
     return minmax(upsample(cam, explainer.input_size))
+
+
+MASK = "scorecam_cell_mask"
+
+
+def _masked_session(engine):
+    """The classifier with a mask input multiplied into what the layers after the target read
+    (:func:`runtime.head.masked_classifier`), made once per engine."""
+    from .head import masked_classifier
+
+    def build():
+        shape = ["B", *[1 if i == engine.layout.channel_axis else d if d > 0 else f"d{i}" for i, d in
+                        enumerate(_layer_shape(engine), start=1)]]
+        try:
+            model, _ = masked_classifier(engine.classifier_proto, engine.features_output, MASK, shape,
+                                         engine.class_output)
+        except ValueError as e:
+            raise ValueError(f"reciprocam: {e}") from None
+        return engine.session(model.SerializeToString(), "masked classifier")
+
+    return engine.extra_session(("methods", "masked-cells"), build)
+
+
+def _layer_shape(engine) -> list[int]:
+    """The target layer's shape less the batch axis, from its layout (tokens: T = aux + h*w)."""
+    lay = engine.layout
+    if lay.kind == NLC:
+        return [lay.tokens, -1]
+    if lay.kind == NHWC:
+        return [-1, -1, -1]
+    raise ValueError("the masked classifier is for token and channels-last layers")
+
+
+def _masked_cells(explainer, x, class_index, gaussian: bool, keep_aux: bool) -> np.ndarray:
+    """ReciproCAM on the layer as it lies: copy k of the layer keeps cell k (weighted by the Gaussian kernel
+    around it) and, for tokens, the auxiliary tokens (``keep_aux``) or zeros; map = softmax(f)_c per cell."""
+    engine = explainer.engine
+    layout = engine.layout
+    _, acts = engine.classify_and_activations(x)
+    h, w = acts.shape[1:]
+    sess = _masked_session(engine)
+    masks = spatial_masks(h, w, gaussian)[:, None]  # [hw,1,h,w]
+    aux = np.full((layout.aux_tokens, 1), 1.0 if keep_aux else 0.0, np.float32) if layout.kind == NLC else None
+    tokens = (layout.tokens or h * w) * acts.shape[0]
+    bs = max(1, min(h * w, (1 << 23) // max(tokens, 1)))  # O(batch) memory: ~8M floats per copy of the layer
+    out_name = sess.get_outputs()[0].name
+    x = np.ascontiguousarray(x, np.float32)
+    scores = []
+    for start in range(0, h * w, bs):
+        m = np.ascontiguousarray(layout.from_maps(masks[start:start + bs], aux), np.float32)
+        scores.append(_probs(sess.run([out_name], {engine.input_name: x, MASK: m})[0], explainer)[:, class_index])
+    cam = minmax(np.concatenate(scores).reshape(h, w).astype(np.float32))
+    return minmax(upsample(cam, explainer.input_size))
+
+
+@register("vitreciprocam", "ViT-ReciproCAM: h*w copies of the tokens, each keeping one cell's (Gaussian) and the "
+          "CLS token, through the rest of the network", gaussian=1, cls=1)
+def vitreciprocam(explainer, x, class_index, gaussian=1, cls=1):
+    if explainer.engine.layout.kind != NLC:
+        raise ValueError(f"vitreciprocam needs a token target layer [N,T,D] (ViT, DeiT); this model's is "
+                         f"{explainer.engine.layout.kind}: use reciprocam")
+    return _masked_cells(explainer, x, class_index, bool(int(gaussian)), keep_aux=bool(int(cls)))
 
 
 def rise_masks(seed: int, start: int, stop: int, size: tuple[int, int], cells: int, p: float) -> np.ndarray:
@@ -466,4 +539,4 @@ def center_map(explainer, x, class_index, sigma=0.25):
 
 
 __all__ = ["METHODS", "Method", "default_noise", "hsic_designs", "hsic_scores", "iscam_gains", "list_methods",
-           "parse_method", "register", "repeated_scores", "run_method"]
+           "parse_method", "register", "repeated_scores", "run_method", "vitreciprocam"]

@@ -17,9 +17,11 @@ unchanged. The classifier is *normalised* to the bundle contract:
 - opset < 11 (IR 3, initializers listed as inputs, Dropout, LRN, ...) is converted to opset 13 first.
 
 The feature graph is ``onnx.utils.Extractor`` on the normalised classifier, from ``input`` to the
-target layer (see :mod:`runtime.graphinfo` for the automatic choice), renamed ``features`` (with a
-``Transpose`` when that layer is NHWC). The normalised classifier is checked against the original
-model on random inputs (batch 2) before anything is used.
+target layer (see :mod:`runtime.graphinfo` for the automatic choice), the target tensor being renamed
+``features`` in both (so the engine's one session gives the class scores and the layer). The layer is
+kept as the graph holds it, maps [N,K,h,w], channels-last [N,h,w,K] or tokens [N,T,D], and its layout
+(grid, auxiliary tokens) recorded in the metadata (:mod:`runtime.layout`). The normalised classifier is
+checked against the original model on random inputs (batch 2) before anything is used.
 
 Preprocessing comes from the arguments, else a sidecar JSON beside the model (``resnet.onnx`` ->
 ``resnet.json`` or ``resnet.onnx.json``; keys ``input_size``, ``mean``, ``std``, ``scale``,
@@ -80,14 +82,16 @@ from .contract import (
     parse_floats,
     write_metadata,
 )
-from .graphinfo import NHWC, Candidate, GraphInfo, dims_of, fixed_shapes
+from .graphinfo import Candidate, GraphInfo, dims_of, fixed_shapes
+from .layout import NLC, Layout
 
-DERIVE_VERSION = "2"  # 2: [N,C,1,1] outputs flattened, initializer inputs dropped, IR >= 7
+DERIVE_VERSION = "3"  # 2: [N,C,1,1] outputs flattened, initializer inputs dropped, IR >= 7; 3: layouts
+# (token and channels-last layers recorded, not transposed), the target tensor renamed ``features`` in the classifier
 CACHE_ENV = "SCORECAM_CACHE"
 DEFAULT_SIZE = 224
 DERIVED_FILE = "derived.json"
 SIDECAR_KEYS = ("input_size", "mean", "std", "scale", "color_order", "labels",
-                "letterbox", "head")  # the last two: detectors only (runtime.detect)
+                "letterbox", "head", "background")  # the last three: detectors only (runtime.detect)
 MIN_OPSET = 11
 CONVERT_TO_OPSET = 13
 MIN_IR_VERSION = 7  # what opset 13 needs (onnx.helper.VERSION_TABLE)
@@ -214,10 +218,12 @@ class Options:
     scale: float | None = None
     color_order: str | None = None
     labels: tuple[str, ...] | None = None
+    grid: tuple[int, int] | None = None  # the target layer's grid (token layers: else inferred)
+    aux_tokens: int | None = None  # its auxiliary tokens (else inferred)
 
     @classmethod
     def make(cls, model_path: Path | None = None, layer=None, output=None, input_size=None, mean=None,
-             std=None, scale=None, bgr=None, labels=None, color_order=None) -> Options:
+             std=None, scale=None, bgr=None, labels=None, color_order=None, grid=None, aux_tokens=None) -> Options:
         side = read_sidecar(model_path) if model_path is not None else {}
 
         def pick(flag, key):
@@ -236,18 +242,25 @@ class Options:
             raise BundleError(f"scale must be a number, got {sc!r}"[:120]) from None
         if sc is not None and (not np.isfinite(sc) or sc == 0):
             raise BundleError(f"scale must be a finite non-zero number, got {sc}")
+        if aux_tokens is not None and (isinstance(aux_tokens, bool) or not isinstance(aux_tokens, int)
+                                       or aux_tokens < 0):
+            raise BundleError(f"aux tokens must be a whole number >= 0, got {aux_tokens!r}"[:120])
+        g = _size(grid)
+        if grid is not None and isinstance(grid, (int, float)):
+            raise BundleError(f"grid must be two whole numbers (H W), got {grid!r}")
         opts = cls(layer=layer, output=output, input_size=_size(pick(input_size, "input_size")),
                    mean=None if m is None else parse_floats(m, 3, "mean"),
                    std=None if s is None else parse_floats(s, 3, "std"),
                    scale=sc, color_order=None if order is None else str(order).upper(),
-                   labels=read_labels(pick(labels, "labels")))
+                   labels=read_labels(pick(labels, "labels")), grid=g, aux_tokens=aux_tokens)
         opts.preprocessing(opts.input_size or (DEFAULT_SIZE, DEFAULT_SIZE))  # mean, std and scale agree: fail now
         return opts
 
     def key(self) -> str:
         """A short stable hash of the options (the cache directory under the model's sha256)."""
         text = json.dumps([DERIVE_VERSION, onnx.__version__, self.layer, self.output, self.input_size,
-                           self.mean, self.std, self.scale, self.color_order, self.labels])
+                           self.mean, self.std, self.scale, self.color_order, self.labels, self.grid,
+                           self.aux_tokens])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def preprocessing(self, input_size: tuple[int, int]) -> Preprocessing:
@@ -522,6 +535,7 @@ class Derived:
     features: onnx.ModelProto
     layer: str
     prepared: Prepared
+    layout: Layout = field(default_factory=Layout)
 
     @property
     def max_batch(self) -> int | None:
@@ -549,7 +563,7 @@ def list_layers(model, input_size: tuple[int, int] | None = None, output: str | 
 def format_layers(cands: Sequence[Candidate]) -> str:
     """The ``--list-layers`` text: one candidate per line, ``*`` on the automatic choice."""
     if not cands:
-        return "no 4-D feature map with a spatial size > 1 feeds the output"
+        return "no 4-D feature map with a spatial size > 1 (nor a token layer) on the image's grid feeds the output"
     lines = [("* " if c.auto else "  ") + c.describe() for c in cands]
     return "\n".join(lines + ["(* = the automatic choice; pick another with --layer NAME)"])
 
@@ -571,30 +585,47 @@ def _extract(m: onnx.ModelProto, input_name: str, output_name: str, what: str) -
 
 
 def derive(source: onnx.ModelProto, layer: str | None = None, output: str | None = None,
-           input_size: tuple[int, int] | None = None, rewrite_batch: bool = True, base_dir=None) -> Derived:
-    """Normalise ``source`` and extract its feature graph at ``layer`` (None: the automatic choice).
-    External tensors stay external (the same locations: both graphs read the data files under ``base_dir``)."""
+           input_size: tuple[int, int] | None = None, rewrite_batch: bool = True,
+           grid: tuple[int, int] | None = None, aux_tokens: int | None = None, base_dir=None) -> Derived:
+    """Normalise ``source`` and extract its feature graph at ``layer`` (None: the automatic choice); ``grid``
+    and ``aux_tokens`` say how a token layer lies (None: inferred). External tensors stay external (the same
+    locations: both graphs read the data files under ``base_dir``)."""
     p = prepare(source, input_size, output, rewrite_batch, base_dir)
     info = p.info
     name = info.resolve_layer(layer, p.output_name) if layer else info.auto_layer(p.output_name)
-    cand = info.candidate(name)
+    layout = info.layer_layout(name, grid, aux_tokens)
+    shape = info.shapes[name]
     m = p.model
     g = m.graph
-    feat = _fresh(FEATURES_NAME, _all_names(g)) if name != FEATURES_NAME or cand.layout == NHWC else name
-    if cand.layout == NHWC:
-        g.node.append(helper.make_node("Transpose", [name], [feat], perm=[0, 3, 1, 2], name="scorecam_features"))
-    elif feat != name:
-        g.node.append(helper.make_node("Identity", [name], [feat], name="scorecam_features"))
+    feat = name if name == FEATURES_NAME else _fresh(FEATURES_NAME, _all_names(g))
+    if feat != name:  # the target tensor is called ``features`` in the classifier too: one session gives both
+        _rename(g, name, feat)
     dynamic_hw = any(isinstance(d.dim_param, str) and d.dim_param for d in g.input[0].type.tensor_type.shape.dim[2:])
-    h, w = cand.spatial
-    g.output.append(helper.make_tensor_value_info(
-        feat, TensorProto.FLOAT, [p.batch or "N", cand.channels, "h" if dynamic_hw else h, "w" if dynamic_hw else w]))
+    dims = [p.batch or "N", *(("T" if layout.kind == NLC else f"d{i}") if dynamic_hw else d
+                              for i, d in enumerate(shape[1:], 1))]
+    if dynamic_hw:  # only the spatial (or token) axes vary with the input size
+        dims[layout.channel_axis] = shape[layout.channel_axis]
+    g.output.append(helper.make_tensor_value_info(feat, TensorProto.FLOAT, dims))
     classifier = _extract(m, p.input_name, p.output_name, "classifier")
     features = _extract(m, p.input_name, feat, "feature graph")
     for proto in (classifier, features):
         proto.producer_name = "scorecam-derive"
         proto.producer_version = DERIVE_VERSION
-    return Derived(classifier, features, name, p)
+    return Derived(classifier, features, name, p, layout)
+
+
+def _rename(g: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename tensor ``old`` to ``new`` everywhere in ``g`` (nodes, value infos, outputs, subgraphs)."""
+    for node in g.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+        node.output[:] = [new if o == old else o for o in node.output]
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                        list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []):
+                _rename(sub, old, new)
+    for vi in [*g.value_info, *g.output]:
+        if vi.name == old:
+            vi.name = new
 
 
 def _session(proto: onnx.ModelProto, what: str, base_dir=None):
@@ -657,14 +688,16 @@ def verify(source: onnx.ModelProto, d: Derived, seed: int = 0, base_dir=None) ->
 
 
 def derive_checked(source: onnx.ModelProto, layer: str | None = None, output: str | None = None,
-                   input_size: tuple[int, int] | None = None, base_dir=None) -> Derived:
+                   input_size: tuple[int, int] | None = None, grid: tuple[int, int] | None = None,
+                   aux_tokens: int | None = None, base_dir=None) -> Derived:
     """:func:`derive` + :func:`verify`; a fixed batch that does not become dynamic stays fixed (a warning)."""
-    d = derive(source, layer, output, input_size, base_dir=base_dir)
+    d = derive(source, layer, output, input_size, grid=grid, aux_tokens=aux_tokens, base_dir=base_dir)
     why = verify(source, d, base_dir=base_dir)
     if why is None:
         return d
     if (dims_of(_image_input(source.graph)[0]) or (None,))[0] is not None:
-        d1 = derive(source, layer, output, input_size, rewrite_batch=False, base_dir=base_dir)
+        d1 = derive(source, layer, output, input_size, rewrite_batch=False, grid=grid, aux_tokens=aux_tokens,
+                    base_dir=base_dir)
         if verify(source, d1, base_dir=base_dir) is None:
             d1.prepared.warnings.append(f"the model's batch size is fixed to {d1.max_batch} and could not be made "
                                         "dynamic; masked images are scored one at a time (slower)")
@@ -682,7 +715,7 @@ def make_meta(d: Derived, opts: Options, source_sha: str = "") -> BundleMeta:
     if source_sha:
         versions["source_sha256"] = source_sha
     return BundleMeta("classifier", d.layer, opts.preprocessing(p.input_size), p.output_kind, labels,
-                      versions=versions)
+                      versions=versions, layout=d.layout)
 
 
 def write_pair(d: Derived, meta: BundleMeta, model_path: Path, features_path: Path) -> None:
@@ -697,7 +730,8 @@ def write_pair(d: Derived, meta: BundleMeta, model_path: Path, features_path: Pa
 
 def _record(d: Derived, source: Path) -> dict:
     p = d.prepared
-    return {"source": str(source), "layer": d.layer, "output": p.source_output, "output_kind": p.output_kind,
+    return {"source": str(source), "layer": d.layer, "layout": d.layout.describe(), "output": p.source_output,
+            "output_kind": p.output_kind,
             "softmax_cut": p.softmax_cut, "input": p.source_input, "nhwc": p.nhwc, "max_batch": d.max_batch,
             "input_size": list(p.input_size), "warnings": p.warnings}
 
@@ -761,7 +795,7 @@ def open_model(model, **derive) -> Bundle:
 
 def derive_bundle(path, layer: str | None = None, output: str | None = None, input_size=None, mean=None,
                   std=None, scale=None, bgr: bool | None = None, labels=None, cache: bool = True,
-                  source: onnx.ModelProto | None = None) -> Bundle:
+                  source: onnx.ModelProto | None = None, grid=None, aux_tokens: int | None = None) -> Bundle:
     """A :class:`Bundle` for a model file with no bundle metadata (see the module docstring).
 
     Args:
@@ -769,11 +803,13 @@ def derive_bundle(path, layer: str | None = None, output: str | None = None, inp
         layer: target tensor (a tensor name, a node name or a torch module path); None: automatic.
         output: the class-score output when the model has several; None: the first 2-D one.
         input_size, mean, std, scale, bgr, labels: preprocessing; None: the sidecar's, else defaults.
+        grid, aux_tokens: the grid (h, w) and auxiliary tokens of a token target layer; None: inferred.
         cache: reuse / write the derived bundle under :func:`cache_root`.
         source: the model file's graph, when the caller has read it already.
     """
     path = Path(path)
-    opts = Options.make(path, layer, output, input_size, mean, std, scale, bgr, labels)
+    opts = Options.make(path, layer, output, input_size, mean, std, scale, bgr, labels, grid=grid,
+                        aux_tokens=aux_tokens)
     if source is None:
         source = load_onnx(path, "model")
     data = data_files(source, path)  # checked: inside the model's folder, present, long enough
@@ -796,7 +832,8 @@ def derive_bundle(path, layer: str | None = None, output: str | None = None, inp
     tmp = _staging(target, path, data) if cache else None
     base = (tmp if tmp is not None else path.parent) if data else None
     try:
-        d = derive_checked(source, opts.layer, opts.output, opts.input_size, base_dir=base)
+        d = derive_checked(source, opts.layer, opts.output, opts.input_size, opts.grid, opts.aux_tokens,
+                           base_dir=base)
         meta = make_meta(d, opts, sha)
     except BaseException:
         if tmp is not None:
@@ -825,7 +862,8 @@ def add_arguments(parser) -> None:
     g = parser.add_argument_group("models without bundle metadata (any ONNX image classifier)")
     g.add_argument("--layer", metavar="NAME", default=None,
                    help="target layer: a tensor, node or torch module name (default: the map feeding the "
-                        "global pooling; see --list-layers)")
+                        "global pooling; a ViT/DeiT's last block's first norm, with its tokens' grid; see "
+                        "--list-layers)")
     g.add_argument("--model-output", metavar="NAME", default=None,
                    help="the class-score output of a model with several (default: the first 2-D one)")
     g.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=None,
@@ -838,14 +876,21 @@ def add_arguments(parser) -> None:
     g.add_argument("--bgr", action="store_true", help="the model takes BGR pixels (default RGB)")
     g.add_argument("--labels", metavar="FILE", default=None,
                    help="class labels: text, one per line, or JSON (list or {index: name})")
+    g.add_argument("--grid", nargs=2, type=int, metavar=("H", "W"), default=None,
+                   help="the grid of a token target layer [N,T,D] (default: the patch embedding's)")
+    g.add_argument("--aux-tokens", type=int, metavar="N", default=None,
+                   help="auxiliary tokens (CLS, distillation, registers) of a token layer (default: T - H*W)")
     g.add_argument("--list-layers", action="store_true",
                    help="print the candidate target layers of MODEL (the automatic one marked *) and exit")
 
 
 def cli_kwargs(args) -> dict:
     """``Explainer`` keyword arguments from the flags of :func:`add_arguments`."""
-    return {"layer": args.layer, "output": args.model_output, "input_size": args.size, "mean": args.mean,
-            "std": args.std, "scale": args.scale, "bgr": args.bgr, "labels": args.labels}
+    kwargs = {"layer": args.layer, "output": args.model_output, "input_size": args.size, "mean": args.mean,
+              "std": args.std, "scale": args.scale, "bgr": args.bgr, "labels": args.labels}
+    if getattr(args, "grid", None) is not None or getattr(args, "aux_tokens", None) is not None:
+        kwargs.update(grid=args.grid, aux_tokens=args.aux_tokens)
+    return kwargs
 
 
 def layers_report(model, input_size=None, output: str | None = None) -> str:

@@ -43,6 +43,43 @@ def lite0_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def toy_detector(tmp_path_factory) -> Path:
+    """The committed toy detector (:mod:`exporter.toy_detect`: shapes, YOLOv8-style head, 64x64), exported through
+    our exporter (verified against torch) into a folder holding ``model.onnx``."""
+    from exporter.detector import export_toy_detector
+
+    out = tmp_path_factory.mktemp("det") / "toy_detector"
+    export_toy_detector(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_scenes():
+    """16 held-out toy detector scenes (training used seed 20000): (images uint8 [16,64,64,3], objects per image
+    as [(class, (x0, y0, x1, y1))])."""
+    from exporter.toy_detect import make_scenes
+
+    return make_scenes(16, seed=123)
+
+
+@pytest.fixture(scope="session")
+def transformer_bundle(tmp_path_factory):
+    """``transformer_bundle(name)``: the bundle of ``tests/transformer_models.py``'s model ``name`` (deit,
+    deit_distilled, swin, vit) at its target layer, exported (and verified) once per session."""
+    import transformer_models
+
+    made: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("transformers")
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = transformer_models.export(name, root / name)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def toy_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """64 held-out toy images: uint8 [64,64,64,3] RGB, labels [64], boxes [64,4] (x0, y0, x1, y1 exclusive)."""
     from exporter.toy import make_dataset

@@ -24,10 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def activations_of(model: nn.Module, layer_module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [1,C], activations A [1,K,h,w]) of ``x`` via a forward hook on ``layer_module``."""
+def activations_of(model: nn.Module, layer_module: nn.Module, x: torch.Tensor,
+                   reshape=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [1,C], activations A [1,K,h,w]) of ``x`` via a forward hook on ``layer_module``; ``reshape``
+    (pytorch-grad-cam's ``reshape_transform``) turns a token or channels-last output into [1,K,h,w]."""
     store: list[torch.Tensor] = []
-    handle = layer_module.register_forward_hook(lambda _m, _i, out: store.append(out.detach().clone()))
+    reshape = reshape or (lambda t: t)
+    handle = layer_module.register_forward_hook(
+        lambda _m, _i, out: store.append(reshape(out.detach()).contiguous().clone()))
     try:
         with torch.inference_mode():
             logits = model(x)
@@ -90,9 +94,9 @@ class GradcamPass:
 
 
 def gradcam_masked_logits(model: nn.Module, layer_module: nn.Module, x: torch.Tensor,
-                          batch_size: int = 16) -> GradcamPass:
+                          batch_size: int = 16, reshape=None) -> GradcamPass:
     """``ScoreCAM.get_cam_weights`` up to ``self.model(batch)``, for every class at once."""
-    logits, act = activations_of(model, layer_module, x)
+    logits, act = activations_of(model, layer_module, x, reshape)
     activations = act.cpu().numpy()  # BaseCAM.compute_cam_per_layer: a.cpu().data.numpy()
     with torch.inference_mode():
         upsample = torch.nn.UpsamplingBilinear2d(size=x.shape[-2:])  # align_corners=True
@@ -153,7 +157,7 @@ class HalfPixelPass:
 
 
 def halfpixel_masked_logits(model: nn.Module, layer_module: nn.Module, x: torch.Tensor,
-                            batch_size: int = 16) -> HalfPixelPass:
+                            batch_size: int = 16, reshape=None) -> HalfPixelPass:
     """Score every ``norm(up(A_k))`` once, for all classes and for both ``paper`` and ``official``.
 
     The two presets differ only in the ``eps`` of ``norm``: the masks differ by the factor
@@ -162,7 +166,7 @@ def halfpixel_masked_logits(model: nn.Module, layer_module: nn.Module, x: torch.
     their own paper mask, and constant channels (skipped by ``official``) have the paper mask
     ``0 / 1e-8 = 0``.
     """
-    logits, act = activations_of(model, layer_module, x)
+    logits, act = activations_of(model, layer_module, x, reshape)
     a, c = act[0], logits.shape[1]
     size = tuple(x.shape[-2:])
     with torch.inference_mode():
@@ -260,15 +264,42 @@ class ZeroInputOnce(nn.Module):
         return out
 
 
+class Reshaped(nn.Module):
+    """An identity module that a forward hook on ``layer_module`` calls with ``reshape(output)``: the target of
+    a CAM package without a ``reshape_transform`` (torchcam) sees the [N,K,h,w] maps pytorch-grad-cam's
+    ``reshape_transform`` would give, while the model itself runs unchanged."""
+
+    def __init__(self, layer_module: nn.Module, reshape) -> None:
+        super().__init__()
+        self.reshape = reshape
+        self.handle = layer_module.register_forward_hook(self._feed)
+
+    def _feed(self, _m, _i, out) -> None:  # returns None: the layer's own output goes on unchanged
+        self(self.reshape(out))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
 def torchcam_scorecam(model: nn.Module, layer_module: nn.Module, x: torch.Tensor, class_idx: int,
-                      batch_size: int = 16) -> np.ndarray:
-    """The real ``torchcam.methods.ScoreCAM``: forward ``x``, then ``extractor(class_idx)`` -> cam [h,w]."""
+                      batch_size: int = 16, reshape=None) -> np.ndarray:
+    """The real ``torchcam.methods.ScoreCAM``: forward ``x``, then ``extractor(class_idx)`` -> cam [h,w].
+
+    ``reshape``: torchcam has no ``reshape_transform``; its target is then a :class:`Reshaped` probe
+    module of the wrapper, fed the reshaped output of ``layer_module`` on every forward."""
     from torchcam.methods import ScoreCAM
 
     wrapped = ZeroInputOnce(model).eval()
-    with ScoreCAM(wrapped, target_layer=layer_module, batch_size=batch_size,
-                  input_shape=tuple(x.shape[1:])) as extractor:
-        with torch.inference_mode():
-            wrapped(x)
-            cams = extractor(int(class_idx))
+    target = layer_module
+    if reshape is not None:
+        wrapped.probe = target = Reshaped(layer_module, reshape)
+    try:
+        with ScoreCAM(wrapped, target_layer=target, batch_size=batch_size,
+                      input_shape=tuple(x.shape[1:])) as extractor:
+            with torch.inference_mode():
+                wrapped(x)
+                cams = extractor(int(class_idx))
+    finally:
+        if reshape is not None:
+            target.handle.remove()
     return cams[0][0].numpy()

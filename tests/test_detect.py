@@ -58,6 +58,35 @@ def test_iou_and_similarity_by_hand():
         pytest.approx(0.8 / np.hypot(0.8, 0.2))
 
 
+def test_softmax_heads_with_a_background_column_by_hand():
+    """Proposals whose scores are a softmax with background in column 0 (torchvision SSD / Faster R-CNN without
+    NMS) are D-RISE's own vectors: used as they are; the detection's class is the best foreground column."""
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10.0]])
+    probs = np.array([[0.1, 0.7, 0.2], [0.9, 0.04, 0.06]])
+    props = decode_batch(Head("boxes", ("b", "s"), 3, background=True), [boxes, probs])[0]
+    assert props.vectors.tolist() == probs.tolist() and props.labels.tolist() == [1, 2]
+    assert props.scores == pytest.approx([0.7, 0.06])
+    t = Target(np.array([0, 0, 10, 10.0]), 1, None)  # a given box: one-hot at its class
+    assert similarity([t], props)[0] == pytest.approx(0.7 / np.linalg.norm(probs[0]))
+    plain = decode_batch(Head("boxes", ("b", "s"), 3), [boxes, probs])[0]  # sigmoid-style: background appended
+    assert plain.vectors.shape == (2, 4) and plain.labels.tolist() == [1, 0]
+
+
+def test_flat_similarities_and_unit_peak_masks_by_hand():
+    from runtime.detect.explainer import is_flat, unit_peak
+    from runtime.scorecam import MaskSpec, make_masks
+
+    s = np.array([[0.5, 0.2], [0.5, 0.3], [0.5 + 1e-9, 0.2]])
+    assert is_flat(s).tolist() == [True, False]  # 2e-9 relative: float32 output noise, no evidence
+    assert is_flat(np.zeros((3, 1))).tolist() == [True]
+    # a neck whose activations are 1e-9 (an untrained detector): eps 1e-8 would shrink the mask to ~0.1; at unit
+    # peak every mask spans [0, 1] again, as it does for O(1) activations
+    tiny = np.random.default_rng(0).random((3, 4, 4)).astype(np.float32) * 1e-9
+    assert make_masks(tiny, (8, 8), MaskSpec()).max() < 0.2
+    m = make_masks(unit_peak(tiny), (8, 8), MaskSpec())
+    assert m.max(axis=(1, 2)) == pytest.approx(1.0, abs=1e-6) and m.min() == 0.0
+
+
 def test_decode_yolo_heads_and_nms():
     c = 3
     out = np.zeros((1, 4 + c, 3), np.float32)
@@ -92,20 +121,8 @@ def test_letterbox_geometry_round_trip():
 
 
 @pytest.fixture(scope="module")
-def toy_detector(tmp_path_factory) -> Path:
-    """The committed toy detector, exported through our exporter (verified against torch)."""
-    from exporter.detector import export_toy_detector
-
-    out = tmp_path_factory.mktemp("det") / "toy_detector"
-    export_toy_detector(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def scenes():
-    from exporter.toy_detect import make_scenes
-
-    return make_scenes(16, seed=123)  # held out: training used seed 20000
+def scenes(toy_scenes):
+    return toy_scenes  # held out: training used seed 20000
 
 
 def test_toy_detector_finds_the_shapes(scenes):
@@ -144,6 +161,25 @@ def test_toy_kernel_fill_and_fuse(toy_detector, scenes):
         assert f.fill == "kernel" and f.passes < r.passes
         assert energy_pointing_game(f.saliency, [f.box_network]) >= 0.6
         assert np.corrcoef(r.saliency.ravel(), f.saliency.ravel())[0, 1] > 0.7
+
+
+def test_fill_follows_the_classifiers_rule(toy_detector, scenes):
+    """``fill`` unset: kernel with a channel cap, zero without one (runtime.explainer's rule); asked: as asked. A
+    variant the service makes for a request with another cap follows the same rule."""
+    from runtime.detect.explainer import default_fill
+    from runtime.serve.models import ServedModel
+
+    assert (default_fill(None, 8), default_fill(None, None), default_fill("zero", 8)) == ("kernel", "zero", "zero")
+    capped = DetectionExplainer(toy_detector, device="cpu", max_channels=8)
+    assert capped.fill == "kernel" and DetectionExplainer(toy_detector, device="cpu").fill == "zero"
+    r = capped.explain(scenes[0][0], detection=0)[0]
+    assert r.fill == "kernel" and r.passes <= 8
+    assert DetectionExplainer(toy_detector, device="cpu", max_channels=8, fill="zero").fill == "zero"
+    served = ServedModel("shapes", DetectionExplainer(toy_detector, device="cpu"), 0.0)
+    assert served.variant(None, 8).fill == "kernel" and served.variant(None, 8, fill="zero").fill == "zero"
+    assert served.variant(None, None) is served.explainer
+    with pytest.raises(ValueError, match="does not apply to detectors"):
+        served.variant(None, 8, fill="preview")
 
 
 def test_drise_reference_on_the_engine(toy_detector, scenes):
@@ -243,7 +279,9 @@ def yolov8n(tmp_path_factory) -> Path:
 
 def test_yolov8n_explains_a_given_box(yolov8n, samples_dir, tmp_path, capsys):
     """Random weights detect nothing: a box and a class are given. The YOLO head, letterbox, labels and three
-    neck levels are read from the Ultralytics export; the map is finite and not flat."""
+    neck levels are read from the Ultralytics export. Ultralytics' random init (torch's default conv init, batch
+    norm at identity) lets the signal die out: the neck's activations are ~1e-6, 1e-8, 1e-10 at strides 8, 16, 32
+    and the head's float32 output is the same for every masked image, so the map is all zero and says why."""
     ex = DetectionExplainer(yolov8n, device="cpu", max_channels=16, fill="kernel")
     det = ex.detector
     assert det.head.kind == "yolo8" and det.head.num_classes == 80 and det.letterbox
@@ -254,16 +292,105 @@ def test_yolov8n_explains_a_given_box(yolov8n, samples_dir, tmp_path, capsys):
     assert r.layers == [det.neck[-1].name]  # the deepest level that resolves a 250 px box
     assert np.isfinite(r.saliency).all() and 0 <= r.saliency.min() and r.saliency.max() <= 1
     assert r.saliency_on_image().shape == (300, 451) and r.passes == 16
-    # random weights: the head's output hardly depends on the image (every masked image is as similar as the
-    # image itself), so there is no evidence to show and the map is honestly all 0 rather than noise
     assert 0 < r.similarity < 1
+    assert r.flat and r.saliency.max() == 0 and "did not change under any mask" in r.note
     out = tmp_path / "o"
     assert explain_main([str(yolov8n), str(photo), "--box", "40", "30", "300", "280", "--target", "15",
                          "--layer", "fuse", "--max-channels", "8", "--fill", "kernel", "--out", str(out)]) == 0
     assert (out / "chelsea.box.png").is_file() and (out / "chelsea.box.json").is_file()
+    assert json.loads((out / "chelsea.box.json").read_text())["flat"] is True
+    assert "warning: " in capsys.readouterr().err  # the blank map is said, not silent
     assert explain_main([str(yolov8n), str(photo), "--box", "-5", "30", "300", "280", "--target", "15",
                          "--out", str(out / "bad")]) == 2
     assert capsys.readouterr().err.strip().startswith("error: the box")
+
+
+@pytest.fixture(scope="module")
+def yolov8n_alive(tmp_path_factory) -> Path:
+    """YOLOv8n with random weights whose batch-norm statistics were estimated on four photos of scikit-image (a
+    data-dependent init: every layer's output at unit variance), exported by Ultralytics: its output depends on
+    the image, unlike the default init's."""
+    require_tool(_have("ultralytics"), "ultralytics (pip install --no-deps ultralytics)")
+    out = tmp_path_factory.mktemp("yolo-alive")
+    env = dict(os.environ, YOLO_OFFLINE="1", YOLO_CONFIG_DIR=str(out / "cfg"))
+    code = """
+import shutil, cv2, torch
+from skimage import data
+from ultralytics import YOLO
+torch.manual_seed(0)
+y = YOLO("yolov8n.yaml")
+x = torch.stack([torch.from_numpy(cv2.resize(p, (256, 256))).permute(2, 0, 1).float() / 255
+                 for p in (data.chelsea(), data.coffee(), data.astronaut(), data.rocket())])
+for m in y.model.modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+        m.reset_running_stats(); m.momentum = None
+y.model.train()
+with torch.no_grad():
+    y.model(x)
+y.model.eval()
+shutil.move(y.export(format="onnx", imgsz=256), "alive.onnx")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out / "alive.onnx"
+
+
+def test_yolov8n_with_calibrated_statistics_gives_a_map(yolov8n_alive, samples_dir):
+    """The same architecture, random weights, but a signal that reaches the head: the masked images' similarities
+    differ (>= 0.1% spread) and the box gets a map (not all zero, in [0, 1])."""
+    ex = DetectionExplainer(yolov8n_alive, device="cpu", max_channels=16, fill="kernel")
+    r = ex.explain(samples_dir / "chelsea.png", box=[40, 30, 300, 280], target=15)[0]
+    assert not r.flat and r.note is None and r.passes == 16
+    assert np.isfinite(r.saliency).all() and r.saliency.max() == pytest.approx(1.0) and r.saliency.min() == 0.0
+    _, x, geo = ex.prepare(samples_dir / "chelsea.png")
+    _, acts = ex.run(x)
+    level = ex.levels.index(ex.detector.level(r.layers[0]))
+    target = ex.box_target([40, 30, 300, 280], 15, geo)
+    s, weighed, _ = ex.score_level(x, ex.parts(acts[level]), [target])
+    spread = np.ptp(s[weighed, 0]) / np.abs(s[weighed, 0]).max()
+    assert spread > 1e-3
+
+
+def test_annotate_a_detector_then_explain_without_flags(toy_detector, scenes, tmp_path, capsys):
+    """A third-party detector (the toy's graph with our metadata stripped): ``exporter annotate`` writes its
+    preprocessing into a copy; explaining that copy without flags equals explaining the original bundle."""
+    import onnx
+
+    from exporter.annotate import main as annotate_main
+    from runtime.contract import PREFIX
+
+    proto = onnx.load(str(toy_detector / "model.onnx"))
+    kept = [p for p in proto.metadata_props if not p.key.startswith(PREFIX)]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    bare = tmp_path / "shapes.onnx"
+    onnx.save(proto, str(bare))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("square\nring\ncross\n")
+    rgb = scenes[0][0]
+    want = DetectionExplainer(toy_detector, device="cpu").explain(rgb, top_k=2)
+    unflagged = DetectionExplainer(bare, device="cpu", score_threshold=0.01)  # mean 0, std 1: another input
+    assert unflagged.detector.preprocessing.mean == (0.0, 0.0, 0.0) and unflagged.labels == []
+    assert annotate_main([str(bare), "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5", "--labels",
+                          str(labels), "--out", str(tmp_path / "shapes")]) == 0
+    assert "detector, head yolo8 (3 classes)" in capsys.readouterr().out
+    got = DetectionExplainer(tmp_path / "shapes", device="cpu").explain(rgb, top_k=2)
+    assert [g.label for g in got] == [w.label for w in want] and got[0].label in ("square", "ring", "cross")
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.saliency, w.saliency, atol=1e-6, rtol=0)
+        assert g.box == pytest.approx(w.box, abs=1e-4)
+    assert onnx.load(str(bare)).metadata_props == proto.metadata_props  # the source is left as it was
+    bad = [([str(tmp_path / "shapes" / "model.onnx")], "already carries Score-CAM bundle metadata"),
+           ([str(bare), "--background"], "--background applies to a boxes + scores"),
+           ([str(bare), "--labels", str(tmp_path / "two.txt")], "2 labels given for a detector with 3 classes"),
+           ([str(bare), "--layer", "neck"], "--layer and --output are for classifiers"),
+           ([str(bare), "--out", str(bare)], "would overwrite the source model")]
+    (tmp_path / "two.txt").write_text("a\nb\n")
+    for argv, why in bad:
+        assert annotate_main([*argv, "--out", str(tmp_path / "x")] if "--out" not in argv else argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and why in err[0], (argv, err)
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,8 @@ def test_the_study_writes_r_passes_and_timing_per_photo(study):
     assert [p["photo"] for p in timed] == t["photos"]
     for p in timed:
         assert len(p["runs_s"]["exact"]) == 2 and p["seconds"]["exact"] > 0
-        assert p["speedup"]["mc5"] == pytest.approx(p["seconds"]["exact"] / p["seconds"]["mc5"], rel=0.01)
+        # the speed-up is stored rounded to two decimals (from the unrounded medians): within 0.005 + 1 %
+        assert p["speedup"]["mc5"] == pytest.approx(p["seconds"]["exact"] / p["seconds"]["mc5"], rel=0.01, abs=0.006)
     assert res["settings"]["groups"] == ["samples"] and len(res["settings"]["load_average_before"]) == 3
     md = (tmp / "res.md").read_text()
     assert "| `int8+mc5+kern` |" in md and "speed-up (median, min)" in md and "samples (5) min / mean r" in md

@@ -101,3 +101,58 @@ def test_page_explains_an_uploaded_photo(lite0_bundle, samples_dir, tmp_path):
         assert errors == []
         outside = [u for u in requested if not u.startswith((server.url, "data:", "blob:"))]
         assert outside == []  # nothing from a CDN
+
+
+def test_page_explains_a_detection_and_a_drawn_box(toy_detector, toy_scenes, tmp_path):
+    """A detector on the page: its detections are listed (the best one explained first), then a box dragged on the
+    photo and a typed class are explained; the page shows what the API answers."""
+    require_tool(Path(CHROMIUM).exists() or shutil.which("chromium") is not None, "Debian's chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require_tool(False, "the playwright Python package")
+    from PIL import Image
+
+    images, objects = toy_scenes
+    i = next(i for i, o in enumerate(objects) if len(o) == 2)
+    photo = tmp_path / "scene.png"
+    Image.fromarray(images[i]).resize((256, 256), Image.NEAREST).save(photo)  # big enough to drag on
+    with ServeProcess(toy_detector, "--device", "cpu") as server:
+        data = base64.b64encode(photo.read_bytes()).decode()
+        dets = httpx.post(f"{server.url}/v1/models/toy_detector:predict", timeout=120,
+                          json={"instances": [{"image": {"b64": data}}]}).json()["predictions"][0]
+        assert len(dets) == 2
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists()
+                                         else shutil.which("chromium"), args=ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1100, "height": 900})
+                errors: list[str] = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(server.url + "/")
+                page.wait_for_selector("#model option", state="attached")
+                assert not page.is_hidden("#detect-hint") and page.inner_text("#target-label") == "Detection"
+                page.set_input_files("#file", str(photo))
+                page.wait_for_selector("#shown:not([hidden])", timeout=120_000)
+                assert dets[0]["label"] in page.inner_text("#shown-class")
+                assert len(page.query_selector_all("#target option")) == 2
+                assert len(page.query_selector_all("#probs li")) == 2
+                # drag a box around an object (its 64-px scene box -> canvas pixels), type its class, Enter
+                cls, (x0, y0, x1, y1) = objects[i][1]
+                r = page.eval_on_selector("#view", "c => { const r = c.getBoundingClientRect(); "
+                                                   "return [r.left, r.top, r.width / 64]; }")
+                page.mouse.move(r[0] + x0 * r[2], r[1] + y0 * r[2])
+                page.mouse.down()
+                page.mouse.move(r[0] + x1 * r[2], r[1] + y1 * r[2], steps=5)
+                page.mouse.up()
+                page.fill("#label", ["square", "ring", "cross"][cls])
+                page.wait_for_function("state.box !== null")
+                page.press("#label", "Enter")
+                page.wait_for_function("document.getElementById('shown-class').textContent.includes('[')"
+                                       " && !document.getElementById('go').disabled", timeout=120_000)
+                page.wait_for_function(f"document.getElementById('shown-class').textContent.startsWith("
+                                       f"'{['square', 'ring', 'cross'][cls]}')", timeout=120_000)
+                assert page.inner_text("#error") == ""
+            finally:
+                browser.close()
+        assert errors == []

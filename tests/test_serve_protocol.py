@@ -24,11 +24,13 @@ v1_like = st.fixed_dictionaries({}, optional={
     "instances": st.one_of(json_values, st.lists(st.one_of(
         json_values, st.fixed_dictionaries({"image": st.one_of(json_values, st.fixed_dictionaries(
             {"b64": st.one_of(st.text(max_size=16), st.just(base64.b64encode(b"abc").decode()))}))},
-            optional={"targets": json_values, "top_k": json_values})), max_size=5)),
+            optional={"targets": json_values, "top_k": json_values, "box": st.one_of(json_values, st.lists(
+                st.one_of(st.floats(), st.integers(), st.text(max_size=4)), min_size=3, max_size=5)),
+                "detection": json_values})), max_size=5)),
     "parameters": st.one_of(json_values, st.fixed_dictionaries({}, optional={
         "saliency_encoding": json_values, "overlay": json_values, "preset": json_values,
         "max_channels": json_values, "alpha": json_values, "select": json_values, "mode": json_values,
-        "fill": json_values}))})
+        "fill": json_values, "task": json_values, "score_threshold": json_values}))})
 
 
 @settings(max_examples=300, deadline=None)
@@ -45,6 +47,12 @@ def test_parse_v1_returns_or_refuses_with_a_client_status(data):
     assert opts.saliency_encoding in P.ENCODINGS
     for inst in instances:
         assert isinstance(inst.image, bytes) and inst.top_k >= 1
+        if inst.box is not None:  # detectors: four finite numbers and exactly one class
+            assert len(inst.box) == 4 and all(np.isfinite(inst.box)) and len(inst.targets) == 1
+            assert inst.detection is None
+        assert inst.detection is None or all(isinstance(d, int) and d >= 0 for d in inst.detection)
+    assert opts.task in (None, *P.TASKS)
+    assert opts.score_threshold is None or 0 <= opts.score_threshold <= 1
 
 
 @settings(max_examples=300, deadline=None)

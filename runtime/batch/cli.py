@@ -37,6 +37,11 @@ output folder DIR (resumable: run the same command again to finish an interrupte
   DIR/overlays/ab/<sha256>.<class>.png with --overlays: the heat map over the image, at its size
   DIR/run.json                settings, versions, and one record per run (done, skipped, failed, time)
 
+object detectors (recognised by their outputs / metadata, or --task detect; docs/detection.md): one row
+per box, with its box (box_x1 .. box_y2, the photo's pixels), class, score, detection rank and similarity;
+the boxes are the top --top-k detections, --detection N ..., or --box X1 Y1 X2 Y2 --target CLASS; maps
+DIR/maps/ab/<sha256>.det<N>.npy (the photo at the network's scale), overlays with the box drawn.
+
 INPUT: image files, folders (recursive), globs ('data/**/*.jpg', quoted), or manifests (.txt/.lst: one
 path per line; .csv/.tsv: a 'path' column or the first one; relative to the manifest's folder).
 A file that cannot be read or is not an image becomes a row with an 'error'; the job goes on.
@@ -47,6 +52,7 @@ examples:
   python -m runtime.batch models/efficientnet_lite0 'data/**/*.jpg' --engine ray --workers 8 --out /shared/run
   python -m runtime.batch efficientnet_lite0 data/ --engine ray --address 10.0.0.1:6379 --gpus-per-worker 1 \\
       --out /shared/run
+  python -m runtime.batch yolov8n.onnx street/ --top-k 5 --max-channels 16 --out runs/street   (a detector)
 
 exit status: 0 the job finished (images that failed are rows with an error); 2 bad arguments, model,
 settings that differ from DIR's (use --force), or a cluster that cannot be reached; 130 interrupted
@@ -100,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: a bar on a terminal, else a line every 30 s)")
     thirdparty.add_arguments(p)
+    from ..detect.cli import add_arguments as add_detector_arguments
+
+    add_detector_arguments(p)
     return p
 
 
@@ -112,6 +121,14 @@ def _now() -> str:
 
 
 def run(args: argparse.Namespace, stdout, stderr) -> int:
+    if args.list_layers and args.task != "classify":
+        from ..detect.cli import is_detection_run
+
+        if is_detection_run(args):
+            from ..detect.model import format_levels, open_detector
+
+            print(format_levels(open_detector(args.model, input_size=args.size, head=args.head)), file=stdout)
+            return 0
     if args.list_layers:
         print(thirdparty.layers_report(args.model, args.size, args.model_output), file=stdout)
         return 0
@@ -125,11 +142,12 @@ def run(args: argparse.Namespace, stdout, stderr) -> int:
         raise UsageError("--address, --cpus-per-worker and --gpus-per-worker are for --engine ray")
     job.pyarrow()
     sources = expand(args.inputs)
+    detect = _detect_settings(args)
     settings = job.Settings.make(args.model, args.target, top_k=args.top_k, preset=args.preset,
-                                 max_channels=args.max_channels, select=args.select, mode=args.mode, fill=args.fill,
-                                 layers=args.layers, fusion=args.fusion, baseline=args.baseline,
-                                 precision=args.precision, overlays=args.overlays,
-                                 alpha=args.alpha, thirdparty=thirdparty.cli_kwargs(args))
+                                 max_channels=args.max_channels, select=detect.pop("select", args.select),
+                                 mode=args.mode, fill=args.fill, layers=args.layers, fusion=args.fusion,
+                                 baseline=args.baseline, precision=args.precision, overlays=args.overlays,
+                                 alpha=args.alpha, thirdparty=thirdparty.cli_kwargs(args), **detect)
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise job.BatchError(f"--out {out} exists and is not a directory")
@@ -186,10 +204,42 @@ def _run(args, settings: job.Settings, out: Path, sources: list[str], stdout, st
     return 0
 
 
+def _detect_settings(args) -> dict:
+    """``task`` / ``detector`` of :class:`job.Settings` (an object detector), or {} for a classifier; UsageError for
+    flags that do not fit."""
+    from ..detect.cli import detector_kwargs, is_detection_run
+
+    if not is_detection_run(args):
+        if args.box is not None or args.detection is not None:
+            raise UsageError("--box and --detection apply to object detectors; this model is a classifier")
+        return {}
+    if args.mode != "scorecam" or args.precision != "fp32":
+        raise UsageError("detectors are explained with --mode scorecam and --precision fp32")
+    if args.layers is not None or args.baseline != "zero":
+        raise UsageError("--layers and --baseline apply to classifiers; a detector is explained from one level")
+    if args.box is not None and args.detection is not None:
+        raise UsageError("give --box or --detection, not both")
+    if args.box is not None and (not args.target or len(args.target) != 1):
+        raise UsageError("--box needs its class: add one --target CLASS")
+    if args.target and args.box is None:
+        raise UsageError("--target names the class of a --box for a detector; to pick detections use --detection N")
+    if args.detection is not None and any(d < 0 for d in args.detection):
+        raise UsageError(f"--detection ranks start at 0, got {min(args.detection)}")
+    kw = detector_kwargs(args)
+    kw.update(layer=args.layer or "auto", detection=args.detection, box=args.box)
+    return {"task": "detect", "detector": kw, "select": "auto" if args.select == "relevance" else args.select}
+
+
 def _task(args, settings: job.Settings, out: Path) -> job.Task:
     """Validate the model and resolve the targets on the driver (one Explainer, freed before the workers start)."""
     explainer = settings.explainer(device="cpu", batch_size=args.batch_size, threads=1)
     classes = None
+    if settings.task == "detect":
+        if settings.targets:
+            classes = (explainer.class_index(settings.targets[0]),)
+        del explainer
+        gc.collect()
+        return job.Task(settings, classes, str(out.resolve()), args.device, args.batch_size, args.threads)
     if settings.targets:
         import numpy as np
 

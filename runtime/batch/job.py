@@ -8,6 +8,11 @@ Output folder ``DIR``::
     DIR/maps/ab/<sha256>.<class>.npy      the saliency, float32 [H,W] in [0,1] at the network's input size
     DIR/overlays/ab/<sha256>.<class>.png  with --overlays: the JET overlay at the image's own size
 
+An object detector (``task`` ``detect``, docs/detection.md) gives one row per box instead: its box in the
+photo's pixels, class, score, detection rank and D-RISE similarity; the map ``<sha256>.det<N>.npy`` (a box
+given with ``--box``: ``<sha256>.box.npy``) is the saliency over the photo at the network's scale (letterbox
+padding cut off, as ``python -m runtime.explain`` writes it); the overlay has the box drawn.
+
 Every file is written atomically (a hidden temporary name, then a rename), and a row only after its
 map exists, so a crash loses at most the images in flight. Resuming skips every image that has rows
 made with the same settings (their key is in each row) for the same file content (sha256).
@@ -68,6 +73,15 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("overlay", "string"),         # the overlay .png relative to DIR (null without --overlays)
     ("error", "string"),           # null, or why the image has no explanation
     ("settings", "string"),        # the key of the settings in run.json that made this row
+    # object detectors (the rest null for a classifier's rows): one row per box
+    ("task", "string"),            # classify or detect
+    ("detection", "int32"),        # the box's rank among the image's detections (null: a box given with --box)
+    ("box_x1", "float64"),         # the box, in the photo's pixels
+    ("box_y1", "float64"),
+    ("box_x2", "float64"),
+    ("box_y2", "float64"),
+    ("similarity", "float64"),     # D-RISE similarity of the image itself to the box (1 for its own detection)
+    ("flat", "bool_"),             # the detector's output did not change under any mask: the map is all zero
 )
 
 
@@ -119,6 +133,8 @@ class Settings:
     layers: int | tuple[str, ...] | None = None  # multi-layer Score-CAM (None: the target layer alone)
     fusion: str = "product"
     baseline: str = "zero"
+    task: str = "classify"            # or detect (an object detector: one row per box)
+    detector: dict = field(default_factory=dict)  # detect: detection, box, score_threshold, nms_iou, weighting, ...
 
     @classmethod
     def make(cls, model, targets=None, **kw) -> Settings:
@@ -139,6 +155,8 @@ class Settings:
         for k, default in (("layers", None), ("fusion", "product"), ("baseline", "zero")):
             if d[k] == default:  # left out at their defaults: the settings of runs made before them keep their key
                 del d[k]
+        if self.task == "classify":  # a classifier's settings (and their key) as before detectors came
+            del d["task"], d["detector"]
         return d
 
     @property
@@ -146,12 +164,21 @@ class Settings:
         """A short hash of the settings: every row carries it."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
-    def explainer(self, device: str = "cpu", batch_size: int | None = None, threads: int | None = None) -> Explainer:
-        """The Explainer these settings describe (built once per worker process or Ray actor)."""
+    def explainer(self, device: str = "cpu", batch_size: int | None = None, threads: int | None = None):
+        """The Explainer (a DetectionExplainer for task ``detect``) these settings describe (built once per worker
+        process or Ray actor)."""
         tp = dict(self.thirdparty)
         for k in ("input_size", "mean", "std"):
             if tp.get(k) is not None:
                 tp[k] = tuple(tp[k])
+        if self.task == "detect":
+            from ..detect import DetectionExplainer
+
+            kw = {k: v for k, v in self.detector.items() if k not in ("detection", "box")}
+            tp = {k: v for k, v in tp.items() if k in ("layer", "input_size", "mean", "std", "scale", "bgr", "labels")}
+            return DetectionExplainer(self.model, device=device, batch_size=batch_size, preset=self.preset,
+                                      threads=threads, max_channels=self.max_channels, select=self.select,
+                                      fill=self.fill, **tp, **kw)
         return Explainer(self.model, device=device, batch_size=batch_size, preset=self.preset, threads=threads,
                          max_channels=self.max_channels, precision=self.precision, select=self.select,
                          mode=self.mode, fill=self.fill, layers=self.layers, fusion=self.fusion,
@@ -204,6 +231,8 @@ def explain_file(explainer: Explainer, source: str, task: Task) -> list[dict]:
     """
     s, out = task.settings, Path(task.out)
     key = s.key
+    if s.task == "detect":
+        return explain_boxes_file(explainer, source, task)
     t0 = time.perf_counter()
     try:
         data = Path(source).read_bytes()
@@ -244,7 +273,70 @@ def explain_file(explainer: Explainer, source: str, task: Task) -> list[dict]:
         rows.append(_row(source, key, sha256=sha, width=width, height=height, class_index=r.class_index,
                          label=r.label, probability=r.probability, score=r.score, channels_used=r.channels_used,
                          seconds=seconds, provider=r.provider, preset=r.preset, mode=r.mode, select=r.select,
-                         fill=r.fill, passes=r.passes, map=rel_map, overlay=rel_png))
+                         fill=r.fill, passes=r.passes, map=rel_map, overlay=rel_png, task="classify"))
+    return rows
+
+
+def _read(source: str, key: str) -> tuple[bytes | None, list[dict] | None]:
+    try:
+        return Path(source).read_bytes(), None
+    except FileNotFoundError:
+        return None, [_row(source, key, error=f"{source}: no such file")]
+    except IsADirectoryError:
+        return None, [_row(source, key, error=f"{source}: is a directory")]
+    except OSError as e:
+        return None, [_row(source, key, error=f"{source}: cannot read the file ({e.strerror or e})")]
+
+
+def explain_boxes_file(explainer, source: str, task: Task) -> list[dict]:
+    """:func:`explain_file` for an object detector: one row per box (``--detection`` / ``--box`` / the top-k
+    detections), its map (and overlay, box drawn) written; an unusable image, a box outside it or an image with
+    no detection is ONE row whose ``error`` says why."""
+    s, out = task.settings, Path(task.out)
+    key = s.key
+    t0 = time.perf_counter()
+    data, failed = _read(source, key)
+    if failed:
+        return failed
+    sha = hashlib.sha256(data).hexdigest()
+    width = height = None
+    det = s.detector
+    try:
+        stream = io.BytesIO(data)
+        stream.name = source
+        rgb = images.load_image(stream)
+        height, width = (int(v) for v in rgb.shape[:2])
+        box = det.get("box")
+        results = explainer.explain(rgb, detection=det.get("detection"), box=box,
+                                    target=task.classes[0] if box is not None and task.classes else None,
+                                    top_k=s.top_k)
+        for r in results:
+            if not np.isfinite(r.saliency).all():
+                raise ValueError(f"box {r.detection}: the map is not finite")
+    except USER_ERRORS as e:
+        return [_row(source, key, sha256=sha, width=width, height=height, task="detect", error=one_line(e))]
+    except Exception as e:  # a job over a million files must not stop for one: record, go on
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        return [_row(source, key, sha256=sha, width=width, height=height, task="detect",
+                     error=f"internal error {type(e).__name__}: {one_line(e)} ({Path(where.filename).name}:"
+                           f"{where.lineno})")]
+    rows = []
+    seconds = time.perf_counter() - t0
+    for r in results:
+        tag = "box" if r.detection is None else f"det{r.detection}"
+        rel_map = f"{MAPS}/{sha[:2]}/{sha}.{tag}.npy"
+        _atomic_write(out / rel_map, lambda f, r=r: np.save(f, r.saliency_cropped()))
+        rel_png = None
+        if s.overlays:
+            rel_png = f"{OVERLAYS}/{sha[:2]}/{sha}.{tag}.png"
+            pic = r.overlay(rgb, s.alpha)
+            _atomic_write(out / rel_png, lambda f, pic=pic: _save_png(pic, f))
+        x1, y1, x2, y2 = (float(v) for v in r.box)
+        rows.append(_row(source, key, sha256=sha, width=width, height=height, class_index=r.class_index,
+                         label=r.label, score=r.score, channels_used=r.channels_used, seconds=seconds,
+                         provider=r.provider, preset=r.preset, mode="scorecam", select=s.select, fill=r.fill,
+                         passes=r.passes, map=rel_map, overlay=rel_png, task="detect", detection=r.detection,
+                         box_x1=x1, box_y1=y1, box_x2=x2, box_y2=y2, similarity=r.similarity, flat=r.flat))
     return rows
 
 

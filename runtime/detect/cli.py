@@ -19,20 +19,22 @@ import numpy as np
 TASKS = ("auto", "classify", "detect")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The detector flags of ``runtime.explain``."""
+def add_arguments(p: argparse.ArgumentParser, targets: bool = True) -> None:
+    """The detector flags of ``runtime.explain`` / ``runtime.batch`` (``targets``: also ``--detection`` and
+    ``--box``) and ``runtime.serve`` (without them: a request names its boxes)."""
     from .explainer import DEFAULT_NMS_IOU, DEFAULT_SCORE_THRESHOLD, WEIGHTINGS
     from .heads import KINDS
 
     g = p.add_argument_group("object detectors (YOLOv8/v11, YOLOv5, torchvision SSD / RetinaNet / Faster R-CNN)")
     g.add_argument("--task", choices=TASKS, default="auto",
                    help="auto (default: a detector is recognised by its outputs / metadata), classify or detect")
-    g.add_argument("--detection", metavar="N", type=int, nargs="+", default=None,
-                   help="explain the N-th detection(s) of the model on the image, by score (0 = best); default: the "
-                        "top --top-k detections, each its own map")
-    g.add_argument("--box", metavar=("X1", "Y1", "X2", "Y2"), nargs=4, type=float, default=None,
-                   help="explain this box (the photo's pixels) for the class given with --target (a detector with "
-                        "random weights detects little: name the box and the class)")
+    if targets:
+        g.add_argument("--detection", metavar="N", type=int, nargs="+", default=None,
+                       help="explain the N-th detection(s) of the model on the image, by score (0 = best); default: "
+                            "the top --top-k detections, each its own map")
+        g.add_argument("--box", metavar=("X1", "Y1", "X2", "Y2"), nargs=4, type=float, default=None,
+                       help="explain this box (the photo's pixels) for the class given with --target (a detector "
+                            "with random weights detects little: name the box and the class)")
     g.add_argument("--score-threshold", metavar="S", type=float, default=DEFAULT_SCORE_THRESHOLD,
                    help=f"a proposal is a detection from this score up (default {DEFAULT_SCORE_THRESHOLD})")
     g.add_argument("--nms-iou", metavar="T", type=float, default=DEFAULT_NMS_IOU,
@@ -44,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weighting", choices=WEIGHTINGS, default="centred",
                    help="part weights from the D-RISE similarity s: centred (s - mean s, default), similarity (s) or "
                         "softmax")
+
+
+def detector_kwargs(args) -> dict:
+    """The ``DetectionExplainer`` keyword arguments of the detector flags every CLI shares."""
+    return {"score_threshold": args.score_threshold, "nms_iou": args.nms_iou, "letterbox": args.letterbox,
+            "head": args.head, "weighting": args.weighting}
 
 
 def is_detection_run(args) -> bool:
@@ -58,9 +66,8 @@ def explainer_kwargs(args) -> dict:
     return {"device": args.device, "batch_size": args.batch_size, "preset": args.preset, "threads": args.threads,
             "max_channels": args.max_channels, "layer": args.layer or "auto",
             "select": "auto" if args.select == "relevance" else args.select, "fill": args.fill,
-            "weighting": args.weighting, "score_threshold": args.score_threshold, "nms_iou": args.nms_iou,
             "input_size": args.size, "mean": args.mean, "std": args.std, "scale": args.scale, "bgr": args.bgr,
-            "labels": args.labels, "letterbox": args.letterbox, "head": args.head}
+            "labels": args.labels, **detector_kwargs(args)}
 
 
 def run(args, stdout, stderr) -> int:
@@ -80,6 +87,8 @@ def run(args, stdout, stderr) -> int:
         raise UsageError("the following arguments are required: IMAGE")
     if args.mode != "scorecam" or args.precision != "fp32":
         raise UsageError("detectors are explained with --mode scorecam and --precision fp32")
+    if getattr(args, "layers", None) is not None or getattr(args, "baseline", "zero") != "zero":
+        raise UsageError("--layers and --baseline apply to classifiers; a detector is explained from one level")
     if args.box is not None and args.detection is not None:
         raise UsageError("give --box or --detection, not both")
     if args.box is not None and not args.target:
@@ -105,6 +114,9 @@ def run(args, stdout, stderr) -> int:
                                  progress=bar)
             bar.finish()
             for r in results:
+                if r.note:
+                    print(f"warning: {item.arg}: {'box' if r.detection is None else f'detection {r.detection}'}: "
+                          f"{r.note}", file=stderr)
                 tag = "box" if r.detection is None else f"det{r.detection}"
                 stem = args.out / f"{item.stem}.{tag}"
                 png, npy, js = (Path(f"{stem}.{ext}") for ext in ("png", "npy", "json"))

@@ -16,7 +16,8 @@ The D-RISE similarity (Petsiuk et al. 2021) of a masked image to a target detect
 
     s = max_d IoU(b, b_d) * cos(p, p_d) * o_d        (o_d = 1 without objectness)
 
-Heads without objectness give class scores that do not sum to one and have no background class, so a
+Softmax heads with a background class (torchvision SSD / Faster R-CNN without NMS: column 0) are used as they
+are. Heads without objectness give class scores that do not sum to one and have no background class, so a
 proposal that sees nothing (every score near 0) would still point the same way as the target; their class
 vector gets the background component D-RISE's softmax heads have, ``p~ = [p_1 .. p_C, 1 - max_c p_c]``
 (after NMS, with only a label and a score: ``[score at the label, 1 - score]``). A target given as a box and
@@ -40,6 +41,8 @@ class Head:
     outputs: tuple[str, ...]  # yolo: (out,); boxes: (boxes, scores) or (boxes, scores, labels)
     num_classes: int | None = None  # C (None after NMS when no labels say it)
     label_offset: int = 0  # subtracted from a label to index ``labels`` (torchvision's COCO: 0 is background)
+    background: bool = False  # ``boxes`` without NMS: column 0 of the scores is a background class (a softmax
+    # head: torchvision SSD, Faster R-CNN); the class vectors are then used as they are
 
     @property
     def objectness(self) -> bool:
@@ -132,6 +135,9 @@ def decode_batch(head: Head, arrays: list[np.ndarray]) -> list[Proposals]:
         labels = _flat(np.asarray(arrays[2]), 1).reshape(-1).astype(np.int64)
         return [Proposals(boxes, None, None, labels, np.clip(s, 0.0, 1.0))]
     probs = np.clip(_flat(scores, 2).reshape(boxes.shape[0], -1), 0.0, 1.0)
+    if head.background and probs.shape[1] > 1:  # softmax with its own background column 0: D-RISE's vectors
+        fg = probs[:, 1:]
+        return [Proposals(boxes, probs, None, fg.argmax(axis=-1) + 1, fg.max(axis=-1, initial=0.0))]
     return [Proposals(boxes, with_background(probs), None, probs.argmax(axis=-1), probs.max(axis=-1, initial=0.0))]
 
 

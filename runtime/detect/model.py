@@ -7,10 +7,11 @@ Pure onnx (plus one ONNX Runtime run when shape inference cannot tell a shape). 
 - the head (:mod:`.heads`): from ``--head`` / the sidecar's ``head`` / the bundle metadata, else from the
   output shapes: one [1,A,N] output with A < N is ``yolo8`` (C = A - 4), one [1,N,A] with N > A ``yolo5``
   (C = A - 5), outputs ``boxes`` [N,4] + ``scores`` (+ ``labels``) are ``boxes``;
-- the candidate feature maps: every 4-D map (spatial size > 1) the head's outputs are computed from, with
-  its stride (input height / map height); the *levels* are the neck outputs, per stride the last map that
-  feeds two or more convolutions (the box and class branches, the next stage); without such maps, the last
-  map of each stride;
+- the candidate feature maps: every 4-D map (spatial size > 1, one per image) the head's outputs are computed
+  from, with its stride (input height / map height); the *levels* are the neck outputs, per stride the last map
+  that feeds two or more convolutions (the box and class branches, the next stage), or, in a two-stage detector,
+  the last map its regions are pooled from (``RoiAlign``: Faster R-CNN's FPN outputs); without such maps, the
+  last map of each stride;
 - the preprocessing: flags, else the sidecar ``<model>.json`` (the classifier keys plus ``letterbox``,
   ``head``), else the bundle metadata written by ``python -m exporter annotate``, else what the model says
   about itself (Ultralytics: RGB, 1/255, letterbox to ``imgsz`` with grey 114 padding, class names), else
@@ -195,6 +196,8 @@ def _ours(props: dict) -> dict:
             out["letterbox"] = props[PREFIX + "letterbox"] == "true"
         if PREFIX + "head" in props:
             out["head"] = props[PREFIX + "head"]
+        if PREFIX + "background" in props:
+            out["background"] = props[PREFIX + "background"] == "true"
     except (ValueError, TypeError) as e:
         raise BundleError(f"the detector's scorecam metadata is damaged ({e})") from None
     return out
@@ -204,8 +207,10 @@ def is_detection_bundle(props: dict) -> bool:
     return props.get(TASK_KEY) == "detect"
 
 
-def detection_props(pre: Preprocessing, letterbox: bool, labels, head: str | None) -> dict[str, str]:
-    """The metadata_props that make a detector file carry its preprocessing (``exporter annotate``)."""
+def detection_props(pre: Preprocessing, letterbox: bool, labels, head: str | None,
+                    background: bool = False) -> dict[str, str]:
+    """The metadata_props that make a detector file carry its preprocessing (``exporter annotate``);
+    ``background``: the class scores' column 0 is a background class (:class:`runtime.detect.heads.Head`)."""
     props = {TASK_KEY: "detect", PREFIX + "input_size": json.dumps(list(pre.input_size)),
              PREFIX + "color_order": pre.color_order, PREFIX + "scale": repr(float(pre.scale)),
              PREFIX + "mean": json.dumps([float(v) for v in pre.mean]),
@@ -215,6 +220,8 @@ def detection_props(pre: Preprocessing, letterbox: bool, labels, head: str | Non
         props[PREFIX + "labels"] = json.dumps(list(labels))
     if head:
         props[PREFIX + "head"] = head
+    if background:
+        props[PREFIX + "background"] = "true"
     return props
 
 
@@ -283,9 +290,11 @@ def feature_levels(m: onnx.ModelProto, info: GraphInfo, head: Head, size: tuple[
     cons = _consumers(m.graph)
     found: list[Level] = []
     for t in info.tensor_names():
-        if t not in anc or not info.is_map(t) or info.layout(t) != NCHW:
+        if t not in anc or not info.is_map(t, strict=False) or info.layout(t) != NCHW:  # its own grid test below
             continue
         shape = info.shapes[t]
+        if shape[0] not in (1, None):  # one map per region (a two-stage detector's pooled features), not the image's
+            continue
         k, h, w = int(shape[1]), int(shape[2]), int(shape[3])
         sy, sx = size[0] / h, size[1] / w
         if abs(sy - sx) > 0.5 * max(sy, sx) or min(sy, sx) < 1:  # not an image grid (a reshaped head tensor)
@@ -293,7 +302,10 @@ def feature_levels(m: onnx.ModelProto, info: GraphInfo, head: Head, size: tuple[
         node = info.producer.get(t)
         found.append(Level(t, k, (h, w), round(float(np.sqrt(sy * sx)), 2), node.op_type if node else "input"))
     picked: dict[float, str] = {}
-    for lv in found:
+    pooled = [lv for lv in found if "RoiAlign" in cons.get(lv.name, [])]
+    for lv in pooled:  # a two-stage detector: the maps its regions are pooled from (FPN outputs)
+        picked[round(lv.stride)] = lv.name
+    for lv in found if not pooled else []:
         if cons.get(lv.name, []).count("Conv") >= 2:
             picked[round(lv.stride)] = lv.name
     if not picked:
@@ -357,8 +369,8 @@ def open_detector(model, *, input_size=None, mean=None, std=None, scale=None, bg
     shapes = fixed_shapes(m, name, (1, 3, *size), data_dir)
     info = GraphInfo(m, name, shapes, data_dir)
     h = find_head(m.graph, shapes, pick(head, "head"))
-    if h.kind == "boxes" and wrap:  # torchvision: label 0 is the background class
-        h = Head(h.kind, h.outputs, h.num_classes, label_offset=0)
+    if h.kind == "boxes" and not h.nms_in_graph and bool(pick(None, "background")):
+        h = Head(h.kind, h.outputs, h.num_classes, h.label_offset, background=True)
     levels = feature_levels(m, info, h, size)
     if not levels:
         raise BundleError("the detector has no 4-D feature map with a spatial size > 1 feeding its outputs")

@@ -1,5 +1,6 @@
 """The FastAPI app: KServe V1 ``:explain`` / ``:predict``, Open Inference Protocol V2, ``/metrics`` and
-the web page at ``/``. A thin edge over :class:`runtime.Explainer`: requests are parsed by
+the web page at ``/``. A thin edge over :class:`runtime.Explainer` (and, for an object detector,
+:class:`runtime.detect.DetectionExplainer`: one result per box, docs/detection.md): requests are parsed by
 :mod:`.protocol`, explanations run in :mod:`.scheduler`'s worker threads (never on the event loop),
 and every refusal is ``{"error": "..."}`` with the status that names its cause.
 """
@@ -58,6 +59,8 @@ class ServeConfig:
     batch_size: int | None = None
     threads: int | None = None
     thirdparty: dict = field(default_factory=dict)  # Explainer kwargs for bare .onnx files
+    task: str = "auto"  # auto (a detector is recognised by its outputs / metadata), classify or detect
+    detector: dict = field(default_factory=dict)  # DetectionExplainer kwargs (score_threshold, nms_iou, ...)
     max_concurrency: int = 1
     queue_size: int = 16
     timeout: float = 120.0
@@ -100,7 +103,7 @@ class State:
         kwargs = {"device": c.device, "preset": c.preset, "max_channels": c.max_channels, "select": c.select,
                   "mode": c.mode, "fill": c.fill, "layers": c.layers, "fusion": c.fusion, "baseline": c.baseline,
                   "batch_size": c.batch_size, "threads": c.threads}
-        return load_models(specs, kwargs, c.thirdparty, log=log.info)
+        return load_models(specs, kwargs, c.thirdparty, log=log.info, detector_kwargs=c.detector, task=c.task)
 
     def start_loading(self) -> None:
         """Load the models in a thread: the server answers liveness (and 503 elsewhere) meanwhile."""
@@ -150,14 +153,38 @@ def _decode(inst: P.Instance, i: int, max_pixels: int) -> np.ndarray:
         raise P.ProtocolError(413 if "over the limit" in msg or "too many pixels" in msg else 400, msg) from None
 
 
+def check_task(model: ServedModel, instances: list[P.Instance], opts: P.Options) -> None:
+    """422 for a request whose ``task`` is not the model's, or that gives a box / detection to a classifier."""
+    if opts.task is not None and opts.task != model.task:
+        what = "an object detector" if model.task == "detect" else "a classifier"
+        raise P.ProtocolError(422, f"task {opts.task!r} does not fit model {model.name!r}: it is {what} (task "
+                                   f"{model.task!r})")
+    if model.task == "classify":
+        for i, inst in enumerate(instances):
+            if inst.box is not None or inst.detection is not None:
+                raise P.ProtocolError(422, f"image {i}: box and detection apply to object detectors; model "
+                                           f"{model.name!r} is a classifier (give targets / top_k)")
+    elif opts.mode not in (None, "scorecam"):
+        raise P.ProtocolError(422, f"mode {opts.mode!r} does not apply to detectors: they are explained with mode "
+                                   "scorecam")
+
+
 def _explain_all(model: ServedModel, instances: list[P.Instance], opts: P.Options, state: State, token: Token,
                  want_png: bool = False):
     """Runs in a worker thread: decode, explain (stopping at the token's deadline), encode."""
     try:
-        ex = model.variant(opts.preset, opts.max_channels, opts.exact, opts.select, opts.mode, opts.fill,
-                           layers=opts.layers, fusion=opts.fusion, baseline=opts.baseline)
+        if model.task == "detect":
+            if opts.layers not in (None, 1) or opts.baseline not in (None, "zero"):
+                raise ValueError("layers and baseline apply to classifiers; a detector is explained from one level")
+            ex = model.variant(opts.preset, opts.max_channels, opts.exact, opts.select, opts.mode, opts.fill,
+                               opts.score_threshold)
+        else:
+            ex = model.variant(opts.preset, opts.max_channels, opts.exact, opts.select, opts.mode, opts.fill,
+                               layers=opts.layers, fusion=opts.fusion, baseline=opts.baseline)
     except ValueError as e:  # e.g. preview / relevance asked of a model whose head does not allow it
         raise P.ProtocolError(422, str(e)) from None
+    if model.task == "detect":
+        return _explain_boxes(model, ex, instances, opts, state, token, want_png)
     chunks = state.metrics.chunks.labels(model.name)
 
     def progress(done: int, total: int) -> None:
@@ -183,7 +210,42 @@ def _explain_all(model: ServedModel, instances: list[P.Instance], opts: P.Option
     return out
 
 
+def _explain_boxes(model: ServedModel, ex, instances: list[P.Instance], opts: P.Options, state: State, token: Token,
+                   want_png: bool):
+    """The detector's :func:`_explain_all`: one :class:`runtime.detect.BoxResult` per box; overlays with the box
+    drawn."""
+    chunks = state.metrics.chunks.labels(model.name)
+
+    def progress(done: int, total: int) -> None:
+        chunks.inc()
+        token.steps += 1
+        token.check()
+
+    out = []
+    for i, inst in enumerate(instances):
+        token.check()
+        rgb = _decode(inst, i, state.config.max_pixels)
+        try:
+            results = ex.explain(rgb, detection=inst.detection, box=inst.box,
+                                 target=inst.targets[0] if inst.box is not None else None, top_k=inst.top_k,
+                                 progress=progress)
+        except TargetError as e:
+            raise P.ProtocolError(422, f"image {i}: {e}") from None
+        if want_png:
+            r = results[0]
+            return P.png(r.overlay(rgb, opts.alpha)), r
+        pngs = [P.png(r.overlay(rgb, opts.alpha)) if opts.overlay else None for r in results]
+        out.append(((int(rgb.shape[0]), int(rgb.shape[1])), results, pngs))
+        del rgb
+    return out
+
+
 def _v1_body(model: ServedModel, explained, opts: P.Options) -> bytes:
+    if model.task == "detect":
+        explanations = [{"image_size": list(size), "task": "detect",
+                         "results": [P.result_detect_v1(r, opts, png) for r, png in zip(results, pngs, strict=True)]}
+                        for size, results, pngs in explained]
+        return json.dumps({"model_name": model.name, "explanations": explanations}).encode()
     explanations = [{"image_size": list(size), "results": [P.result_v1(r, opts, png)
                                                             for r, png in zip(results, pngs, strict=True)]}
                     for size, results, pngs in explained]
@@ -266,12 +328,13 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
             q = request.query_params
             if not body:
                 raise P.ProtocolError(400, "empty request body; send the image file's bytes")
-            params = {k: q[k] for k in ("saliency_encoding", "overlay", "alpha", "preset", "max_channels", "select",
-                                            "mode", "fill", "layers", "fusion", "baseline") if k in q}
+            params = {k: q[k] for k in P.OPTION_KEYS if k in q}
             opts = P.parse_options(params)
+            detection = q.getlist("detection")
             inst = P.Instance(body, P.split_query_targets(q.getlist("targets") + q.getlist("target")),
-                              P.parse_int(q.get("top_k", 1), "top_k", 1, P.MAX_TOP_K))
-            instances = [inst]
+                              P.parse_int(q.get("top_k", 1), "top_k", 1, P.MAX_TOP_K), box=P.parse_box(q.get("box")),
+                              detection=P.parse_detection(",".join(detection)) if detection else None)
+            instances = [P.check_box_request(inst, "query")]
         else:
             data = await run_in_threadpool(P.parse_json, body)
             instances, opts = await run_in_threadpool(P.parse_v2 if v2 else P.parse_v1, data, state.limits)
@@ -288,9 +351,16 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
     async def v1_explain(name: str, request: Request):
         model = state.model(name)
         instances, opts = await parse_request(request)
+        check_task(model, instances, opts)
         accept = request.headers.get("accept", "")
         if "image/png" in accept and "application/json" not in accept:
             data, r = await run_job(request, lambda t: _explain_all(model, instances[:1], opts, state, t, True), model)
+            if model.task == "detect":
+                return Response(data, media_type="image/png", headers={
+                    "X-Class-Index": str(r.class_index), "X-Label": quote(r.label), "X-Score": f"{r.score:.6f}",
+                    "X-Box": ",".join(f"{v:.2f}" for v in r.box),
+                    "X-Detection": "" if r.detection is None else str(r.detection), "X-Seconds": f"{r.seconds:.4f}",
+                    "X-Provider": r.provider, "X-Flat": "true" if r.flat else "false"})
             return Response(data, media_type="image/png", headers={
                 "X-Class-Index": str(r.class_index), "X-Label": quote(r.label), "X-Probability": f"{r.probability:.6f}",
                 "X-Seconds": f"{r.seconds:.4f}", "X-Provider": r.provider})
@@ -303,12 +373,17 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
     @app.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request):
         model = state.model(name)
-        instances, _ = await parse_request(request)
+        instances, opts = await parse_request(request)
+        check_task(model, [], opts)
 
         def job(token: Token) -> dict:
             preds = []
             for i, inst in enumerate(instances):
                 token.check()
+                if model.task == "detect":  # the model's detections, best first
+                    ex = model.variant(None, None, score_threshold=opts.score_threshold)
+                    preds.append([P.detection_v1(d) for d in ex.detect(_decode(inst, i, config.max_pixels))])
+                    continue
                 probs = model.explainer.predict(_decode(inst, i, config.max_pixels))
                 preds.append(P.prediction(probs, model.explainer.label_of, 5))
             return {"predictions": preds}
@@ -339,6 +414,19 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
         model = state.model(name)
         h, w = model.explainer.input_size
         meta = model.metadata()
+        if model.task == "detect":
+            outputs = [{"name": "image_index", "datatype": "INT64", "shape": [-1]},
+                       {"name": "saliency", "datatype": "FP32", "shape": [-1, h, w]},
+                       {"name": "content", "datatype": "INT64", "shape": [-1, 4]},
+                       {"name": "box", "datatype": "FP32", "shape": [-1, 4]},
+                       {"name": "detection", "datatype": "INT64", "shape": [-1]},
+                       {"name": "class_index", "datatype": "INT64", "shape": [-1]},
+                       {"name": "score", "datatype": "FP32", "shape": [-1]},
+                       {"name": "similarity", "datatype": "FP32", "shape": [-1]},
+                       {"name": "label", "datatype": "BYTES", "shape": [-1]}]
+            return {"name": model.name, "versions": ["1"], "platform": "scorecam-onnx",
+                    "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}], "outputs": outputs,
+                    **meta, "parameters": meta}
         return {"name": model.name, "versions": ["1"], "platform": "scorecam-onnx",
                 "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
                 "outputs": [{"name": "saliency", "datatype": "FP32", "shape": [-1, -1, h, w]},
@@ -356,11 +444,13 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
     async def v2_infer(name: str, request: Request):
         model = state.model(name)
         instances, opts = await parse_request(request, v2=True)
+        check_task(model, instances, opts)
 
         def job(token: Token) -> bytes:
             explained = _explain_all(model, instances, opts, state, token)
             results = [rs for _, rs, _ in explained]
-            outputs = P.v2_outputs(results, model.explainer.input_size)
+            outputs = P.v2_detect_outputs(results, model.explainer.input_size) if model.task == "detect" else \
+                P.v2_outputs(results, model.explainer.input_size)
             return json.dumps({"model_name": model.name, "model_version": "1", "outputs": outputs}).encode()
 
         return Response(await run_job(request, job, model), media_type="application/json")

@@ -39,11 +39,18 @@ routes:
                                  /v2/models/NAME, /v2/models/NAME/ready
   GET  /metrics                  Prometheus;  GET /  the web page
 
+object detectors (served as such when recognised; docs/detection.md): an instance names its boxes with
+  "detection": N (or a list), "box": [x1, y1, x2, y2] + "targets": [CLASS], or "top_k"; every result is
+  one box (its box, class, score, saliency; the overlay has the box drawn); :predict gives the detections
+
 examples:
   python -m runtime.serve models/efficientnet_lite0                 # http://127.0.0.1:8080/
   python -m runtime.serve models/ --host 0.0.0.0 --max-channels 128 # every bundle under models/
   curl --data-binary @cat.jpg -H 'Content-Type: image/jpeg' -H 'Accept: image/png' \\
       http://127.0.0.1:8080/v1/models/efficientnet_lite0:explain > heat.png
+  python -m runtime.serve yolov8n.onnx --max-channels 16           # a detector: one map per box
+  curl --data-binary @street.jpg -H 'Content-Type: image/jpeg' -H 'Accept: image/png' \\
+      'http://127.0.0.1:8080/v1/models/yolov8n:explain?box=40,30,300,280&targets=dog' > dog.png
 """
 
 
@@ -83,14 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-instances", type=positive_int, default=8, help="images per request (default 8)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     thirdparty.add_arguments(p)
+    from ..detect.cli import add_arguments as add_detector_arguments
+
+    add_detector_arguments(p, targets=False)
     return p
 
 
 def config_from_args(args: argparse.Namespace):
+    from ..detect.cli import detector_kwargs
     from .app import ServeConfig
 
     kw = thirdparty.cli_kwargs(args)
     return ServeConfig(models=list(args.models), model_name=args.model_name, device=args.device, preset=args.preset,
+                       task=args.task, detector=detector_kwargs(args),
                        max_channels=args.max_channels, select=args.select, mode=args.mode, fill=args.fill,
                        layers=list(args.layers) if isinstance(args.layers, tuple) else args.layers,
                        fusion=args.fusion, baseline=args.baseline, batch_size=args.batch_size, threads=args.threads,

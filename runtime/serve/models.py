@@ -3,7 +3,9 @@
 MODEL is a bundle directory, a ``.onnx`` file (a third-party classifier, with the CLI's
 preprocessing flags), a folder of bundles (one model per subfolder holding a ``model.onnx``), or a
 bundle name under ``models/``. A model is served under its folder's name (a lone ``.onnx`` file:
-its stem), or ``--model_name`` for a single model.
+its stem), or ``--model_name`` for a single model. An object detector (recognised by its outputs or
+metadata, :func:`runtime.detect.looks_like_detector`, or ``--task detect``) is served by a
+:class:`runtime.detect.DetectionExplainer`: its task is ``detect``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from ..bundle import resolve_model_path
 from ..contract import MODEL_FILE, BundleError
+from ..detect import DetectionExplainer, looks_like_detector
 from ..explainer import Explainer, default_fill
 from ..methods import _variant
 
@@ -68,18 +71,25 @@ class ServedModel:
     """One loaded model: its base explainer, and per-request variants (another preset or channel cap)."""
 
     name: str
-    explainer: Explainer
+    explainer: Explainer | DetectionExplainer
     load_seconds: float
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    @property
+    def task(self) -> str:
+        """``detect`` for an object detector, else ``classify``."""
+        return "detect" if isinstance(self.explainer, DetectionExplainer) else "classify"
+
     def variant(self, preset: str | None, max_channels: int | None, exact: bool = False, select: str | None = None,
-                mode: str | None = None, fill: str | None = None, *, layers=None, fusion: str | None = None,
-                baseline: str | None = None) -> Explainer:
+                mode: str | None = None, fill: str | None = None, score_threshold: float | None = None, *,
+                layers=None, fusion: str | None = None, baseline: str | None = None):
         """The explainer for one request (None: the server's setting; a fill neither asked for follows the cap:
-        ``kernel`` with one, :func:`runtime.explainer.default_fill`; ``layers`` 1: the target layer alone). A
-        variant shares the engine and its sessions; the scorer session of a new mask kind is built here, under a
-        lock, so two requests never race to make it. ValueError (BundleError) when the model does not allow the
-        mode / selection / layers asked for."""
+        ``kernel`` with one, :func:`runtime.explainer.default_fill`; ``layers`` 1: the target layer alone;
+        ``score_threshold``: detectors only). A variant shares the engine and its sessions; the scorer session of
+        a new mask kind is built here, under a lock, so two requests never race to make it. ValueError
+        (BundleError) when the model does not allow the mode / selection / layers asked for."""
+        if self.task == "detect":
+            return self._detect_variant(preset, max_channels, exact, select, mode, fill, score_threshold)
         ex = self.explainer
         mc = None if exact else (max_channels if max_channels is not None else ex.max_channels)
         # a fill neither the request nor the server asked for follows the cap: kernel when channels are capped
@@ -101,26 +111,92 @@ class ServedModel:
             v.engine.scorer(v.mask)
         return v
 
+    def _detect_variant(self, preset, max_channels, exact, select, mode, fill, score_threshold):
+        import copy
+
+        from ..detect.explainer import SELECTS
+        from ..scorecam import get_preset
+
+        ex = self.explainer
+        if mode not in (None, "scorecam"):
+            raise ValueError(f"mode {mode!r} does not apply to detectors: they are explained with mode scorecam")
+        select = {"relevance": "auto", None: ex.select}.get(select, select)
+        if select not in SELECTS:
+            raise ValueError(f"select {select!r} does not apply to detectors; choose one of {', '.join(SELECTS)}")
+        mc = None if exact else (max_channels if max_channels is not None else ex.max_channels)
+        # the classifiers' rule: a fill neither the request nor the server asked for follows the cap (kernel)
+        fill = default_fill(fill or ex.fill_asked, mc)
+        if fill not in ("kernel", "zero"):
+            raise ValueError(f"fill {fill!r} does not apply to detectors; choose kernel or zero")
+        threshold = ex.score_threshold if score_threshold is None else float(score_threshold)
+        if (preset is None or preset == ex.preset.name) and mc == ex.max_channels and \
+                (select, fill, threshold) == (ex.select, ex.fill, ex.score_threshold):
+            return ex
+        v = copy.copy(ex)
+        v.preset = get_preset(preset or ex.preset.name)
+        v.max_channels, v.select, v.fill, v.score_threshold = mc, select, fill, threshold
+        with self._lock:
+            v.engine.scorer(v.preset.mask)
+        return v
+
     def metadata(self) -> dict:
         """What a client needs to know (V2 model metadata's extra fields)."""
         ex = self.explainer
+        if self.task == "detect":
+            det = ex.detector
+            pre = det.preprocessing
+            h, w = ex.input_size
+            return {"task": "detect", "labels": len(ex.labels) or ex.num_classes, "input_size": [h, w],
+                    "preprocessing": {"input_size": [h, w], "color_order": pre.color_order, "scale": pre.scale,
+                                      "mean": list(pre.mean), "std": list(pre.std), "letterbox": det.letterbox},
+                    "head": det.head.kind, "nms_in_graph": det.head.nms_in_graph,
+                    "levels": [{"name": lv.name, "stride": lv.stride, "channels": lv.channels} for lv in ex.levels],
+                    "layer": ex.layer, "provider": ex.provider, "preset": ex.preset.name,
+                    "max_channels": ex.max_channels, "select": ex.select, "fill": ex.fill,
+                    "weighting": ex.weighting, "score_threshold": ex.score_threshold, "nms_iou": ex.nms_iou,
+                    "batch_size": ex.batch_size}
         pre = ex.pre
         h, w = ex.input_size
-        return {"labels": len(ex.labels) or ex.num_classes, "input_size": [h, w],
+        return {"task": "classify", "labels": len(ex.labels) or ex.num_classes, "input_size": [h, w],
                 "preprocessing": {"input_size": [h, w], "color_order": pre.color_order,
                                   "scale": pre.scale, "mean": list(pre.mean), "std": list(pre.std)},
-                "target_layer": ex.meta.layer, "provider": ex.provider, "preset": ex.preset.name,
+                "target_layer": ex.meta.layer, "layout": ex.meta.layout.describe(),
+                "provider": ex.provider, "preset": ex.preset.name,
                 "max_channels": ex.max_channels, "select": ex.select, "mode": ex.mode, "fill": ex.fill,
                 "layers": [ex.meta.layer, *(st.name for st in ex.stages)], "fusion": ex.fusion,
                 "baseline": ex.baseline, "batch_size": ex.batch_size}
 
 
+def load_detector(path, explainer_kwargs: dict, thirdparty_kwargs: dict, detector_kwargs: dict) -> DetectionExplainer:
+    """A :class:`DetectionExplainer` from the server's settings (the classifier flags that apply to detectors,
+    and the detector flags); ValueError for a setting that does not apply to detectors."""
+    kw = dict(explainer_kwargs)
+    if kw.pop("mode", "scorecam") != "scorecam":
+        raise ValueError(f"{path}: an object detector is explained with --mode scorecam")
+    kw.pop("precision", None)
+    if kw.get("select") == "relevance":
+        kw["select"] = "auto"
+    tp = {k: v for k, v in thirdparty_kwargs.items() if k in ("layer", "input_size", "mean", "std", "scale", "bgr",
+                                                                 "labels") and v not in (None, False)}
+    return DetectionExplainer(path, **kw, **tp, **detector_kwargs)
+
+
 def load_models(specs: list[ModelSpec], explainer_kwargs: dict, thirdparty_kwargs: dict,
-                log=print) -> dict[str, ServedModel]:
-    """Load every model once (an Explainer each); ``log`` gets one line per model."""
+                log=print, detector_kwargs: dict | None = None, task: str = "auto") -> dict[str, ServedModel]:
+    """Load every model once (an Explainer, or a DetectionExplainer for a detector: ``task`` ``auto`` tells them
+    apart); ``log`` gets one line per model."""
     out: dict[str, ServedModel] = {}
     for s in specs:
         t0 = time.perf_counter()
+        if task == "detect" or (task == "auto" and looks_like_detector(s.path)):
+            dx = load_detector(s.path, explainer_kwargs, thirdparty_kwargs if s.third_party else {},
+                               detector_kwargs or {})
+            seconds = time.perf_counter() - t0
+            out[s.name] = ServedModel(s.name, dx, seconds)
+            log(f"loaded detector {s.name!r} from {s.path} in {seconds:.2f}s ({dx.provider}, head {dx.head.kind}, "
+                f"{dx.num_classes or '?'} classes, layer {dx.layer}, preset {dx.preset.name}"
+                + (f", max_channels {dx.max_channels}, fill {dx.fill})" if dx.max_channels else ")"))
+            continue
         kwargs = dict(explainer_kwargs, **(thirdparty_kwargs if s.third_party else {}))
         ex = Explainer(s.path, **kwargs)
         seconds = time.perf_counter() - t0

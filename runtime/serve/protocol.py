@@ -31,6 +31,8 @@ from ..stages import parse_layers
 
 ENCODINGS = ("b64", "list", "png16")
 MAX_TOP_K = 1000
+TASKS = ("classify", "detect")
+MAX_DETECTION = 100_000
 
 
 class ProtocolError(ValueError):
@@ -67,6 +69,8 @@ class Options:
     layers: int | tuple[str, ...] | None = None  # None: the server's; 1: the target layer alone; N or names
     fusion: str | None = None  # None: the server's (poly, product, sum)
     baseline: str | None = None  # None: the server's (zero, blur)
+    task: str | None = None  # None: the model's (classify or detect); a request naming the other one is refused
+    score_threshold: float | None = None  # detectors: None: the server's
 
 
 @dataclass
@@ -77,6 +81,8 @@ class Instance:
     targets: list | None = None
     top_k: int = 1
     extra: dict = field(default_factory=dict)
+    box: list[float] | None = None  # detectors: a box [x1, y1, x2, y2] in the photo's pixels (its class: targets)
+    detection: list[int] | None = None  # detectors: the N-th detection(s) by score (0 = best)
 
 
 # ----------------------------------------------------------------------------------- small parsers
@@ -176,6 +182,54 @@ def split_query_targets(values: list[str]) -> list | None:
     return parse_targets(out)
 
 
+def parse_box(value, what: str = "box") -> list[float] | None:
+    """A box ``[x1, y1, x2, y2]`` of finite numbers (or ``"x1,y1,x2,y2"``); None when absent. Whether it fits the
+    photo is the explainer's check (a 422 naming the cause)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split()]
+    if not isinstance(value, list) or len(value) != 4:
+        raise ProtocolError(422, f"{what} must be four numbers [x1, y1, x2, y2] in the photo's pixels, got "
+                                 f"{json.dumps(value, default=str)[:80]}")
+    out = []
+    for v in value:
+        try:
+            f = float(v) if not isinstance(v, bool) and isinstance(v, (int, float, str)) else math.nan
+        except ValueError:
+            f = math.nan
+        if not math.isfinite(f):
+            raise ProtocolError(422, f"{what} must be four finite numbers [x1, y1, x2, y2], got "
+                                     f"{json.dumps(value, default=str)[:80]}")
+        out.append(f)
+    return out
+
+
+def parse_detection(value, what: str = "detection") -> list[int] | None:
+    """One detection rank or a list of them (0 = the best detection); None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, str) and "," in value:
+        value = [v for v in value.split(",") if v.strip()]
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ProtocolError(422, f"{what} is empty; give detection ranks (0 = the best), or leave it out for top_k")
+    if len(items) > MAX_TOP_K:
+        raise ProtocolError(413, f"{what}: {len(items)} detections in one request; the limit is {MAX_TOP_K}")
+    return [parse_int(v, what, 0, MAX_DETECTION) for v in items]
+
+
+def check_box_request(inst: Instance, where: str) -> Instance:
+    """A box needs exactly one class (``targets``) and excludes ``detection``."""
+    if inst.box is not None:
+        if inst.detection is not None:
+            raise ProtocolError(422, f"{where}: give a box or a detection, not both")
+        if not inst.targets or len(inst.targets) != 1:
+            raise ProtocolError(422, f"{where}: a box needs its class: give exactly one target "
+                                     "(\"targets\": [CLASS], an index or a label)")
+    return inst
+
+
 def parse_options(params, base: Options | None = None) -> Options:
     """Request-level ``parameters`` -> :class:`Options` (422 for a bad value, unknown keys ignored)."""
     opts = Options(**vars(base)) if base else Options()
@@ -218,6 +272,21 @@ def parse_options(params, base: Options | None = None) -> Options:
             opts.layers = parse_layers(params["layers"]) or 1
         except ValueError as e:
             raise ProtocolError(422, str(e)) from None
+    if params.get("task") is not None:
+        if not isinstance(params["task"], str) or params["task"] not in TASKS:
+            raise ProtocolError(422, f"task must be one of {', '.join(TASKS)}, "
+                                     f"got {json.dumps(params['task'], default=str)}")
+        opts.task = params["task"]
+    if params.get("score_threshold") is not None:
+        t = params["score_threshold"]
+        try:
+            t = float(t) if not isinstance(t, bool) else None
+        except (TypeError, ValueError):
+            t = None
+        if t is None or not 0.0 <= t <= 1.0:
+            raise ProtocolError(422, "score_threshold must be a number in [0, 1], got "
+                                     f"{json.dumps(params['score_threshold'], default=str)}")
+        opts.score_threshold = t
     if "max_channels" in params:
         mc = params["max_channels"]
         if mc in (None, 0, "0", "", "all", "exact"):
@@ -244,7 +313,9 @@ def _instance(item, i: int, limits: Limits) -> Instance:
     data = decode_b64(img, f"{where}.image.b64")
     targets = parse_targets(item.get("targets", item.get("target")), f"{where}.targets")
     top_k = parse_int(item.get("top_k", 1), f"{where}.top_k", 1, MAX_TOP_K)
-    return Instance(data, targets, top_k)
+    box = parse_box(item.get("box"), f"{where}.box")
+    detection = parse_detection(item.get("detection"), f"{where}.detection")
+    return check_box_request(Instance(data, targets, top_k, box=box, detection=detection), where)
 
 
 def parse_v1(data: dict, limits: Limits) -> tuple[list[Instance], Options]:
@@ -366,11 +437,17 @@ def prediction(probs: np.ndarray, label_of, k: int = 5) -> list[dict]:
 # ------------------------------------------------------------------------------------------ V2
 
 
+#: request-level parameters (V1 ``parameters``, V2 ``parameters``, the raw-image route's query)
+OPTION_KEYS = ("saliency_encoding", "overlay", "alpha", "preset", "max_channels", "select", "mode", "fill", "layers",
+               "fusion", "baseline", "task", "score_threshold")
+
+
 def parse_v2(data: dict, limits: Limits) -> tuple[list[Instance], Options]:
     """An Open Inference Protocol ``infer`` body -> (instances, options).
 
     Input ``image``: BYTES [N], each a base64 string of an image file. Request ``parameters`` (or the
-    input's): ``top_k``, ``targets`` (list), and the V1 options (``preset``, ``max_channels``).
+    input's): ``top_k``, ``targets`` (list), the V1 options (``preset``, ``max_channels``, ...) and, for a
+    detector, ``box`` or ``detection`` (for every image).
     """
     inputs = data.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -403,9 +480,12 @@ def parse_v2(data: dict, limits: Limits) -> tuple[list[Instance], Options]:
     if isinstance(params.get("targets"), str) and "," in params["targets"]:
         targets = split_query_targets([params["targets"]])
     top_k = parse_int(params.get("top_k", 1), "parameters.top_k", 1, MAX_TOP_K)
-    opts = parse_options({k: v for k, v in params.items()
-                          if k in ("preset", "max_channels", "select", "mode", "fill", "layers", "fusion", "baseline")})
-    return [Instance(decode_b64(v, f"image[{i}]"), targets, top_k) for i, v in enumerate(values)], opts
+    box = parse_box(params.get("box"), "parameters.box")
+    detection = parse_detection(params.get("detection"), "parameters.detection")
+    opts = parse_options({k: v for k, v in params.items() if k in OPTION_KEYS})
+    check_box_request(Instance(b"", targets, top_k, box=box, detection=detection), "parameters")
+    return [Instance(decode_b64(v, f"image[{i}]"), targets, top_k, box=box, detection=detection)
+            for i, v in enumerate(values)], opts
 
 
 def v2_outputs(results: list[list], input_size: tuple[int, int]) -> list[dict]:
@@ -421,4 +501,56 @@ def v2_outputs(results: list[list], input_size: tuple[int, int]) -> list[dict]:
         {"name": "probability", "datatype": "FP32", "shape": [n, k],
          "data": [finite(r.probability) for rs in results for r in rs]},
         {"name": "label", "datatype": "BYTES", "shape": [n, k], "data": [str(r.label) for rs in results for r in rs]},
+    ]
+
+
+# ------------------------------------------------------------------------------------ detectors
+
+
+def result_detect_v1(r, options: Options, overlay_png: bytes | None = None) -> dict:
+    """One explained box (:class:`runtime.detect.BoxResult`) as the V1 response writes it: the box (photo pixels),
+    class, score, the D-RISE similarity, and the saliency over the photo at the network's scale (letterbox
+    padding cut off, as ``python -m runtime.explain`` saves it)."""
+    d = {"detection": r.detection, "box": [round(finite(v), 3) for v in r.box], "class_index": int(r.class_index),
+         "label": str(r.label), "score": finite(r.score), "similarity": finite(r.similarity),
+         "layers": list(r.layers), "channels_used": int(r.channels_used), "passes": int(r.passes),
+         "seconds": round(finite(r.seconds), 4), "provider": str(r.provider), "preset": str(r.preset),
+         "weighting": str(r.weighting), "fill": str(r.fill), "flat": bool(r.flat),
+         "saliency": encode_saliency(r.saliency_cropped(), options.saliency_encoding)}
+    if r.note:
+        d["note"] = r.note
+    if overlay_png is not None:
+        d["overlay"] = {"format": "png", "b64": base64.b64encode(overlay_png).decode("ascii")}
+    return d
+
+
+def detection_v1(d) -> dict:
+    """One detection of the model (:class:`runtime.detect.Detection`): ``:predict`` on a detector."""
+    return {"detection": int(d.index), "box": [round(finite(v), 3) for v in d.box], "class_index": int(d.class_index),
+            "label": str(d.label), "score": finite(d.score)}
+
+
+def v2_detect_outputs(results: list[list], input_size: tuple[int, int]) -> list[dict]:
+    """V2 outputs of a detector: the M boxes of all N images in one list (images may have different counts):
+    ``image_index`` INT64 [M], ``saliency`` FP32 [M,H,W] (at the network input, letterbox padding included),
+    ``content`` INT64 [M,4] (top, left, height, width of the photo in it: crop, then resize to the photo),
+    ``box`` FP32 [M,4] (photo pixels), ``detection`` INT64 [M] (-1: a box given by the request), ``class_index``
+    INT64 [M], ``score`` FP32 [M], ``similarity`` FP32 [M], ``label`` BYTES [M]."""
+    flat = [(i, r) for i, rs in enumerate(results) for r in rs]
+    m = len(flat)
+    h, w = input_size
+    sal = np.stack([np.nan_to_num(r.saliency) for _, r in flat]).astype(np.float32) if m else \
+        np.zeros((0, h, w), np.float32)
+    return [
+        {"name": "image_index", "datatype": "INT64", "shape": [m], "data": [i for i, _ in flat]},
+        {"name": "saliency", "datatype": "FP32", "shape": [m, h, w], "data": sal.ravel().tolist()},
+        {"name": "content", "datatype": "INT64", "shape": [m, 4],
+         "data": [int(v) for _, r in flat for v in r.geometry.content]},
+        {"name": "box", "datatype": "FP32", "shape": [m, 4], "data": [finite(v) for _, r in flat for v in r.box]},
+        {"name": "detection", "datatype": "INT64", "shape": [m],
+         "data": [-1 if r.detection is None else int(r.detection) for _, r in flat]},
+        {"name": "class_index", "datatype": "INT64", "shape": [m], "data": [int(r.class_index) for _, r in flat]},
+        {"name": "score", "datatype": "FP32", "shape": [m], "data": [finite(r.score) for _, r in flat]},
+        {"name": "similarity", "datatype": "FP32", "shape": [m], "data": [finite(r.similarity) for _, r in flat]},
+        {"name": "label", "datatype": "BYTES", "shape": [m], "data": [str(r.label) for _, r in flat]},
     ]
