@@ -174,6 +174,11 @@ def load_detector(path, explainer_kwargs: dict, thirdparty_kwargs: dict, detecto
     if kw.pop("mode", "scorecam") != "scorecam":
         raise ValueError(f"{path}: an object detector is explained with --mode scorecam")
     kw.pop("precision", None)
+    layers, baseline = kw.pop("layers", None), kw.pop("baseline", "zero")
+    kw.pop("fusion", None)
+    if layers not in (None, 1) or baseline not in (None, "zero"):
+        raise ValueError(f"{path}: --layers and --baseline apply to classifiers; a detector is explained from one "
+                         "level")
     if kw.get("select") == "relevance":
         kw["select"] = "auto"
     tp = {k: v for k, v in thirdparty_kwargs.items() if k in ("layer", "input_size", "mean", "std", "scale", "bgr",
