@@ -131,6 +131,76 @@ def extra_photos() -> list[Path]:
     return outside_photos()
 
 
+# Real photographs from outside the repository, in packages that ship them (``--groups wild`` of
+# ``python -m bench.fill_study``; bench, never tests: nothing requires them). Each entry: (group, where, path,
+# package): ``where`` is ``deb`` (``path`` absolute, installed by Debian's ``package``) or ``py`` (``path``
+# inside the installed Python package ``package``). Chosen by what they show (buildings, people, street
+# scenes, art, animals, food, nature), never by how a fast mode does on them: every real photograph of those
+# folders is here, less drawings, renders, screenshots, calibration boards and near-duplicates.
+OPENCV = "/usr/share/doc/opencv-doc/examples"
+MATE = "/usr/share/backgrounds/mate/nature"
+PLASMA = "/usr/share/wallpapers"
+WILD_PHOTOS: tuple[tuple[str, str, str, str], ...] = (
+    *(("opencv", "deb", f"{OPENCV}/data/{n}", "opencv-doc") for n in (
+        "aero1.jpg", "aero3.jpg", "aloeL.jpg", "apple.jpg", "baboon.jpg", "basketball1.png", "board.jpg",
+        "box_in_scene.png", "building.jpg", "butterfly.jpg", "chicky_512.png", "ela_original.jpg", "fruits.jpg",
+        "graf1.png", "home.jpg", "leuvenA.jpg", "licenseplate_motion.jpg", "messi5.jpg", "orange.jpg",
+        "rubberwhale1.png", "squirrel_cls.jpg", "starry_night.jpg", "stuff.jpg")),
+    *(("opencv", "deb", f"{OPENCV}/{n}", "opencv-doc") for n in (
+        "alphamat/input_images/plant.jpg", "hfs/data/000.jpg", "hfs/data/001.jpg", "hfs/data/002.jpg",
+        *(f"text/scenetext0{i}.jpg" for i in range(1, 7)), "reg/home.png", "dnn_superres/butterfly.png")),
+    *(("wallpapers", "deb", f"{MATE}/{n}.jpg", "mate-backgrounds") for n in (
+        "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
+        "TwoWings", "Wood", "YellowFlower")),
+    *(("wallpapers", "deb", f"{PLASMA}/{n}/contents/images/{size}.jpg", "plasma-workspace-wallpapers") for n, size in (
+        ("BytheWater", "1920x1080"), ("ColdRipple", "1920x1080"), ("ColorfulCups", "2560x1600"),
+        ("DarkestHour", "1920x1080"), ("EveningGlow", "1920x1080"), ("FallenLeaf", "1920x1080"),
+        ("Grey", "1920x1080"), ("Kite", "1920x1080"), ("OneStandsOut", "1920x1080"), ("Path", "1920x1080"),
+        ("summer_1am", "1920x1080"), ("Volna", "5120x2880"))),
+    ("wallpapers", "deb", "/usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg", "lomiri-wallpapers-20.04"),
+    ("pypi", "py", "datasets/images/china.jpg", "sklearn"), ("pypi", "py", "datasets/images/flower.jpg", "sklearn"),
+    ("pypi", "py", "demos/data/luispedro.jpg", "mahotas"), ("pypi", "py", "assets/bus.jpg", "ultralytics"),
+    ("pypi", "py", "assets/zidane.jpg", "ultralytics"),
+)
+#: how to install what ships them (pip names differ from import names)
+WILD_INSTALL = {"sklearn": "pip install scikit-learn", "mahotas": "pip install mahotas",
+                "ultralytics": "pip install --no-deps ultralytics"}
+
+
+def wild_name(where: str, path: str, package: str) -> str:
+    """A photo's short, unique name: the wallpaper's folder for Plasma's, else the file name
+    (``opencv-doc``'s sub-folders prefixed: ``hfs/000.jpg``)."""
+    p = Path(path)
+    if where == "deb" and path.startswith(PLASMA):
+        return f"{p.parts[4]}.jpg"
+    if where == "deb" and path.startswith(OPENCV + "/") and not path.startswith(OPENCV + "/data/"):
+        return f"{path[len(OPENCV) + 1:].split('/')[0]}/{p.name}"
+    return p.name
+
+
+def wild_photos(groups=("opencv", "wallpapers", "pypi")) -> tuple[list[tuple[str, str, Path]], list[str]]:
+    """``([(group, name, path)], [install hints])``: the :data:`WILD_PHOTOS` of ``groups`` that are installed,
+    and one command per package whose photos are missing."""
+    import importlib.util
+
+    found, missing = [], {}
+    for group, where, rel, package in WILD_PHOTOS:
+        if group not in groups:
+            continue
+        if where == "deb":
+            path = Path(rel)
+        else:
+            spec = importlib.util.find_spec(package)
+            roots = (spec.submodule_search_locations or []) if spec else []
+            path = next((Path(r) / rel for r in roots if (Path(r) / rel).is_file()), Path(package) / rel)
+        if path.is_file():
+            found.append((group, wild_name(where, rel, package), path))
+        else:
+            missing[package] = (f"apt-get install {package}" if where == "deb"
+                                else WILD_INSTALL.get(package, f"pip install {package}"))
+    return found, list(missing.values())
+
+
 def _project_export():
     try:
         from exporter import export

@@ -56,7 +56,8 @@ def is_fast(name: str) -> bool:
 def fast_options(name: str) -> dict | None:
     """``int8+mc128`` -> {precision: int8, max_channels: 128}; ``mc32+std`` -> {max_channels: 32, select:
     std}; ``mc16+fill`` -> {max_channels: 16, fill: preview}; ``mc16+kern`` -> {max_channels: 16, fill: kernel};
-    ``preview`` -> {mode: preview}; None when ``name`` is no fast mode."""
+    ``preview`` -> {mode: preview}; None when ``name`` is no fast mode. A cap with no fill token is Faster
+    Score-CAM, ``fill: zero``, asked explicitly (the Explainer's own default with a cap is the kernel fill)."""
     opts: dict = {}
     for tok in name.split("+"):
         m = re.fullmatch(r"mc(\d+)", tok)
@@ -76,6 +77,8 @@ def fast_options(name: str) -> dict | None:
             opts["mode"] = "preview"
         else:
             return None
+    if "max_channels" in opts:
+        opts.setdefault("fill", "zero")
     return opts or None
 
 

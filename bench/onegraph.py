@@ -57,13 +57,13 @@ def run(model: str, photo: Path, budgets: list[int | None], repeats: int, node: 
     Image.fromarray(rgb).save(tmp / "photo.png")
     for budget in budgets:
         label = f"mc{budget}" if budget else "exact"
-        graph = build_explainer(bundle, Options(preset, budget))
+        graph = build_explainer(bundle, Options(preset, budget, fill="zero" if budget else None))
         data = graph.SerializeToString()
         (tmp / f"{label}.onnx").write_bytes(data)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-        ex = Explainer(model, device="cpu", preset=preset, max_channels=budget)
+        ex = Explainer(model, device="cpu", preset=preset, max_channels=budget, fill="zero")  # the graph's fill
         x = ex.pre.apply(rgb)[None]
         feeds = {PIXELS: rgb[None], CLASS_INDEX: np.array([-1], np.int64)}
         sess.run(None, feeds)  # warm-up, both

@@ -13,7 +13,7 @@ from .errors import ExportError
 # torch is imported only by the export commands, so `python -m exporter explainer` runs without it
 
 EPILOG = """\
-SPEC is a built-in recipe ({recipes}) or package.module:callable, a function (or
+SPEC is a built-in recipe ({recipes}; the detector toy_detector) or package.module:callable, a function (or
 class) that takes no arguments and returns a torch.nn.Module classifier [N,3,H,W] -> [N,C]; the
 current directory is importable. Recipes bring their own defaults (layer, size, preprocessing,
 labels); for a callable, --layer is required and preprocessing defaults to torchvision ImageNet
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "torch's exporter writes)")
     p.add_argument("--force", action="store_true", help="replace a non-empty DIR (only after success)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch check")
+    p.add_argument("--external-data", action="store_true",
+                   help="write the weights to model.onnx.data beside the graphs, which both read (automatic for "
+                        "a model over 2 GB, protobuf's limit for one file)")
     p.add_argument("--list-layers", action="store_true",
                    help="print every module whose output is a 4-D map (deepest first) and exit")
     extra = p.add_argument_group("extras")
@@ -143,6 +146,13 @@ def _export(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise ExportError("--out DIR is required (or use --list-layers)")
+    if args.spec in _detector_recipes():  # a detector: one model.onnx carrying its preprocessing (runtime.detect)
+        report = _detector_recipes()[args.spec](Path(args.out), force=args.force)
+        print(f"wrote {Path(args.out) / 'model.onnx'}: detector, head {report['head']}, input "
+              f"{report['input_size'][0]}x{report['input_size'][1]}, {len(report['labels'] or [])} labels "
+              f"(verified against torch: max relative error "
+              f"{max(c['output_rel_error'] for c in report['verification']['checks']):.2g})")
+        return 0
     recipe = resolve(args.spec)
     layer = args.layer or recipe.layer
     if not layer:
@@ -164,12 +174,18 @@ def _export(args: argparse.Namespace) -> int:
     model = recipe.build(size, True)
     options = dict(input_size=pre.input_size, mean=pre.mean, std=pre.std, scale=pre.scale,
                    color_order=pre.color_order, labels=labels, opset=opset, verify=not args.no_verify,
-                   finish=finish)
+                   finish=finish, external_data=True if args.external_data else None)
     if args.randomize == "cascade":
         return _cascade(model, layer, out, options, args)
     report = export(model, layer, out, force=args.force, **options)
     print(summarize(report, out))
     return 0
+
+
+def _detector_recipes() -> dict:
+    from .detector import DETECTOR_RECIPES
+
+    return DETECTOR_RECIPES
 
 
 def _int8_step(calib: list[str]):

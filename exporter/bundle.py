@@ -3,6 +3,11 @@
 Everything is written into a temporary sibling folder of ``out_dir`` that is renamed into place
 only after verification passed, so a failed export leaves nothing behind and ``force`` replaces
 an old bundle only with a good one.
+
+Both graphs are single files, except for a model too big for one (protobuf's 2 GB limit: its weights
+are over :data:`EXTERNAL_ABOVE` bytes) or when asked (``external_data=True``, ``--external-data``): then
+the weights go to ONE file ``model.onnx.data`` that both graphs read (the feature graph's weights are a
+subset of the classifier's, stored once), and each graph's sha256 covers it (:func:`graph_sha256`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from runtime.contract import (
     graph_sha256,
     write_metadata,
 )
+from runtime.external import is_external
 
 from . import __version__
 from .errors import ExportError
@@ -42,6 +48,16 @@ from .verify import verify as verify_bundle
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_OPSET = MIN_OPSET
+#: weights (parameters and buffers) above this many bytes are written as external data: a graph must
+#: serialize under protobuf's 2 GiB, and the graph itself needs some room beside its weights
+EXTERNAL_ABOVE = 2**31 - (128 << 20)
+DATA_FILE = MODEL_FILE + ".data"
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (what its ONNX graph's initializers hold)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def export(
@@ -60,6 +76,7 @@ def export(
     sample_images: Sequence[str | os.PathLike] | None = None,
     tolerance: float = TOLERANCE,
     finish: Callable[[Path], object] | None = None,
+    external_data: bool | None = None,
 ) -> dict:
     """Export ``model`` and its ``layer`` into a bundle folder ``out_dir``; return the export report.
 
@@ -77,6 +94,8 @@ def export(
         tolerance: largest relative error ``max|ort - torch| / max|torch|`` accepted.
         finish: called with the temporary bundle folder after verification, before it is moved into
             place (e.g. to add ``model.int8.onnx``); an exception from it aborts the export.
+        external_data: write the weights to ``model.onnx.data`` beside the graphs (None: only when they
+            do not fit one file, over :data:`EXTERNAL_ABOVE` bytes).
 
     Raises:
         ExportError: anything wrong, with a one-line message; nothing is written then.
@@ -96,14 +115,12 @@ def export(
         if len(labels) != num_classes:
             raise ExportError(f"got {len(labels)} labels for a model with {num_classes} outputs")
 
-    joint = export_joint(model, layer, pre.input_size, int(opset))
-    classifier, features, kind = split(joint)
-    versions = {"exporter": __version__, "opset": str(int(opset)), "torch": torch.__version__,
-                "onnx": onnx.__version__}
-    meta = BundleMeta("classifier", layer, pre, kind, labels, "", versions)
-    hashes = {MODEL_FILE: graph_sha256(classifier), FEATURES_FILE: graph_sha256(features)}
-    write_metadata(classifier, meta.with_role("classifier", hashes[FEATURES_FILE]))
-    write_metadata(features, meta.with_role("features", hashes[MODEL_FILE]))
+    if external_data is None:
+        external_data = weight_bytes(model) > EXTERNAL_ABOVE
+    if not external_data:
+        joint = export_joint(model, layer, pre.input_size, int(opset))
+        classifier, features, kind = split(joint)
+        del joint
 
     created = _missing_parents(out)
     try:
@@ -114,8 +131,23 @@ def export(
         raise ExportError(f"cannot write into {out.parent}: {e.strerror or e}") from None
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
+        if external_data:  # torch writes the joint graph's weights to model.onnx.data; both graphs point there
+            joint = export_joint(model, layer, pre.input_size, int(opset), external_path=tmp / MODEL_FILE)
+            classifier, features, kind = split(joint)
+            del joint
+            _share_data(features, classifier)
+        folder = tmp if external_data else None
+        versions = {"exporter": __version__, "opset": str(int(opset)), "torch": torch.__version__,
+                    "onnx": onnx.__version__}
+        meta = BundleMeta("classifier", layer, pre, kind, labels, "", versions)
+        hashes = {MODEL_FILE: graph_sha256(classifier, folder), FEATURES_FILE: graph_sha256(features, folder)}
+        write_metadata(classifier, meta.with_role("classifier", hashes[FEATURES_FILE]))
+        write_metadata(features, meta.with_role("features", hashes[MODEL_FILE]))
         onnx.save_model(classifier, tmp / MODEL_FILE)
         onnx.save_model(features, tmp / FEATURES_FILE)
+        if external_data:
+            for name in (MODEL_FILE, FEATURES_FILE):
+                onnx.checker.check_model(str(tmp / name))  # by path: the checker reads the data file beside it
         checked = None
         if verify:
             photos = default_sample_images() if sample_images is None else [Path(p) for p in sample_images]
@@ -133,6 +165,17 @@ def export(
             raise ExportError(f"cannot write the bundle {out}: {e.strerror or e}") from None
         raise
     return report
+
+
+def _share_data(features: onnx.ModelProto, classifier: onnx.ModelProto) -> None:
+    """Check that every external tensor of the feature graph is the classifier's (same name, same place in
+    ``model.onnx.data``): the data file is shared, so the bundle stores each weight once."""
+    where = {t.name: [(e.key, e.value) for e in t.external_data] for t in classifier.graph.initializer
+             if is_external(t)}
+    for t in features.graph.initializer:
+        if is_external(t) and where.get(t.name) != [(e.key, e.value) for e in t.external_data]:
+            raise ExportError(f"the feature graph's weight {t.name!r} is not the classifier's; export without "
+                              "--external-data")
 
 
 def _remove_empty(folders: Sequence[Path]) -> None:

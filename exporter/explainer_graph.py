@@ -10,7 +10,8 @@ computes in Python (DESIGN.md, "Score-CAM, exactly"):
    as the engine's main session: ``x * 1``) and gives the logits ``f(x)`` [1,C] and the target layer ``A``
    [K,h,w] (loop-carried). From ``A`` the body computes the schedule (:class:`_Schedule`), with no
    ``NonZero``: a channel is *constant* when ``max A_k == min A_k``; ``scored`` = all channels
-   (``official``: the varying ones), then with ``max_channels=N`` the selection rule (:data:`SELECTIONS`, as
+   (``official``: the varying ones), then with ``max_channels=N`` (and ``fill="zero"``, asked explicitly: the
+   channels left out weigh 0, Faster Score-CAM; the graph has no kernel fill) the selection rule (:data:`SELECTIONS`, as
    ``Explainer.channels_to_score`` for the ONE class explained, lower index first on ties): ``std``, the N
    of largest spatial std, or ``relevance``, the N of largest ``|W[c,k]| std(A_k)`` (normalised by its
    max, in float64) with ``W`` the linear head's weight read where the classifier keeps it in the body
@@ -33,6 +34,11 @@ The classifier's weights are initializers of the Loop body, stored once. Read fr
 The last chunk runs only the maps left (as the Python engine's last batch) and its logits are padded with
 zero rows to [B,C], so every scan output has the same shape; with nothing to run, one fixed varying map is
 scored and discarded, so no row is ever NaN. The graph keeps the classifier's IR version and opset.
+
+A classifier whose weights are external data (torch's dynamo export, a model over 2 GB) gives a graph that
+is self-contained again whenever it fits protobuf's 2 GB limit (its weights are read in, tensor by tensor);
+one that does not fit, or ``Options.external_data``, keeps them external, relative to the bundle's
+``data_dir``: write it with :func:`exporter.explainer_cli.save_explainer` (ONE data file beside the graph).
 """
 
 from __future__ import annotations
@@ -46,13 +52,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.bundle import Bundle
+from runtime import external
+from runtime.bundle import Bundle, target_tensor
 from runtime.contract import PREFIX, BundleError
 from runtime.engine import CPU, batch_for
 from runtime.head import linear_head
 from runtime.maskgraph import EPS, IMAGE, MAPS, OFFSET, mask_nodes
 from runtime.scorecam import GRADCAM_EPS, MASK_EPS, Preset, get_preset, interp_matrix
-from runtime.thirdparty import file_sha256
+from runtime.thirdparty import model_sha256
 
 PIXELS = "pixels"
 CLASS_INDEX = "class_index"
@@ -195,10 +202,34 @@ SELECTS = ("auto", *SELECTIONS)
 
 @dataclass(frozen=True)
 class Options:
+    """What the graph computes: the preset, the channel cap (None: exact) and its selection rule, the chunk.
+
+    ``fill``: what the channels ``max_channels`` leaves out weigh. The graph has only ``zero`` (Faster
+    Score-CAM, weight 0), not the Python ``Explainer``'s default ``kernel`` fill, so a cap must come with
+    ``fill="zero"`` asked for explicitly (:func:`check_fill`).
+    """
+
     preset: str = "paper"
     max_channels: int | None = None
     chunk: int | None = None
     select: str = "auto"
+    external_data: bool = False  # keep a classifier's external weights external even when one file would do
+    fill: str | None = None
+
+
+def check_fill(max_channels: int | None, fill: str | None, flags: bool = False) -> None:
+    """Refuse (one line) a channel cap without an explicit ``fill="zero"``, and any other fill: the graph has
+    no kernel (or preview) fill, and a cap alone means the kernel fill everywhere else in the project.
+    ``flags``: word the message with the command line's flags."""
+    cap, zero = ("--max-channels", "--fill zero") if flags else ("max_channels", "fill='zero'")
+    if fill not in (None, "zero"):
+        raise GraphBuildError(f"the one-graph explainer has no {fill!r} fill (only the Python Explainer has); "
+                              f"use {zero} with {cap} (Faster Score-CAM: the channels left out weigh 0), or no "
+                              f"{cap} (exact)")
+    if max_channels is not None and fill is None:
+        raise GraphBuildError(f"{cap} needs {zero} here: the one-graph explainer has no kernel fill (the "
+                              f"Python Explainer's default with a channel cap), so the channels left out weigh 0; "
+                              f"add {zero} to accept that, or drop {cap} for exact Score-CAM")
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -209,7 +240,7 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def _probe(classifier: onnx.ModelProto, input_name: str, outputs: list[str],
-           size: tuple[int, int]) -> list[tuple[int, ...]]:
+           size: tuple[int, int], base_dir=None) -> list[tuple[int, ...]]:
     """Shapes of ``outputs`` for one zero image, from ONNX Runtime (the target layer's K, h, w; C)."""
     import onnxruntime as ort
 
@@ -221,6 +252,7 @@ def _probe(classifier: onnx.ModelProto, input_name: str, outputs: list[str],
             m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    external.point_to(opts, base_dir)
     try:
         sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         res = sess.run(outputs, {input_name: np.zeros((1, 3, *size), np.float32)})
@@ -312,6 +344,7 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
         raise GraphBuildError(f"max channels must be >= 1, got {options.max_channels}")
     if options.chunk is not None and int(options.chunk) < 1:
         raise GraphBuildError(f"chunk size must be >= 1, got {options.chunk}")
+    check_fill(options.max_channels, options.fill)
     classifier, meta = bundle.model, bundle.meta
     pre = meta.preprocessing
     size = (int(pre.input_size[0]), int(pre.input_size[1]))
@@ -328,10 +361,11 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
         raise GraphBuildError(f"the classifier has {len(inputs)} inputs; the explainer graph needs exactly one")
     input_name = inputs[0].name
     class_output = g0.output[0].name
-    features_output = bundle.features.graph.output[0].name
+    features_output = target_tensor(bundle.features.graph, {o for n in g0.node for o in n.output})
     if features_output not in {o for n in g0.node for o in n.output}:
         raise GraphBuildError(f"the target layer {features_output!r} is not a tensor of the classifier graph")
-    c_shape, feat_shape = _probe(classifier, input_name, [class_output, features_output], size)
+    data_dir = bundle.data_dir
+    c_shape, feat_shape = _probe(classifier, input_name, [class_output, features_output], size, data_dir)
     if len(c_shape) != 2 or len(feat_shape) != 4:
         raise GraphBuildError(f"the classifier must give [1,C] scores and a [1,K,h,w] target layer, got "
                               f"{list(c_shape)} and {list(feat_shape)}")
@@ -340,7 +374,7 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     chunk = int(options.chunk or default_chunk(size))
     budget = int(options.max_channels) if options.max_channels else None
     # the selection rule, resolved as Explainer.selection: relevance needs a global-pooling -> linear head
-    head = linear_head(classifier, features_output, class_output)
+    head = linear_head(classifier, features_output, class_output, base_dir=data_dir)
     if meta.output_kind == "probabilities":
         head = None  # a softmax after the linear layer (as the runtime: no closed form)
     select = options.select if options.select != "auto" else "relevance" if head is not None else "std"
@@ -503,15 +537,23 @@ def build_explainer(bundle: Bundle, options: Options = Options(), source: Path |
     model.ir_version = classifier.ir_version  # onnx writes its newest IR; older runtimes refuse it
     source = Path(source or bundle.source or bundle.model_path)
     props = explainer_metadata(bundle, preset, budget, select, chunk, k, (h, w), n_classes,
-                               file_sha256(source) if source.is_file() else "")
+                               model_sha256(source) if source.is_file() else "")
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
+    if data_dir is not None and external.has_external(model):
+        if options.external_data or not external.fits_one_file(model):
+            return model  # its tensors point into the bundle's data files: save_explainer relocates and checks
+        external.inline(model, data_dir)  # one self-contained file, as for any classifier under 2 GB
+    _check(model)
+    return model
+
+
+def _check(model: onnx.ModelProto | str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:  # onnx raises ValidationError and InferenceError
         raise GraphBuildError(f"the explainer graph does not pass onnx.checker: {str(e).splitlines()[0]}") from None
-    return model
 
 
 def _finish(b: _Builder, preset: Preset, s: str, low: tuple[int, int], size: tuple[int, int]) -> str:
@@ -553,6 +595,7 @@ def explainer_metadata(bundle: Bundle, preset: Preset, budget: int | None, selec
         "preset": preset.name,
         "max_channels": str(budget) if budget else "all",
         "select": select,
+        "fill": "zero",  # the channels a budget leaves out weigh 0 (the graph has no kernel fill)
         "chunk": str(chunk),
         "channels": str(k),
         "feature_size": json.dumps([int(low[0]), int(low[1])]),

@@ -12,6 +12,7 @@ import io
 import logging
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import onnx
 import onnx.utils
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from runtime.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME
+from runtime.external import has_external
 
 from .errors import ExportError, first_line, root_cause
 from .layers import FeatureTap
@@ -42,8 +44,12 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def export_joint(model: nn.Module, layer: str, input_size: tuple[int, int], opset: int) -> onnx.ModelProto:
-    """Export ``model`` with outputs ``logits`` and ``features`` (``layer``'s output), batch dynamic."""
+def export_joint(model: nn.Module, layer: str, input_size: tuple[int, int], opset: int,
+                 external_path: Path | None = None) -> onnx.ModelProto:
+    """Export ``model`` with outputs ``logits`` and ``features`` (``layer``'s output), batch dynamic.
+
+    With ``external_path``, the graph is saved there with its weights in ``<external_path>.data`` (torch
+    writes them tensor by tensor: the way past protobuf's 2 GB limit) and returned without them."""
     tap = FeatureTap(model, layer).eval()
     example = torch.randn(_EXAMPLE_BATCH, 3, *input_size)
     try:
@@ -55,12 +61,17 @@ def export_joint(model: nn.Module, layer: str, input_size: tuple[int, int], opse
                 output_names=[LOGITS_NAME, FEATURES_NAME],
                 opset_version=opset,
                 dynamo=True,
-                external_data=False,
+                external_data=external_path is not None,
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                 optimize=True,
                 verbose=False,
             )
-            proto = program.model_proto
+            if external_path is None:
+                proto = program.model_proto
+            else:
+                program.save(str(external_path), external_data=True)
+                del program
+                proto = onnx.load(str(external_path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; all mean "cannot export"
         cause = root_cause(e)
         raise ExportError(
@@ -90,7 +101,8 @@ def split(joint: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto, str
         proto.graph.name = name
         proto.producer_name = "scorecam-exporter"
         proto.producer_version = torch.__version__
-        onnx.checker.check_model(proto)
+        if not has_external(proto):  # with external data, checked by path once written (exporter.bundle)
+            onnx.checker.check_model(proto)
     return classifier, features, kind
 
 

@@ -19,6 +19,11 @@ The result carries the classifier's bundle metadata (role ``classifier``, ``sibl
 entries ``quantization`` (``int8 QDQ ...``) and ``calibration_images``. It is written atomically
 (temp file in the bundle dir + ``os.replace``).
 
+A bundle whose weights are external data (``model.onnx.data``) is quantized from a private copy of its data
+files in the temporary folder, so ONNX Runtime's quantizer finds
+them beside the graph; the int8 model is one file when it fits protobuf's 2 GB limit (int8 weights are a
+quarter of the fp32 ones), else ``model.int8.onnx`` + ``model.int8.onnx.data``.
+
 Standalone: ``python -m exporter.quantize BUNDLE_DIR CALIB_DIR_OR_IMAGES... [--masked-per-image N]``.
 """
 
@@ -35,8 +40,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from runtime import external
 from runtime.bundle import load_bundle
-from runtime.contract import FEATURES_FILE, INT8_FILE, BundleError, graph_sha256, write_metadata
+from runtime.contract import FEATURES_FILE, INT8_FILE, BundleError, write_metadata
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 MASKED_PER_IMAGE = 8
@@ -109,6 +115,7 @@ def calibration_inputs(bundle, files: Sequence[Path], masked_per_image: int = MA
     if masked_per_image > 0:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        external.point_to(opts, bundle.data_dir)
         feats = ort.InferenceSession(bundle.features.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     for f in files:
@@ -183,8 +190,11 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
     in_name = model.graph.input[0].name
     inputs = list(calibration_inputs(bundle, files, masked_per_image, augment=augment) if inputs is None else inputs)
 
+    big = not external.fits_one_file(model)  # the fp32 graph cannot be one file: keep its weights external
+    big_args = dict(save_as_external_data=True, all_tensors_to_one_file=True) if big else {}
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=directory) as tmp:
         src = Path(tmp) / "model.fp32.onnx"
+        _copy_data(bundle, Path(tmp))
         onnx.save(model, str(src))
         del model
         if preprocess:
@@ -192,7 +202,9 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
             try:
                 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-                quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=False,
+                                  **({"save_as_external_data": True, "all_tensors_to_one_file": True,
+                                      "external_data_location": "model.pre.onnx.data"} if big else {}))
                 src = pre
             except Exception as e:  # the symbolic shape inference refuses some graphs
                 if not quiet:
@@ -203,14 +215,14 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
         if keep_fp32 > 0 or keep_first > 0:
             graph = onnx.load(str(src))
             if _name_nodes(graph):
-                onnx.save(graph, str(src))
+                onnx.save(graph, str(src), **big_args, **({"location": src.name + ".named.data"} if big else {}))
             exclude = [*fp32_weighted_nodes(graph, keep_first, keep_fp32), *exclude]
             del graph
         try:
             quantize_static(str(src), str(raw), _Reader(in_name, inputs), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                            nodes_to_exclude=exclude)
+                            nodes_to_exclude=exclude, use_external_data_format=big)
         except Exception as e:
             raise QuantizeError(f"ONNX Runtime could not quantize {bundle.model_path}: "
                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -225,18 +237,29 @@ def quantize_bundle(bundle_dir: str | os.PathLike, calib: str | os.PathLike | Se
         versions["calibration_images"] = str(len(files))
         versions["calibration_augment"] = ",".join(augment)
         versions["calibration_inputs"] = str(len(inputs))
-        meta = replace(bundle.meta.with_role("classifier", graph_sha256(bundle.features)), versions=versions)
+        meta = replace(bundle.meta.with_role("classifier", bundle.features_sha256), versions=versions)
         write_metadata(q, meta)
         fd, tmp_out = tempfile.mkstemp(prefix=".model.int8.", suffix=".onnx", dir=directory)
         os.close(fd)
         try:
-            onnx.save(q, tmp_out)
+            if external.fits_one_file(q):
+                onnx.save(q, tmp_out)
+            else:  # the data file under its final name first: the graph, renamed last, never names a missing one
+                onnx.save(q, tmp_out, save_as_external_data=True, all_tensors_to_one_file=True,
+                          location=out_name + ".data")
             os.chmod(tmp_out, 0o666 & ~_umask())
             os.replace(tmp_out, directory / out_name)
         except BaseException:
             Path(tmp_out).unlink(missing_ok=True)
             raise
     return directory / out_name
+
+
+def _copy_data(bundle, folder: Path) -> None:
+    """The bundle's external data files copied into ``folder`` under their relative names (streamed by the
+    kernel), so the quantizer finds them beside the fp32 graph (onnx's loader refuses hard links and
+    symlinks there, as a guard against link attacks)."""
+    external.copy_data(bundle.data_files, bundle.directory, folder)
 
 
 def fp32_weighted_nodes(model: onnx.ModelProto, first: int, last: int) -> list[str]:

@@ -9,6 +9,7 @@ import onnx
 import onnxruntime
 
 from runtime.contract import FEATURES_FILE, FORMAT_VERSION, INPUT_NAME, MODEL_FILE, Preprocessing
+from runtime.external import check, has_external
 
 from .graphs import dims
 
@@ -32,7 +33,9 @@ def build_report(classifier: onnx.ModelProto, features: onnx.ModelProto, folder:
                           "scale": pre.scale, "mean": list(pre.mean), "std": list(pre.std)},
         "files": {
             name: {"graph_sha256": hashes[name], "bytes": (folder / name).stat().st_size,
-                   "nodes": len(g.graph.node)}
+                   "nodes": len(g.graph.node),
+                   **({"external_data": {loc: (folder / loc).stat().st_size for loc in check(g, folder)}}
+                      if has_external(g) else {})}
             for name, g in ((MODEL_FILE, classifier), (FEATURES_FILE, features))
         },
         "versions": {**versions, "onnxruntime": onnxruntime.__version__},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 
+from . import external
 from .contract import (
     FEATURES_FILE,
     INT8_FILE,
@@ -43,13 +44,25 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 
 
 def load_onnx(path: Path, what: str) -> onnx.ModelProto:
-    """Load an ONNX file, or fail with a one-line reason."""
+    """Load an ONNX file's graph, or fail with a one-line reason.
+
+    External data (weights in files beside the graph, ``model.onnx.data``) is NOT read: it is checked
+    (every location inside the model's folder, every file present and long enough: :func:`external.check`)
+    and left on disk for ONNX Runtime, which reads it from the model's folder."""
+    path = Path(path)
     if not path.is_file():
         raise BundleError(f"{what} not found: {path}")
     try:
-        return onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError and friends
         raise BundleError(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
+    external.check(proto, path.parent, path)
+    return proto
+
+
+def data_files(proto: onnx.ModelProto, path: Path) -> list[str]:
+    """The external data files (locations relative to the graph's folder) of a graph read from ``path``."""
+    return external.check(proto, Path(path).parent, Path(path))
 
 
 class Bundle:
@@ -59,24 +72,43 @@ class Bundle:
     each time they are asked for (and refuse a file changed since the bundle was opened), so whoever
     builds on a graph holds it only as long as it needs it. A bundle derived in memory (a third-party
     model with the cache off) holds its two protos, as there is no file to reload them from.
+
+    Weights in external data files (``data_files``, relative to ``data_dir``) stay on disk: ONNX Runtime
+    reads them from :attr:`data_dir` (None when every graph holds its own weights), and a data file
+    changed since the bundle was opened is refused like a changed graph file.
     """
 
     def __init__(self, directory: Path, model_path: Path, features_path: Path, model: onnx.ModelProto | None,
                  features: onnx.ModelProto | None, meta: BundleMeta, source: Path | None = None,
                  max_batch: int | None = None, *, model_sha256: str | None = None,
-                 features_sha256: str | None = None, features_output: str | None = None) -> None:
+                 features_sha256: str | None = None, features_output: str | None = None,
+                 data_dir: Path | None = None, data_files: tuple[str, ...] = (),
+                 data_stats: tuple | None = None) -> None:
         self.directory, self.model_path, self.features_path = Path(directory), Path(model_path), Path(features_path)
         self.meta = meta
+        self._data_dir = Path(data_dir) if data_dir is not None else None
+        self.data_files = tuple(data_files)
+        self._data_stats = data_stats if data_stats is not None or data_dir is None else \
+            external.stats(self.data_files, data_dir)
+        self._int8_external = False
         self.source = source  # the third-party model this bundle was derived from (runtime.thirdparty)
         self.max_batch = max_batch  # the classifier's fixed batch size, when it could not be made dynamic
         self._held = {"model": model, "features": features}
         self._stat = {k: _stat(p) for k, p in (("model", self.model_path), ("features", self.features_path))
                       if self._held[k] is None}
-        self._sha = {"model": model_sha256 or (graph_sha256(model) if model is not None else None),
-                     "features": features_sha256 or (graph_sha256(features) if features is not None else None)}
+        self._sha = {"model": model_sha256 or (graph_sha256(model, data_dir) if model is not None else None),
+                     "features": features_sha256 or (graph_sha256(features, data_dir) if features is not None
+                                                     else None)}
         if features_output is None and features is not None and features.graph.output:
-            features_output = features.graph.output[0].name
+            features_output = target_tensor(features.graph, _produced(model) if model is not None else set())
         self.features_output = features_output
+
+    @property
+    def data_dir(self) -> Path | None:
+        """The folder ONNX Runtime reads the graphs' external data from; None when they hold their weights."""
+        if self._data_dir is None and self._int8_external:
+            return self.directory
+        return self._data_dir
 
     @property
     def model_sha256(self) -> str | None:
@@ -110,6 +142,9 @@ class Bundle:
             return copy
         if _stat(path) != self._stat[which]:
             raise BundleError(f"{path} changed since the bundle was opened; open it again")
+        if self.data_files and external.stats(self.data_files, self.data_dir) != self._data_stats:
+            raise BundleError(f"the external data of {path} ({', '.join(self.data_files)}) changed since the bundle "
+                              "was opened; open it again")
         return load_onnx(path, what)
 
     @property
@@ -125,6 +160,7 @@ class Bundle:
             raise BundleError(f"{self.directory} has no {INT8_FILE}: export the bundle with --int8 CALIB_DIR "
                               "to use precision 'int8'")
         proto = load_onnx(self.int8_path, "int8 classifier")
+        self._int8_external = self._int8_external or external.has_external(proto)
         meta = BundleMeta.from_props(read_props(proto), source=str(self.int8_path))
         if meta.role != "classifier" or meta.sibling_sha256 != self.features_sha256:
             raise BundleError(f"{self.int8_path} does not belong to this bundle's {FEATURES_FILE}; export again")
@@ -178,6 +214,8 @@ def opened_before(directory: Path, model_path: Path, **derive) -> Bundle | None:
     seen = _opened.get(_key(directory, model_path))
     if seen is None:
         return None
+    if seen["data_files"] and external.stats(seen["data_files"], seen["data_dir"]) != seen["data_stats"]:
+        return None  # a weights file changed beside unchanged graphs: hash it again
     _ignored(model_path, derive)
     return Bundle(directory, model_path, directory / FEATURES_FILE, None, None, **seen)
 
@@ -196,22 +234,46 @@ def open_bundle(directory: Path, model_path: Path, proto: onnx.ModelProto, **der
         raise BundleError(f"{model_path} is the {meta.role} graph of a bundle; pass the bundle's {MODEL_FILE}")
     if not features_path.is_file():
         raise BundleError(f"{features_path} is missing: a bundle needs {MODEL_FILE} and {FEATURES_FILE} side by side")
-    # hash at load, one graph at a time, and keep neither: sessions are built from the files later
-    model_sha = graph_sha256(proto)
+    # hash at load, one graph at a time, and keep neither: sessions are built from the files later (the
+    # hashes cover the external data files, read block by block: a swapped weights file is another bundle)
+    files = dict.fromkeys(data_files(proto, model_path))
+    model_sha = graph_sha256(proto, directory)
+    produced = _produced(proto)
     del proto
     fproto = load_onnx(features_path, "feature graph")
     fmeta = BundleMeta.from_props(read_props(fproto), source=str(features_path))
     if fmeta.role != "features":
         raise BundleError(f"{features_path} is not a feature graph (role {fmeta.role!r})")
-    features_sha = graph_sha256(fproto)
-    features_output = fproto.graph.output[0].name if fproto.graph.output else None
+    files.update(dict.fromkeys(data_files(fproto, features_path)))
+    features_sha = graph_sha256(fproto, directory)
+    features_output = target_tensor(fproto.graph, produced) if fproto.graph.output else None
     del fproto
     if meta.sibling_sha256 != features_sha or fmeta.sibling_sha256 != model_sha:
         raise BundleError(f"{model_path.name} and {features_path.name} in {directory} do not come from the same "
                           "export (sibling hashes differ); export the bundle again")
-    seen = dict(meta=meta, model_sha256=model_sha, features_sha256=features_sha, features_output=features_output)
+    data_dir = directory if files else None
+    seen = dict(meta=meta, model_sha256=model_sha, features_sha256=features_sha, features_output=features_output,
+                data_dir=data_dir, data_files=tuple(files), data_stats=external.stats(tuple(files), directory))
     _opened[opened] = seen
     return Bundle(directory, model_path, features_path, None, None, **seen)
+
+
+def _produced(model: onnx.ModelProto) -> set[str]:
+    return {str(o) for n in model.graph.node for o in n.output}
+
+
+def target_tensor(features: onnx.GraphProto, produced: set[str]) -> str:
+    """The target layer's tensor in the classifier: the feature graph's output, or the tensor a trailing
+    ``Identity`` of it renames (a derived feature graph names its output ``features`` so), when the classifier
+    computes that tensor (``produced``). The engine then takes A from the classifier's own pass (one
+    session, the weights held once) and the head after it can be read."""
+    name = features.output[0].name
+    if name in produced:
+        return name
+    node = next((n for n in features.node if name in n.output), None)
+    if node is not None and node.op_type == "Identity" and node.input[0] in produced:
+        return str(node.input[0])
+    return name
 
 
 def _ignored(model_path: Path, derive: dict) -> None:

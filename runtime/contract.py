@@ -178,9 +178,22 @@ def _floats(value, what: str) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
-def graph_sha256(model) -> str:
-    """sha256 of ``model.graph`` serialised (an ``onnx.ModelProto``); metadata does not enter it."""
-    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+def graph_sha256(model, base_dir=None) -> str:
+    """sha256 of ``model.graph`` serialised (an ``onnx.ModelProto``); metadata does not enter it.
+
+    A graph whose weights lie in external data files (``model.onnx.data``) names them only by location,
+    offset and length, so their content enters the hash too: sha256(graph bytes, then the sha256 of each
+    data file under ``base_dir``, the graph's folder); a swapped weights file changes the hash. A graph
+    without external data hashes exactly as it always did.
+    """
+    from .external import check, data_digest, has_external  # external imports this module
+
+    h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
+    if has_external(model):
+        if base_dir is None:
+            raise BundleError("the graph keeps its weights in external data files; its folder is needed to hash it")
+        h.update(b"\0external data\0" + data_digest(check(model, base_dir), base_dir).encode())
+    return h.hexdigest()
 
 
 def write_metadata(model, meta: BundleMeta) -> None:

@@ -34,12 +34,14 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import external
+from .contract import BundleError
 from .maskgraph import EPS, IMAGE, MAPS, OFFSET, build_scorer
 from .scorecam import MaskSpec, get_preset
 
@@ -50,6 +52,8 @@ PRECISIONS = ("fp32", "int8", "fp16")
 DEFAULT_BATCH = {CPU: 16, CUDA: 128}  # masked inputs per run at 224 x 224; scaled by the input area
 
 Progress = Callable[[int, int], None]
+#: ``reduce(outputs of one chunk, n) -> [n, T]``: what a detector keeps of a chunk's raw outputs
+Reduce = Callable[[list[np.ndarray], int], np.ndarray]
 Graph = onnx.ModelProto | Callable[[], onnx.ModelProto]  # a proto, or a loader that reads it again
 
 # sessions shared by every engine of the same graph and settings in this process (freed with the last engine)
@@ -203,14 +207,18 @@ class Engine:
                  precision: str = "fp32", int8_classifier: Callable[[], onnx.ModelProto] | None = None,
                  tf32: bool = False, mask: MaskSpec | None = None, *, features_output: str | None = None,
                  key: str | None = None, inspect: Callable[[onnx.ModelProto, Engine], None] | None = None,
-                 int8_key: str | None = None) -> None:
+                 int8_key: str | None = None, extra_outputs: Sequence[str] = (),
+                 data_dir: str | os.PathLike | None = None) -> None:
         """``classifier``/``features``: the graphs, or loaders returning them (then no proto is kept).
         ``features_output``: the feature graph's output (None: read from the graph). ``key``: names
         the two graphs (their sha256s); engines with the same key and settings share their sessions.
         ``inspect(classifier, engine)``: called with the classifier graph when the engine loads it, before
         the main session is built on it (read what you need of it then: it is not kept). ``int8_key``: names
         the int8 classifier file (its path, size and mtime), so an int8 session is shared only by engines of
-        that very file."""
+        that very file. ``extra_outputs``: more tensors of the classifier the main session outputs after the
+        target layer (a detector's other feature levels: :mod:`runtime.detect`). ``data_dir``: the folder of the
+        graphs' external data files (weights stored beside them, ``model.onnx.data``); ONNX Runtime reads them
+        from there, None when the graphs hold their weights."""
         if precision not in PRECISIONS:
             raise EngineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.device = device
@@ -223,6 +231,8 @@ class Engine:
         self._int8_classifier = int8_classifier
         self.key = key
         self.int8_key = int8_key
+        self.extra_outputs = tuple(extra_outputs)
+        self.data_dir = data_dir
         self.providers = providers_for(device)
         if precision == "fp16" and self.providers[0] != CUDA:
             raise EngineError("precision 'fp16' needs the CUDA provider; on CPU use 'fp32' or 'int8'")
@@ -300,10 +310,12 @@ class Engine:
         The serialized graph is spilled to a private temporary file and ONNX Runtime loads it from there,
         with no Python copy left: from bytes it would parse them while they are still alive, so the weights
         would be held once more at the peak than by a session made from a path (where the temporary
-        directory is not writable, the bytes are passed as before)."""
+        directory is not writable, the bytes are passed as before). A graph whose weights are external data
+        (``data_dir``) is small: it is passed as bytes, and ONNX Runtime reads the weights from ``data_dir``
+        itself (its own check that no data path escapes that folder applies)."""
         data = proto if isinstance(proto, bytes) else proto.SerializeToString()
         del proto
-        spilled = _spill(data)
+        spilled = _spill(data) if self.data_dir is None else None
         source: str | bytes = data
         if spilled is not None:
             source = spilled
@@ -311,8 +323,11 @@ class Engine:
         release_freed_memory()  # the graph's Python copies are gone: before ONNX Runtime makes its own
         try:
             try:
-                sess = ort.InferenceSession(source, session_options(self.threads, spin),
-                                            providers=self._provider_args())
+                opts = session_options(self.threads, spin)
+                external.point_to(opts, self.data_dir)
+                sess = ort.InferenceSession(source, opts, providers=self._provider_args())
+            except BundleError as e:
+                raise EngineError(str(e)) from None
             except Exception as e:  # onnxruntime raises its own exception types
                 raise EngineError(f"ONNX Runtime cannot load the {what}: {str(e).splitlines()[0]}") from None
             if self.providers[0] == CUDA and sess.get_providers()[0] != CUDA:
@@ -383,7 +398,10 @@ class Engine:
         if precision == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
-            return convert_float_to_float16(self.classifier_proto, keep_io_types=True)
+            proto = self.classifier_proto
+            if self.data_dir is not None:  # the converter rewrites every weight: read them in (fp16: CUDA only)
+                external.inline(proto, self.data_dir)
+            return convert_float_to_float16(proto, keep_io_types=True)
         return self.classifier_proto
 
     def scorer(self, spec: MaskSpec, precision: str | None = None,
@@ -400,10 +418,11 @@ class Engine:
                 own = bool(_take)
                 proto = _take.pop() if own else self.scoring_classifier(precision)
                 return build_scorer(proto, spec, self.input_size, input_name=self.input_name, offset=main,
-                                    extra_outputs=[self.features_output] if main else (),
+                                    extra_outputs=[self.features_output, *self.extra_outputs] if main else (),
                                     in_place=own).SerializeToString()
 
             kind = (f"scorer/{key}" + (f"/main:{self.features_output}" if main else "")
+                    + (f"/extra:{','.join(self.extra_outputs)}" if main and self.extra_outputs else "")
                     + (f"/int8:{self.int8_key}" if precision == "int8" else ""))
             # an int8 engine runs the fp32 main session (class, A) once, then the int8 scorer: the fp32
             # session's threads spinning after its run would take the cores from the int8 one (Lite0, int8 +
@@ -440,6 +459,13 @@ class Engine:
             raise EngineError(f"the feature graph returned a {out.ndim}-D tensor; a [N,K,h,w] map is needed")
         return logits, out[0]
 
+    def main_outputs(self, x: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
+        """Tensors ``outputs`` (graph outputs, the target layer, :attr:`extra_outputs`) of one preprocessed image
+        [1,3,H,W] from the main session in one pass (needs the target layer to be a tensor of the graph)."""
+        if not self.fused:
+            raise EngineError("the target layer is not a tensor of the model graph: no main session")
+        return self._main_run(np.ascontiguousarray(x, dtype=np.float32), list(outputs))
+
     def _main_run(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """The main session on one image: an all-zero map (the zero mask in every preset) plus offset 1
         makes the masked input ``x * 1``, i.e. ``x``. ``eps`` is 1 here, so that norm(0) = 0 / (0 + eps)
@@ -450,16 +476,23 @@ class Engine:
                                   EPS: np.asarray(1.0, np.float32), OFFSET: one})
 
     def score(self, x: np.ndarray, maps: np.ndarray, spec: MaskSpec, batch_size: int | None = None,
-              progress: Progress | None = None) -> np.ndarray:
+              progress: Progress | None = None, outputs: Sequence[str] | None = None,
+              reduce: Reduce | None = None) -> np.ndarray:
         """Classifier outputs [K,C] of ``x * H_k`` for every map in ``maps`` [K,h,w], chunk by chunk.
 
         At a reduced precision (fp16, int8) an output row that is not finite (fp16 overflows past
         65504) is scored again in fp32, with a one-line warning, so no NaN reaches the map.
+
+        ``outputs`` + ``reduce`` (a detector, :mod:`runtime.detect`): each chunk's graph outputs ``outputs``
+        (default: the first) go through ``reduce(arrays, n) -> [n, T]`` at once, so only the reduced scores
+        are kept (memory O(batch) however large the raw outputs); the result is their [K,T] concatenation.
         """
         bs = int(batch_size or self.default_batch_size())
         maps4 = np.ascontiguousarray(maps[:, None], dtype=np.float32)
         eps = np.asarray(spec.eps, np.float32)
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if reduce is not None:
+            return self._run_chunks(self.scorer(spec), x, maps4, eps, bs, progress, outputs, reduce)
         out = self._run_chunks(self.scorer(spec), x, maps4, eps, bs, progress)
         if self.precision != "fp32" and out.size:
             bad = ~np.isfinite(out).all(axis=1)
@@ -470,9 +503,15 @@ class Engine:
         return out
 
     def _run_chunks(self, sess: ort.InferenceSession, x: np.ndarray, maps4: np.ndarray, eps: np.ndarray,
-                    bs: int, progress: Progress | None) -> np.ndarray:
-        """Outputs of ``sess`` for the maps [K,1,h,w] in chunks of ``bs`` (on CUDA: IO binding, padded chunks)."""
-        out_name = sess.get_outputs()[0].name
+                    bs: int, progress: Progress | None, outputs: Sequence[str] | None = None,
+                    reduce: Reduce | None = None) -> np.ndarray:
+        """Outputs of ``sess`` for the maps [K,1,h,w] in chunks of ``bs`` (on CUDA: IO binding, padded chunks);
+        with ``reduce``, ``reduce(outputs of the chunk, n)`` per chunk (see :meth:`score`)."""
+        names = list(outputs) if outputs else [sess.get_outputs()[0].name]
+
+        def keep(arrays: list[np.ndarray], n: int) -> np.ndarray:
+            return np.asarray(reduce(arrays, n)) if reduce is not None else arrays[0][:n]
+
         k = maps4.shape[0]
         results: list[np.ndarray] = []
         has_offset = any(i.name == OFFSET for i in sess.get_inputs())  # the main session: offset 0 here
@@ -491,9 +530,12 @@ class Engine:
                     pad[n:] = 0
                     chunk = pad
                 binding.bind_cpu_input(MAPS, chunk)
-                binding.bind_output(out_name, "cpu")
+                for name in names:
+                    binding.bind_output(name, "cpu")
                 sess.run_with_iobinding(binding)
-                results.append(binding.copy_outputs_to_cpu()[0][:n])
+                got = binding.copy_outputs_to_cpu()
+                results.append(keep([a[:n] for a in got] if n < bs else got, n))
+                binding.clear_binding_outputs()
                 if progress:
                     progress(min(start + bs, k), k)
         else:
@@ -502,7 +544,7 @@ class Engine:
                 feeds = {IMAGE: x, MAPS: chunk, EPS: eps}
                 if has_offset:
                     feeds[OFFSET] = np.zeros((chunk.shape[0], 1, 1, 1), np.float32)
-                results.append(sess.run([out_name], feeds)[0])
+                results.append(keep(sess.run(names, feeds), chunk.shape[0]))
                 if progress:
                     progress(min(start + bs, k), k)
         return np.concatenate(results, axis=0) if results else np.zeros((0, 0), np.float32)

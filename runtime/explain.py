@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import images, thirdparty
+from .cliargs import one_line, positive_int
 from .contract import BundleError
 from .engine import DEVICES, PRECISIONS, EngineError
 from .explainer import FILLS, MODES, Explainer, Result, TargetError
@@ -53,6 +54,12 @@ examples:
   python -m runtime.explain efficientnet_lite0 photo.jpg --target 281 "tiger cat" --alpha 0.4
   python -m runtime.explain efficientnet_lite0 *.jpg --json > results.jsonl
   python -m runtime.explain efficientnet_lite0 photo.jpg --device cuda --batch-size 256
+  python -m runtime.explain efficientnet_lite0 photo.jpg --max-channels 32   # fast: cover + kernel fill
+  python -m runtime.explain yolov8n.onnx photo.jpg --top-k 3          (a detector: one map per box)
+  python -m runtime.explain yolov8n.onnx photo.jpg --box 50 40 300 250 --target dog
+
+detectors (docs/detection.md): OUT/<stem>.det<N>.png|.npy|.json per detection N (a --box: <stem>.box.*):
+the overlay with the box drawn, the saliency over the photo, and the box, class and score.
 
 exit status: 0 success; 2 bad arguments, unreadable image or model, unknown class, unusable
 device (a one-line "error: ..." on stderr, and nothing written).
@@ -68,16 +75,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _alpha(text: str) -> float:
     try:
         value = float(text)
@@ -88,23 +85,31 @@ def _alpha(text: str) -> float:
     return value
 
 
-def add_mode_arguments(p: argparse.ArgumentParser, note: str = "") -> None:
-    """``--select``, ``--fill`` and ``--mode`` (the fast modes), as every CLI of the project offers them;
-    ``note`` ends each help text (the service: a request may ask for another)."""
+def add_mode_arguments(p: argparse.ArgumentParser, note: str = "", cap: str = "") -> None:
+    """``--max-channels``, ``--select``, ``--fill`` and ``--mode`` (the fast modes), as every CLI of the project
+    offers them; ``note`` ends each help text (the service: a request may ask for another), ``cap`` the
+    one of ``--max-channels``."""
+    p.add_argument("--max-channels", metavar="N", type=positive_int, default=None,
+                   help="the fast mode: score only N channels, chosen by --select, and weigh the others as --fill "
+                        "says (kernel by default: their scores predicted from the scored ones'); default: all "
+                        "channels, exact" + (cap or note))
     p.add_argument("--select", choices=list(SELECTS), default="auto",
                    help="how --max-channels chooses the channels: cover (the channels whose normalised maps cover "
                         "all the others), relevance (|W[c,k]| x spatial std, for the classes explained; needs a "
                         "global-pooling -> linear head), std (spatial std, class-blind) or auto (default: cover with "
                         "--fill kernel, else relevance where the head allows it, else std)" + note)
-    p.add_argument("--fill", choices=list(FILLS), default="zero",
-                   help="with --max-channels, what the channels left out weigh: zero (default, Faster Score-CAM), "
-                        "kernel (scores predicted from the scored channels by kernel regression on the maps; the "
-                        "recommended fast mode: --max-channels 16 --fill kernel) or preview (their feature-space "
-                        "score, calibrated on the scored ones; needs a global-pooling -> linear head)" + note)
+    p.add_argument("--fill", choices=list(FILLS), default=None,
+                   help="with --max-channels, what the channels left out weigh: kernel (the default: scores "
+                        "predicted from the scored channels by kernel regression on the maps; any head), zero "
+                        "(Faster Score-CAM: weight 0; unsafe on photos unlike those the budget was chosen on) or "
+                        "preview (their feature-space score, calibrated on the scored ones; needs a global-pooling "
+                        "-> linear head)" + note)
     p.add_argument("--mode", choices=list(MODES), default="scorecam",
                    help="scorecam (default) or preview: one classifier pass plus numpy, each channel's mask "
                         "applied to the features and scored in closed form (needs a global-pooling -> linear "
-                        "head); for live video, thumbnails and dashboards" + note)
+                        "head). A rough sketch, not safe for live use: on photos unlike the samples its map can "
+                        "be unrelated to Score-CAM's (r 0.01 on retina.jpg); live use: --precision int8 "
+                        "--max-channels 32 --fill kernel (docs/fast-modes.md)" + note)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,17 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", "-t", metavar="C", nargs="+", action="extend", default=None,
                    help="class(es) to explain, by index or label (quote labels with spaces; put --target "
                         "after the images); default: the top-k predicted classes")
-    p.add_argument("--top-k", "-k", metavar="K", type=_positive_int, default=1,
+    p.add_argument("--top-k", "-k", metavar="K", type=positive_int, default=1,
                    help="without --target, explain the K most probable classes (default 1)")
     p.add_argument("--out", "-o", metavar="DIR", type=Path, default=Path("out"),
                    help="output directory, created if needed (default: ./out)")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto (CUDA when onnxruntime-gpu can use it, else CPU), cpu, or cuda (default auto)")
-    p.add_argument("--batch-size", "-b", metavar="N", type=_positive_int, default=None,
+    p.add_argument("--batch-size", "-b", metavar="N", type=positive_int, default=None,
                    help="masked images scored per ONNX Runtime call (default: 16 on CPU, 128 on CUDA at 224x224, "
                         "scaled by the input area)")
-    p.add_argument("--max-channels", metavar="N", type=_positive_int, default=None,
-                   help="Faster Score-CAM: score only N channels, ranked by --select (default: all, exact)")
     add_mode_arguments(p)
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32 (exact, default), int8 (the bundle's quantized classifier, from exporter --int8) "
@@ -137,14 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tf32", action="store_true",
                    help="on CUDA, allow TF32 tensor-core math for fp32 (Ampere and later; maps differ from "
                         "the CPU's by ~2e-3; default off: exact)")
-    p.add_argument("--threads", metavar="N", type=_positive_int, default=None,
+    p.add_argument("--threads", metavar="N", type=positive_int, default=None,
                    help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice, the physical cores)")
     p.add_argument("--preset", choices=list(PRESETS), default="paper",
                    help="Score-CAM variant (default paper; see DESIGN.md): "
                         + ", ".join(PRESETS))
     p.add_argument("--alpha", "-a", metavar="A", type=_alpha, default=0.5,
                    help="heat-map opacity of the overlay, 0..1 (default 0.5)")
-    p.add_argument("--max-pixels", metavar="N", type=_positive_int, default=images.MAX_PIXELS,
+    p.add_argument("--max-pixels", metavar="N", type=positive_int, default=images.MAX_PIXELS,
                    help=f"refuse images with more than N pixels (default {images.MAX_PIXELS:,}); "
                         "guards against decompression bombs")
     p.add_argument("--json", action="store_true",
@@ -152,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar on stderr (default: only when stderr is a terminal)")
     thirdparty.add_arguments(p)
+    from .detect.cli import add_arguments as add_detector_arguments
+
+    add_detector_arguments(p)
     return p
 
 
@@ -247,11 +253,6 @@ def _umask() -> int:
     return mask
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split("\n")).strip()
-    return text or type(e).__name__
-
-
 def _load_images(args: list[str], max_pixels: int) -> list[_Image]:
     """Decode every image once (so a bad one fails before anything runs); reject clashing names."""
     out: list[_Image] = []
@@ -321,6 +322,14 @@ def run(args: argparse.Namespace, stdout, stderr) -> int:
 
 
 def _run(args: argparse.Namespace, stdout, stderr) -> int:
+    from .detect.cli import is_detection_run
+
+    if is_detection_run(args):  # an object detector: runtime.detect (docs/detection.md)
+        from .detect.cli import run as run_detection
+
+        return run_detection(args, stdout, stderr)
+    if args.box is not None or args.detection is not None:
+        raise UsageError("--box and --detection apply to object detectors; this model is a classifier")
     if args.list_layers:
         print(thirdparty.layers_report(args.model, args.size, args.model_output), file=stdout)
         return 0
@@ -390,7 +399,7 @@ def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, stder
     try:
         return parser.parse_args(argv)
     except UsageError as e:
-        print(f"error: {_one_line(e)}", file=stderr)
+        print(f"error: {one_line(e)}", file=stderr)
         return EXIT_USAGE
     except SystemExit as e:  # --help
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
@@ -405,11 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args, stdout, stderr)
     except (UsageError, *USER_ERRORS) as e:
-        print(f"error: {_one_line(e)}", file=stderr)
+        print(f"error: {one_line(e)}", file=stderr)
         return EXIT_USAGE
     except OSError as e:  # writing the outputs: disk full, permissions, ... (already rolled back)
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or _one_line(e)}; nothing was written", file=stderr)
+        print(f"error: {where}{e.strerror or one_line(e)}; nothing was written", file=stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=stderr)

@@ -39,7 +39,15 @@ from .thirdparty import open_model
 MODES = ("scorecam", "preview")
 #: the linear head of each classifier opened in this process (by graph hashes and tensor names): read once
 _HEADS: dict[tuple, LinearHead | None] = {}
-FILLS = ("zero", "preview", "kernel")
+FILLS = ("kernel", "zero", "preview")
+
+
+def default_fill(fill: str | None, max_channels: int | None) -> str:
+    """The fill that runs: ``fill`` when asked, else ``kernel`` when channels are capped, else ``zero`` (exact
+    Score-CAM leaves no channel out, so nothing is filled)."""
+    if fill is not None:
+        return fill
+    return "kernel" if max_channels else "zero"
 
 
 class TargetError(ValueError):
@@ -62,10 +70,11 @@ class Result:
     provider: str
     preset: str = "paper"
     mode: str = "scorecam"
-    select: str = "all"  # which channels were scored: all, std or relevance (with max_channels)
+    select: str = "all"  # which channels were scored: all, or how max_channels chose them (cover, relevance, std)
     passes: int = 0  # masked inputs scored (one per distinct varying mask; the dead channels' all-zero mask is
     # scored once per explainer and not counted); 0 for the preview
-    fill: str = "zero"  # what the channels left out by max_channels weigh: zero or their calibrated preview score
+    fill: str = "zero"  # what the channels left out by max_channels weighed: kernel (predicted scores), zero or
+    # preview (calibrated feature-space scores); zero when none was left out (select all)
     weights: np.ndarray | None = field(default=None, repr=False)  # a_k [K]
     image_shape: tuple[int, int] | None = None  # (h, w) of the original image, when known
 
@@ -98,22 +107,28 @@ class Explainer:
         batch_size: masked inputs scored per run (None: chosen for the device).
         preset: ``paper`` (default), ``gradcam``, ``torchcam`` or ``official`` (see DESIGN.md).
         threads: ONNX Runtime intra-op threads (None: ONNX Runtime's default, the physical cores).
-        max_channels: Faster Score-CAM: score only N channels, ranked by ``select``; the others get
-            weight 0 (None: all K channels, exact).
+        max_channels: the fast mode: score only N channels, chosen by ``select``, and weigh the others as
+            ``fill`` says (None: all K channels, exact). ``max_channels=N`` alone means ``select="cover"`` +
+            ``fill="kernel"``; ``fill="zero"`` is Faster Score-CAM (the others weigh 0).
         select: how ``max_channels`` chooses the channels: ``relevance`` (|W[c,k]| std(A_k), union over the
             classes explained; needs a global-pooling -> linear head after the target layer), ``std``
             (spatial standard deviation, class-blind), ``cover`` (the channels whose normalised maps cover
             all the others: weighted k-means) or ``auto`` (default: ``cover`` with ``fill="kernel"``, else
             relevance where the head allows it, else std). See :mod:`runtime.selection`.
-        fill: with ``max_channels``, what the channels left out weigh: ``zero`` (default, Faster
-            Score-CAM: weight 0), ``kernel``: their scores predicted from the scored channels' by kernel
-            ridge regression on the normalised maps (similar maps, similar masks, similar scores; any
-            head, any preset), or ``preview``: their feature-space score (as in ``mode="preview"``),
-            calibrated on the scored channels by a least-squares line ``s_exact ~ a s_preview + b`` (a >= 0)
-            per class; needs a global-pooling -> linear head; not with the ``official`` preset.
+        fill: with ``max_channels``, what the channels left out weigh: ``kernel`` (the default with
+            ``max_channels``): their scores predicted from the scored channels' by kernel ridge regression
+            on the normalised maps (similar maps, similar masks, similar scores; any head, any preset);
+            ``zero`` (Faster Score-CAM: weight 0; unsafe on photos unlike the ones the channel budget was
+            chosen on); or ``preview``: their feature-space score (as in ``mode="preview"``), calibrated on
+            the scored channels by a least-squares line ``s_exact ~ a s_preview + b`` (a >= 0) per class;
+            needs a global-pooling -> linear head; not with the ``official`` preset. None (default):
+            :func:`default_fill` (``kernel`` with ``max_channels``, else ``zero``: nothing is left out).
         mode: ``scorecam`` (default) or ``preview``: the one-pass feature-space Score-CAM, each channel's
             mask applied to the features instead of the input, scored in closed form through the linear
             head (no masked passes: one classifier pass plus numpy; needs a global-pooling -> linear head).
+            A rough sketch, not for live use: on photos unlike the samples its map can be unrelated to
+            Score-CAM's (Pearson r 0.01 on scikit-image's retina.jpg); live use wants ``precision="int8",
+            max_channels=32, fill="kernel"`` (docs/fast-modes.md).
         precision: ``fp32`` (exact), ``int8`` (the bundle's quantized classifier scores the masked
             inputs; export with ``--int8``) or ``fp16`` (CUDA only). The class decision, score and
             probability always come from the fp32 classifier.
@@ -127,7 +142,7 @@ class Explainer:
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", batch_size: int | None = None,
                  preset: str = "paper", threads: int | None = None, max_channels: int | None = None,
-                 precision: str = "fp32", *, select: str = "auto", mode: str = "scorecam", fill: str = "zero",
+                 precision: str = "fp32", *, select: str = "auto", mode: str = "scorecam", fill: str | None = None,
                  tf32: bool = False,
                  layer: str | None = None, output: str | None = None,
                  input_size: tuple[int, int] | None = None, mean=None, std=None, scale: float | None = None,
@@ -142,15 +157,27 @@ class Explainer:
             raise ValueError(f"unknown select {select!r}; choose one of {', '.join(SELECTS)}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if fill not in FILLS:
+        if fill is not None and fill not in FILLS:
             raise ValueError(f"unknown fill {fill!r}; choose one of {', '.join(FILLS)}")
         if fill == "preview" and get_preset(preset).name == "official":
             raise ValueError("fill 'preview' does not apply to the 'official' preset (its weights are probabilities "
-                             "over every class); use fill 'zero'")
-        self.select, self.mode, self.fill = select, mode, fill
+                             "over every class); use fill 'kernel' or 'zero'")
+        #: the fill as asked (None: the default), kept so that a variant with another channel cap re-resolves it
+        self.fill_asked = fill
+        self.select, self.mode, self.fill = select, mode, default_fill(fill, self.max_channels)
         self._zero_scores: np.ndarray | None = None
-        self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
-                                  scale=scale, bgr=bgr or None, labels=labels)
+        try:
+            self.bundle = open_model(model, layer=layer, output=output, input_size=input_size, mean=mean, std=std,
+                                      scale=scale, bgr=bgr or None, labels=labels)
+        except BundleError:
+            from .detect.model import looks_like_detector
+
+            if looks_like_detector(model):  # one line that says what to use instead
+                raise BundleError(f"{model} is an object detector, not a classifier: explain it with "
+                                  "runtime.detect.DetectionExplainer (python -m runtime.explain recognises it); "
+                                  "the one-graph explainer, the service and the batch job take classifiers only"
+                                  ) from None
+            raise
         self.meta = self.bundle.meta
         self.pre = self.meta.preprocessing
         if precision == "int8":
@@ -163,13 +190,13 @@ class Explainer:
         seen: list[LinearHead | None] = []
 
         def inspect(proto, engine: Engine) -> None:  # the head is read from the graph the engine loads anyway
-            seen.append(linear_head(proto, engine.features_output, engine.class_output))
+            seen.append(linear_head(proto, engine.features_output, engine.class_output, base_dir=engine.data_dir))
 
         self.engine = Engine(self.bundle.load_model, self.bundle.load_features, device=device, threads=threads,
                              input_size=self.pre.input_size, precision=precision,
                              int8_classifier=self.bundle.load_int8, tf32=tf32, mask=self.preset.mask,
                              features_output=self.bundle.features_output, key=key, inspect=inspect,
-                             int8_key=int8_key)
+                             int8_key=int8_key, data_dir=self.bundle.data_dir)
         self.batch_size = int(batch_size) if batch_size else self.engine.default_batch_size()
         if self.bundle.max_batch:  # a third-party classifier whose batch size is fixed
             self.batch_size = self.bundle.max_batch
@@ -178,7 +205,7 @@ class Explainer:
             _HEADS[head_key] = seen[0]
         elif head_key not in _HEADS:  # an engine built on graphs read before: read the head once
             _HEADS[head_key] = linear_head(self.engine.classifier_proto, self.engine.features_output,
-                                           self.engine.class_output)
+                                           self.engine.class_output, base_dir=self.engine.data_dir)
         self.head: LinearHead | None = _HEADS[head_key]
         if self.meta.output_kind == "probabilities":
             self.head = None  # a softmax after the linear layer: the closed form does not hold
@@ -308,7 +335,8 @@ class Explainer:
             filling = self.fill != "zero" and not scored.all()  # fill 'preview' without a head: refused at init
             if filling and not self.preset.skip_constant:
                 scored = scored | skipped  # the all-zero mask (cached): the many dead channels are exact
-            select = self.selection if self.max_channels is not None and self.max_channels < acts.shape[0] else "all"
+            allowed = ~skipped if self.preset.skip_constant else np.ones(acts.shape[0], bool)
+            select = self.selection if (allowed & ~scored).any() else "all"  # "all": none left out, the exact map
             masked, passes = self.score_channels(x, acts, scored & ~skipped, scored & skipped, base.shape[0],
                                                  progress, count=True)
             require_finite(masked[scored], masked=True)
@@ -444,4 +472,4 @@ def explain(model, image, targets=None, top_k: int = 1, **kwargs) -> list[Result
     return Explainer(model, **kwargs).explain(image, targets, top_k)
 
 
-__all__: Sequence[str] = ("Explainer", "Result", "TargetError", "explain")
+__all__: Sequence[str] = ("Explainer", "Result", "TargetError", "default_fill", "explain")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from . import external
 from .contract import BundleError
 
 NCHW = "NCHW"
@@ -50,10 +51,13 @@ def infer(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def fixed_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...]) -> dict[str, Shape]:
+def fixed_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...],
+                 base_dir=None) -> dict[str, Shape]:
     """Shapes of every tensor when ``input_name`` is ``input_shape`` (symbolic dims resolved).
 
-    Inference runs on a copy whose input dims are fixed and whose stale value infos are dropped.
+    Inference runs on a copy whose input dims are fixed and whose stale value infos are dropped (the
+    weights are not needed: a graph whose weights are external data is inferred without reading them;
+    ``base_dir``, their folder, is for the ONNX Runtime run that resolves what inference could not).
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -79,7 +83,7 @@ def fixed_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[int
     unknown = [o for n in m.graph.node if n.op_type != "Constant" for o in n.output
                if o and types.get(o) == TensorProto.FLOAT and (out.get(o) is None or None in out[o])]
     if unknown:
-        out.update(_run_shapes(m, input_name, input_shape, unknown))
+        out.update(_run_shapes(m, input_name, input_shape, unknown, base_dir))
     for name, dims in declared.items():  # what inference could not tell, the model's own declaration
         if name not in out and dims is not None:
             out[name] = dims
@@ -88,7 +92,8 @@ def fixed_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[int
     return out
 
 
-def _run_shapes(m: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...], names: list[str]) -> dict:
+def _run_shapes(m: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...], names: list[str],
+                base_dir=None) -> dict:
     """Shapes of ``names`` found by running the graph once on zeros (when shape inference gave up,
     e.g. on pads computed by a constant subgraph). {} if ONNX Runtime cannot run it."""
     import numpy as np
@@ -103,6 +108,7 @@ def _run_shapes(m: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...
     opts.log_severity_level = 4
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
+        external.point_to(opts, base_dir)
         sess = ort.InferenceSession(run.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         values = sess.run(names, {input_name: np.zeros(input_shape, np.float32)})
     except Exception:  # best effort: the caller reports what stays unknown
@@ -152,9 +158,10 @@ class Candidate:
 class GraphInfo:
     """Producers, consumers, constants and shapes of one graph (its image input named ``input_name``)."""
 
-    def __init__(self, model: onnx.ModelProto, input_name: str, shapes: dict[str, Shape]) -> None:
+    def __init__(self, model: onnx.ModelProto, input_name: str, shapes: dict[str, Shape], base_dir=None) -> None:
         g = model.graph
         self.model = model
+        self.base_dir = base_dir  # the folder of the graph's external data files, if it has some
         self.input_name = input_name
         self.shapes = shapes
         self.nodes = list(g.node)
@@ -201,9 +208,13 @@ class GraphInfo:
         return seen
 
     def constant_value(self, name: str):
-        """The numpy value of an initializer or a ``Constant`` node's output, else None."""
+        """The numpy value of an initializer or a ``Constant`` node's output, else None (an external one is
+        read from ``base_dir``: only its own bytes)."""
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            init = self.initializers[name]
+            if external.is_external(init) and self.base_dir is None:
+                return None
+            return external.read_tensor(init, self.base_dir)
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             for a in node.attribute:

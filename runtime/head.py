@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import external
+
 PASS_OPS = frozenset({"Dropout", "Identity", "Flatten", "Reshape", "Squeeze"})
 
 
@@ -47,9 +49,11 @@ class LinearHead:
 
 
 class _Constants:
-    """Initializers and Constant-node outputs by name, converted to numpy only when read."""
+    """Initializers and Constant-node outputs by name, converted to numpy only when read (an external one:
+    only its own bytes, from ``base_dir``, the model's folder, under ONNX Runtime's rules)."""
 
-    def __init__(self, g: onnx.GraphProto) -> None:
+    def __init__(self, g: onnx.GraphProto, base_dir=None) -> None:
+        self.base_dir = base_dir
         self._protos = {i.name: i for i in g.initializer}
         self._nodes = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.attribute}
 
@@ -58,7 +62,7 @@ class _Constants:
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self._protos:
-            return numpy_helper.to_array(self._protos[name])
+            return external.read_tensor(self._protos[name], self.base_dir)
         a = self._nodes[name].attribute[0]
         return numpy_helper.to_array(a.t) if a.name == "value" else np.asarray(helper.get_attribute_value(a))
 
@@ -74,16 +78,18 @@ def _consumers(g: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
     return [n for n in g.node if name in n.input]
 
 
-def linear_head(model: onnx.ModelProto, target: str, output: str | None = None) -> LinearHead | None:
+def linear_head(model: onnx.ModelProto, target: str, output: str | None = None,
+                base_dir=None) -> LinearHead | None:
     """W [C,K] and b [C] when ``output`` (default: the first graph output) = linear(global-avg-pool(target)).
 
     Accepted: ``GlobalAveragePool`` or ``ReduceMean`` over axes {2,3} (keepdims or not), then any of
     Flatten / Reshape / Squeeze / Dropout / Identity, then ``Gemm`` (transA 0, transB, alpha, beta) or
-    ``MatMul`` (+ ``Add`` of a constant bias). Every other graph gives None.
+    ``MatMul`` (+ ``Add`` of a constant bias). Every other graph gives None. ``base_dir``: the folder of
+    the graph's external data files, if its weights are stored there (only ``W`` and ``b`` are read).
     """
     g = model.graph
     output = output or g.output[0].name
-    consts = _Constants(g)
+    consts = _Constants(g, base_dir)
     cur = target
     pooled = False
     weight = bias = None

@@ -8,9 +8,10 @@ them. A method is named on the command line as ``name[:key=value]...``, e.g. ``s
 ``scorecam``     Score-CAM, the explainer's engine; ``preset=`` paper (default) / gradcam / torchcam /
                  official (``scorecam-<preset>`` names each one)
 ``faster``       Faster Score-CAM: only ``n`` channels are scored, chosen by ``select`` (auto / std /
-                 relevance / cover, see :mod:`runtime.selection`); ``fill=kernel`` weighs the others by
-                 scores predicted from the scored channels' (kernel ridge regression on the maps),
-                 ``fill=preview`` by their calibrated feature-space score, instead of 0
+                 relevance / cover, see :mod:`runtime.selection`), the others weigh 0 (``fill=zero``, the
+                 default here: the published algorithm); ``fill=kernel`` (``Explainer(max_channels=n)``'s
+                 default) weighs them by scores predicted from the scored channels' (kernel ridge
+                 regression on the maps), ``fill=preview`` by their calibrated feature-space score
 ``preview``      the one-pass feature-space Score-CAM preview (``Explainer(mode="preview")``)
 ``reciprocam``   ReciproCAM (Byun & Lee 2022): the h*w spatially masked copies of the feature map
                  (3x3 Gaussian kernel around each cell, ``gaussian=1``; one cell, ``gaussian=0``) through
@@ -55,16 +56,18 @@ class Method:
     defaults: dict = field(default_factory=dict)
     description: str = ""
     baseline: bool = False
+    task: str = "classify"  # "detect": fn(detection explainer, x, target: runtime.detect.Target, **params)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, description: str = "", baseline: bool = False, **defaults):
-    """Decorator: register ``fn`` under ``name`` with default parameters ``defaults``."""
+def register(name: str, description: str = "", baseline: bool = False, task: str = "classify", **defaults):
+    """Decorator: register ``fn`` under ``name`` with default parameters ``defaults`` (``task="detect"``: a
+    method for one box of an object detector, :mod:`runtime.detect`)."""
 
     def wrap(fn):
-        METHODS[name] = Method(name, fn, dict(defaults), description, baseline)
+        METHODS[name] = Method(name, fn, dict(defaults), description, baseline, task)
         return fn
 
     return wrap
@@ -115,9 +118,10 @@ def run_method(spec: str, explainer, x: np.ndarray, class_index: int, **override
 
 
 def _variant(explainer, preset: str | None = None, max_channels: int | None = None, select: str = "auto",
-             mode: str = "scorecam", fill: str = "zero"):
+             mode: str = "scorecam", fill: str | None = None):
     """A shallow copy of the explainer (same engine and sessions) with another preset / channel cap /
-    channel ranking / mode."""
+    channel ranking / mode / fill (None: :func:`runtime.explainer.default_fill`, ``kernel`` with a cap)."""
+    from .explainer import FILLS, default_fill
     from .selection import SELECTS
 
     ex = copy.copy(explainer)
@@ -129,9 +133,11 @@ def _variant(explainer, preset: str | None = None, max_channels: int | None = No
     if (mode == "preview" or select == "relevance") and ex.head is None:
         raise ValueError(f"{'preview' if mode == 'preview' else 'select=relevance'} needs a global-pooling -> "
                          "linear head after the target layer; this model has another head")
-    if fill not in ("zero", "preview", "kernel") or (fill == "preview" and ex.head is None):
-        raise ValueError(f"fill {fill!r}: choose zero, kernel, or preview (needs a global-pooling -> linear head)")
-    ex.select, ex.mode, ex.fill = select, mode, fill
+    if (fill is not None and fill not in FILLS) or (fill == "preview" and ex.head is None):
+        raise ValueError(f"fill {fill!r}: choose kernel, zero, or preview (needs a global-pooling -> linear head)")
+    if fill == "preview" and ex.preset.name == "official":
+        raise ValueError("fill 'preview' does not apply to the 'official' preset; use fill 'kernel' or 'zero'")
+    ex.select, ex.mode, ex.fill_asked, ex.fill = select, mode, fill, default_fill(fill, ex.max_channels)
     return ex
 
 
@@ -144,10 +150,12 @@ for _p in PRESETS:
     register(f"scorecam-{_p}", f"Score-CAM, preset {_p}", preset=_p)(scorecam)
 
 
-@register("faster", "Faster Score-CAM: n channels, chosen by select= auto, std, relevance or cover; fill= zero, "
-          "kernel or preview",
+@register("faster", "Faster Score-CAM: n channels, chosen by select= auto, std, relevance or cover; fill= zero "
+          "(default: the others weigh 0, as the paper), kernel (the Explainer's default with max_channels) or preview",
           n=10, preset="paper", select="auto", fill="zero")
 def faster(explainer, x, class_index, n=10, preset="paper", select="auto", fill="zero"):
+    """Faster Score-CAM by name: ``fill="zero"`` unless asked (``faster:fill=kernel`` is ``Explainer(
+    max_channels=n)``'s default mode), so an evaluation that names it measures the published algorithm."""
     ex = _variant(explainer, preset, max_channels=n, select=select, fill=fill)
     return ex.explain_tensor(x, [class_index])[0].saliency
 
@@ -320,19 +328,22 @@ def reciprocam(explainer, x, class_index, gaussian=1):
     return minmax(upsample(cam, explainer.input_size))
 
 
-def rise_masks(rng: np.random.Generator, n: int, size: tuple[int, int], cells: int, p: float) -> np.ndarray:
-    """``n`` RISE masks [n,H,W]: binary cells x cells grids (1 with probability p), bilinearly upsampled to
-    (cells + 1) * cell size and cropped at a random shift in [0, cell size)."""
+def rise_masks(seed: int, start: int, stop: int, size: tuple[int, int], cells: int, p: float) -> np.ndarray:
+    """RISE masks number ``start`` .. ``stop - 1`` [stop-start,H,W] of the run seeded ``seed``: binary
+    cells x cells grids (1 with probability p), bilinearly upsampled to (cells + 1) * cell size and cropped at a
+    random shift in [0, cell size). Mask i draws from its own generator ``(seed, i)``, so the masks do not
+    depend on how the run is cut into batches."""
     import cv2
 
     hh, ww = size
     ch, cw = -(-hh // cells), -(-ww // cells)
-    grids = (rng.random((n, cells, cells)) < p).astype(np.float32)
-    out = np.empty((n, hh, ww), np.float32)
-    for i in range(n):
-        big = cv2.resize(grids[i], ((cells + 1) * cw, (cells + 1) * ch), interpolation=cv2.INTER_LINEAR)
+    out = np.empty((stop - start, hh, ww), np.float32)
+    for j, i in enumerate(range(start, stop)):
+        rng = np.random.default_rng((int(seed), i))
+        grid = (rng.random((cells, cells)) < p).astype(np.float32)
+        big = cv2.resize(grid, ((cells + 1) * cw, (cells + 1) * ch), interpolation=cv2.INTER_LINEAR)
         dy, dx = int(rng.integers(0, ch)), int(rng.integers(0, cw))
-        out[i] = big[dy:dy + hh, dx:dx + ww]
+        out[j] = big[dy:dy + hh, dx:dx + ww]
     return out
 
 
@@ -342,15 +353,26 @@ def rise(explainer, x, class_index, n=2000, cells=8, p=0.5, seed=0):
         raise ValueError(f"rise: need n >= 1, cells >= 1 and 0 < p <= 1, got n={n}, cells={cells}, p={p}")
     engine = explainer.engine
     sess, name = engine.classifier, engine.input_name
-    rng = np.random.default_rng(int(seed))
     size = tuple(np.shape(x)[-2:])
     bs = max(1, int(explainer.batch_size))
     total = np.zeros(size, np.float64)
     for start in range(0, int(n), bs):  # O(batch) memory: masks and masked inputs made per batch
-        m = rise_masks(rng, min(bs, int(n) - start), size, int(cells), float(p))
+        m = rise_masks(int(seed), start, min(start + bs, int(n)), size, int(cells), float(p))
         out = sess.run([engine.class_output], {name: np.ascontiguousarray(x * m[:, None], np.float32)})[0]
         total += np.tensordot(_probs(out, explainer)[:, class_index], m, axes=1)
     return minmax((total / (int(n) * float(p))).astype(np.float32))
+
+
+@register("drise", "D-RISE (detectors): n random masks weighted by their D-RISE similarity to the box", task="detect",
+          n=4000, cells=16, p=0.5, seed=0)
+def drise(explainer, x, target, n=4000, cells=16, p=0.5, seed=0):
+    """D-RISE (Petsiuk et al. 2021) for one box of a :class:`runtime.detect.DetectionExplainer`: map =
+    sum_i s_i M_i / (n p), s_i the similarity of ``x * M_i`` to the target (RISE masks, :func:`rise_masks`)."""
+    from .detect.drise import drise_map
+
+    if int(n) < 1 or int(cells) < 1 or not 0 < float(p) <= 1:
+        raise ValueError(f"drise: need n >= 1, cells >= 1 and 0 < p <= 1, got n={n}, cells={cells}, p={p}")
+    return drise_map(explainer, x, target, int(n), int(cells), float(p), int(seed))
 
 
 # ------------------------------------------------------------------------------------ baselines

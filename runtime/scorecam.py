@@ -73,8 +73,11 @@ def get_preset(name: str) -> Preset:
 
 
 def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
-    """``exp(z - max z) / sum exp(z - max z)`` along ``axis``, in float64 for stability."""
-    z = np.asarray(z, np.float64)
+    """``exp(z - max z) / sum exp(z - max z)`` along ``axis``, in float64 for stability.
+
+    ``z`` is made C-contiguous first: numpy sums a contiguous axis pairwise and a strided one in order, so a
+    transposed [n,K] view would give row sums that change with ``n``."""
+    z = np.ascontiguousarray(z, np.float64)
     e = np.exp(z - z.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
 
@@ -149,19 +152,22 @@ def constant_channels(acts: np.ndarray) -> np.ndarray:
 def weighted_sum(weights: np.ndarray, acts: np.ndarray) -> np.ndarray:
     """``sum_k a_k A_k``: weights [n,K], activations [K,h,w] -> float32 [n,h,w] (NaN activations ignored).
 
-    Summed in float64 when the activations are so large that a float32 sum could overflow; a result
-    beyond float32's range is divided by its largest magnitude (every preset's map is invariant to a
-    positive scale; only the unnormalised ``cam`` of ``paper`` changes, and it could not be held anyway).
+    One row at a time, in float64: ``a_i @ A`` is the same [K] x [K,h*w] product whatever ``n``, so a class's
+    map is bit for bit the same whether it is explained alone or with others (one [n,K] @ [K,h*w] product
+    would let BLAS pick another kernel, and another rounding, for each ``n``). A row beyond float32's range is
+    divided by its largest magnitude (every preset's map is invariant to a positive scale; only the
+    unnormalised ``cam`` of ``paper`` changes, and it could not be held anyway).
     """
-    a = np.nan_to_num(acts.astype(np.float32), nan=0.0)
+    a = np.nan_to_num(acts.astype(np.float32), nan=0.0).astype(np.float64)
     k, h, w = a.shape
-    if not a.size or np.abs(a).max() * max(np.abs(weights).sum(axis=1).max(initial=0.0), 1.0) < SAFE_MAGNITUDE:
-        return (weights.astype(np.float32) @ a.reshape(k, h * w)).reshape(-1, h, w)
-    out = weights.astype(np.float64) @ a.reshape(k, h * w).astype(np.float64)
-    peak = np.abs(out).max()
-    if peak > SAFE_MAGNITUDE:
-        out = out / peak
-    return out.reshape(-1, h, w).astype(np.float32)
+    a = a.reshape(k, h * w)
+    w64 = np.asarray(weights, np.float64)
+    out = np.empty((w64.shape[0], h * w), np.float32)
+    for i, row in enumerate(w64):
+        s = np.ascontiguousarray(row) @ a
+        peak = np.abs(s).max(initial=0.0)
+        out[i] = s / peak if peak > SAFE_MAGNITUDE else s
+    return out.reshape(-1, h, w)
 
 
 def mask_safe(acts: np.ndarray) -> np.ndarray:

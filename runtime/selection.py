@@ -142,7 +142,10 @@ def kernel_fill(acts: np.ndarray, scored: np.ndarray, values: np.ndarray, allowe
     """``values`` [K,m] with the rows of the allowed channels not ``scored`` predicted by kernel ridge
     regression on the normalised maps from the scored allowed rows (module doc), float64.
 
-    Rows outside ``allowed`` and the scored rows are returned unchanged.
+    Rows outside ``allowed`` and the scored rows are returned unchanged. Column by column: everything that
+    depends on the maps alone (``k(N_S, N_S) + lambda I``, inverted once, and ``k(n, N_S)``) is shared, and each
+    column's mean and products have the same shapes whatever ``m``, so a class's column does not change with
+    the other classes explained beside it.
     """
     out = np.asarray(values, np.float64).copy()
     idx = np.flatnonzero(allowed)
@@ -157,29 +160,36 @@ def kernel_fill(acts: np.ndarray, scored: np.ndarray, values: np.ndarray, allowe
     dd = sq_distances(sample, sample).ravel()
     dd = dd[dd > 0]  # each pair twice: the same median
     h = bandwidth * (float(np.median(dd)) if dd.size else 1.0)
-    y = out[known]
-    mu = y.mean(axis=0, keepdims=True)
-    gram = np.exp(-sq_distances(xs, xs) / h) + ridge * np.eye(known.size)
-    alpha = np.linalg.solve(gram, y - mu)
-    out[todo] = mu + np.exp(-sq_distances(xt, xs) / h) @ alpha
+    inverse = np.linalg.inv(np.exp(-sq_distances(xs, xs) / h) + ridge * np.eye(known.size))  # SPD, eig >= ridge
+    cross = np.exp(-sq_distances(xt, xs) / h)
+    for j in range(out.shape[1]):
+        y = out[known, j]
+        mu = y.mean()
+        out[todo, j] = mu + cross @ (inverse @ (y - mu))
     return out
 
 
 def feature_scores(acts: np.ndarray, weight: np.ndarray, bias: np.ndarray, classes=None) -> np.ndarray:
     """``s[k,c] = mean_hw(M_c * norm(A_k)) + b_c`` [K,n] for ``classes`` (None: all C), float64.
 
-    ``norm`` is the h x w min-max (eps 0; a constant channel's mask is 0, so its score is ``b_c``).
+    ``norm`` is the h x w min-max (eps 0; a constant channel's mask is 0, so its score is ``b_c``). With
+    ``classes``, one class at a time (the same products whatever their number: a class's scores do not
+    change with the others asked); None: every class in one product (the columns never depend on a request).
     """
     k = acts.shape[0]
     flat = np.nan_to_num(acts.reshape(k, -1).astype(np.float64))
     normed = minmax(acts).reshape(k, -1).astype(np.float64) * ~constant_channels(acts)[:, None]
     w = np.asarray(weight, np.float64)
     b = np.asarray(bias, np.float64)
-    if classes is not None:
-        idx = np.asarray(list(classes), np.int64)
-        w, b = w[idx], b[idx]
-    cams = w @ flat  # [n,hw]: the class activation maps
-    return normed @ cams.T / flat.shape[1] + b[None, :]
+    if classes is None:
+        cams = w @ flat  # [C,hw]: the class activation maps
+        return normed @ cams.T / flat.shape[1] + b[None, :]
+    cls = [int(c) for c in classes]
+    out = np.empty((k, len(cls)), np.float64)
+    for i, c in enumerate(cls):
+        cam = np.ascontiguousarray(w[c]) @ flat  # [hw]: the class activation map M_c
+        out[:, i] = normed @ cam / flat.shape[1] + b[c]
+    return out
 
 
 __all__ = ["SELECTS", "cover", "distinct_masks", "feature_scores", "kernel_fill", "normalized_maps", "relevance",

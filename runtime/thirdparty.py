@@ -27,8 +27,15 @@ Preprocessing comes from the arguments, else a sidecar JSON beside the model (``
 ImageNet mean/std, scale 1/255, RGB.
 
 Derived bundles are cached as ordinary bundle directories (both graphs, metadata, sibling hashes)
-under ``$SCORECAM_CACHE`` (default ``~/.cache/scorecam``) ``/<sha256 of the model file>/<options>/``,
+under ``$SCORECAM_CACHE`` (default ``~/.cache/scorecam``) ``/<sha256 of the model>/<options>/``,
 written to a temporary directory and renamed into place, so concurrent runs never see half a bundle.
+
+A model whose weights are external data (``model.onnx`` + ``model.onnx.data``, torch's default exporter,
+any model over 2 GB, data files in a subfolder or split over several files) is read without them: the
+graph work needs none, and ONNX Runtime reads them from the model's folder. Its cache entry holds a COPY of
+its data files (streamed by the kernel, never read into Python), under the same relative names, so the
+derived bundle stays whole and correct when the source is moved, changed or deleted; the cache key (the
+"sha256 of the model") covers the data files too, so a changed ``model.onnx.data`` derives a new entry.
 """
 
 from __future__ import annotations
@@ -48,9 +55,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from . import external
 from .bundle import (
     Bundle,
     bundle_paths,
+    data_files,
     is_bundle_graph,
     load_bundle,
     load_onnx,
@@ -77,7 +86,8 @@ DERIVE_VERSION = "2"  # 2: [N,C,1,1] outputs flattened, initializer inputs dropp
 CACHE_ENV = "SCORECAM_CACHE"
 DEFAULT_SIZE = 224
 DERIVED_FILE = "derived.json"
-SIDECAR_KEYS = ("input_size", "mean", "std", "scale", "color_order", "labels")
+SIDECAR_KEYS = ("input_size", "mean", "std", "scale", "color_order", "labels",
+                "letterbox", "head")  # the last two: detectors only (runtime.detect)
 MIN_OPSET = 11
 CONVERT_TO_OPSET = 13
 MIN_IR_VERSION = 7  # what opset 13 needs (onnx.helper.VERSION_TABLE)
@@ -99,11 +109,17 @@ def cache_root() -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a file's bytes (the graph file alone; :func:`model_sha256` adds its data files)."""
+    return external.file_sha256(path)
+
+
+def model_sha256(path: Path, proto: onnx.ModelProto | None = None) -> str:
+    """sha256 of a model: its file's bytes, and its external data files' when it has some (``proto``:
+    the graph read from ``path`` already, else it is read here)."""
+    path = Path(path)
+    if proto is None:
+        proto = load_onnx(path, "model")
+    return external.content_sha256(path, data_files(proto, path))
 
 
 def sidecar_path(model_path: Path) -> Path | None:
@@ -316,11 +332,14 @@ def _image_input(g: onnx.GraphProto) -> tuple[onnx.ValueInfoProto, bool]:
 
 
 def prepare(source: onnx.ModelProto, input_size: tuple[int, int] | None = None, output: str | None = None,
-            rewrite_batch: bool = True) -> Prepared:
-    """Normalise ``source`` (not modified) to one NCHW ``input`` and one 2-D ``logits`` output."""
+            rewrite_batch: bool = True, base_dir=None) -> Prepared:
+    """Normalise ``source`` (not modified) to one NCHW ``input`` and one 2-D ``logits`` output (``base_dir``:
+    the folder of its external data files, if it has some)."""
     m = onnx.ModelProto()
     m.CopyFrom(source)
     del m.metadata_props[:]
+    if base_dir is not None:  # tiny external tensors (shapes, axes) into the graph: ONNX Runtime needs them there
+        external.inline_small(m, base_dir)
     warnings: list[str] = []
     opset = _opset(m)
     if opset < MIN_OPSET:
@@ -373,8 +392,8 @@ def prepare(source: onnx.ModelProto, input_size: tuple[int, int] | None = None, 
     if rewrite:
         del g.value_info[:]  # stale batch-1 shapes; ONNX Runtime would hold the graph to them
 
-    shapes = fixed_shapes(m, new, (1, 3, *size))
-    info = GraphInfo(m, new, shapes)
+    shapes = fixed_shapes(m, new, (1, 3, *size), base_dir)
+    info = GraphInfo(m, new, shapes, base_dir)
 
     # ---- the output: class scores [N,C] (or [N,C,1,1], [N,1,1,C]: flattened); a trailing Softmax is cut off
     outs = [o.name for o in g.output]
@@ -422,8 +441,8 @@ def prepare(source: onnx.ModelProto, input_size: tuple[int, int] | None = None, 
     shapes[final] = (shapes[scores][0], classes)
 
     if rewrite:
-        _free_batch(m, GraphInfo(m, new, shapes))
-    info = GraphInfo(m, new, shapes)
+        _free_batch(m, GraphInfo(m, new, shapes, base_dir))
+    info = GraphInfo(m, new, shapes, base_dir)
     return Prepared(m, info, new, final, old, out, nhwc, size, kind, cut, batch, warnings)
 
 
@@ -476,14 +495,15 @@ def _free_batch(m: onnx.ModelProto, info: GraphInfo) -> None:
     for node in g.node:
         if node.op_type != "Reshape" or len(node.input) < 2 or node.input[0] not in info.dynamic:
             continue
-        if any(a.name == "allowzero" and a.i for a in node.attribute):
-            continue
+        allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)  # torch's dynamo exporter sets it
         value = info.constant_value(node.input[1])
         data_shape = info.shapes.get(node.input[0]) or ()
         if value is None or value.ndim != 1 or value.size < 1 or int(value[0]) != 1 or \
                 not data_shape or data_shape[0] != 1:
             continue
         fixed = np.asarray(value, np.int64).copy()
+        if allowzero and ((fixed[1:] == -1).any() or (fixed == 0).any()):
+            continue  # a 0 is a literal zero there: no way to copy the batch dim, and two -1 are not allowed
         fixed[0] = 0 if (fixed[1:] == -1).any() else -1
         name = _fresh(node.input[1] + "_anybatch", taken)
         taken.add(name)
@@ -508,13 +528,17 @@ class Derived:
         return self.prepared.batch
 
 
-def list_layers(model, input_size: tuple[int, int] | None = None, output: str | None = None) -> list[Candidate]:
+def list_layers(model, input_size: tuple[int, int] | None = None, output: str | None = None,
+                base_dir=None) -> list[Candidate]:
     """Every candidate target layer (4-D maps the output is computed from), the automatic one marked.
 
-    ``model`` is a path or a ModelProto. Shapes are at batch 1 and ``input_size``.
+    ``model`` is a path or a ModelProto (``base_dir``: the folder of its external data, if it has some).
+    Shapes are at batch 1 and ``input_size``.
     """
-    proto = load_onnx(Path(model), "model") if not isinstance(model, onnx.ModelProto) else model
-    p = prepare(proto, _size(input_size), output, rewrite_batch=False)
+    if not isinstance(model, onnx.ModelProto):
+        base_dir = Path(model).parent
+        model = load_onnx(Path(model), "model")
+    p = prepare(model, _size(input_size), output, rewrite_batch=False, base_dir=base_dir)
     try:
         auto = p.info.auto_layer(p.output_name)
     except BundleError:
@@ -547,9 +571,10 @@ def _extract(m: onnx.ModelProto, input_name: str, output_name: str, what: str) -
 
 
 def derive(source: onnx.ModelProto, layer: str | None = None, output: str | None = None,
-           input_size: tuple[int, int] | None = None, rewrite_batch: bool = True) -> Derived:
-    """Normalise ``source`` and extract its feature graph at ``layer`` (None: the automatic choice)."""
-    p = prepare(source, input_size, output, rewrite_batch)
+           input_size: tuple[int, int] | None = None, rewrite_batch: bool = True, base_dir=None) -> Derived:
+    """Normalise ``source`` and extract its feature graph at ``layer`` (None: the automatic choice).
+    External tensors stay external (the same locations: both graphs read the data files under ``base_dir``)."""
+    p = prepare(source, input_size, output, rewrite_batch, base_dir)
     info = p.info
     name = info.resolve_layer(layer, p.output_name) if layer else info.auto_layer(p.output_name)
     cand = info.candidate(name)
@@ -572,19 +597,29 @@ def derive(source: onnx.ModelProto, layer: str | None = None, output: str | None
     return Derived(classifier, features, name, p)
 
 
-def _session(proto: onnx.ModelProto, what: str):
-    """A CPU session for checking a derived graph (no Engine exists yet at this point)."""
+def _session(proto: onnx.ModelProto, what: str, base_dir=None):
+    """A CPU session for checking a derived graph (no Engine exists yet at this point); its external data,
+    if any, read by ONNX Runtime from ``base_dir``."""
     import onnxruntime as ort
 
     from .engine import CPU, session_options
 
+    opts = session_options()
+    opts.log_severity_level = 4  # a graph that fails to run is reported by verify() in one line, not logged
+    external.point_to(opts, base_dir)
+    if base_dir is not None and any(external.nbytes(t) is not None and external.nbytes(t) <= external.SMALL
+                                    for t in external.external_tensors(proto)):
+        light = onnx.ModelProto()
+        light.CopyFrom(proto)
+        external.inline_small(light, base_dir)
+        proto = light
     try:
-        return ort.InferenceSession(proto.SerializeToString(), session_options(), providers=[CPU])
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=[CPU])
     except Exception as e:
         raise BundleError(f"ONNX Runtime cannot load the {what}: {str(e).splitlines()[0]}") from None
 
 
-def verify(source: onnx.ModelProto, d: Derived, seed: int = 0) -> str | None:
+def verify(source: onnx.ModelProto, d: Derived, seed: int = 0, base_dir=None) -> str | None:
     """Check the normalised classifier on random images, at batch 2 when its batch is dynamic, against
     ``source`` (or, when the output picked is an inner tensor, against itself at batch 1).
 
@@ -595,12 +630,12 @@ def verify(source: onnx.ModelProto, d: Derived, seed: int = 0) -> str | None:
     rng = np.random.default_rng(seed)
     n = 1 if p.batch == 1 else 2
     x = rng.standard_normal((n, 3, h, w)).astype(np.float32)
-    ours = _session(d.classifier, "normalised classifier")
+    ours = _session(d.classifier, "normalised classifier", base_dir)
     try:
         got_all = ours.run(None, {p.input_name: x})[0].astype(np.float64)
     except Exception as e:
         return f"it does not run at batch {n} ({str(e).splitlines()[0]})"
-    src = _session(source, "model")
+    src = _session(source, "model", base_dir)
     src_out = next((o.name for o in src.get_outputs() if o.name == p.source_output), None)
     for i in range(n):
         got = got_all[i:i + 1]
@@ -622,15 +657,15 @@ def verify(source: onnx.ModelProto, d: Derived, seed: int = 0) -> str | None:
 
 
 def derive_checked(source: onnx.ModelProto, layer: str | None = None, output: str | None = None,
-                   input_size: tuple[int, int] | None = None) -> Derived:
+                   input_size: tuple[int, int] | None = None, base_dir=None) -> Derived:
     """:func:`derive` + :func:`verify`; a fixed batch that does not become dynamic stays fixed (a warning)."""
-    d = derive(source, layer, output, input_size)
-    why = verify(source, d)
+    d = derive(source, layer, output, input_size, base_dir=base_dir)
+    why = verify(source, d, base_dir=base_dir)
     if why is None:
         return d
     if (dims_of(_image_input(source.graph)[0]) or (None,))[0] is not None:
-        d1 = derive(source, layer, output, input_size, rewrite_batch=False)
-        if verify(source, d1) is None:
+        d1 = derive(source, layer, output, input_size, rewrite_batch=False, base_dir=base_dir)
+        if verify(source, d1, base_dir=base_dir) is None:
             d1.prepared.warnings.append(f"the model's batch size is fixed to {d1.max_batch} and could not be made "
                                         "dynamic; masked images are scored one at a time (slower)")
             return d1
@@ -651,9 +686,11 @@ def make_meta(d: Derived, opts: Options, source_sha: str = "") -> BundleMeta:
 
 
 def write_pair(d: Derived, meta: BundleMeta, model_path: Path, features_path: Path) -> None:
-    """Write both graphs with each other's hash (the bundle contract)."""
-    write_metadata(d.classifier, meta.with_role("classifier", graph_sha256(d.features)))
-    write_metadata(d.features, meta.with_role("features", graph_sha256(d.classifier)))
+    """Write both graphs with each other's hash (the bundle contract); their external data files, if any,
+    must be in the folder already (the hashes cover them)."""
+    folder = Path(model_path).parent
+    write_metadata(d.classifier, meta.with_role("classifier", graph_sha256(d.features, folder)))
+    write_metadata(d.features, meta.with_role("features", graph_sha256(d.classifier, folder)))
     onnx.save(d.classifier, str(model_path))
     onnx.save(d.features, str(features_path))
 
@@ -665,14 +702,33 @@ def _record(d: Derived, source: Path) -> dict:
             "input_size": list(p.input_size), "warnings": p.warnings}
 
 
-def _write_cache(d: Derived, meta: BundleMeta, target: Path, source: Path) -> bool:
-    """Write the bundle into ``target`` atomically (temp dir + rename); False when the cache is unwritable."""
+def _staging(target: Path, source: Path, data: list[str]) -> Path | None:
+    """A temporary directory beside ``target`` holding a copy of the source's external data files (under
+    their relative names); None, with a warning, when the cache cannot be written."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     except OSError as e:
         _warn(f"cannot write the cache {target.parent} ({e.strerror or e}); deriving again next time")
-        return False
+        return None
+    try:
+        if data:
+            size = sum(os.path.getsize(source.parent / loc) for loc in data)
+            if size > 256 << 20:
+                print(f"copying {size / 1e9:.2f} GB of external data of {source.name} into the cache {target}",
+                      file=sys.stderr)
+            external.copy_data(data, source.parent, tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _warn(f"cannot copy the external data of {source} into the cache {target.parent} ({e.strerror or e}); "
+              "deriving again next time")
+        return None
+    return tmp
+
+
+def _write_cache(d: Derived, meta: BundleMeta, target: Path, source: Path, tmp: Path) -> bool:
+    """Write the bundle into ``target`` atomically (``tmp``, a :func:`_staging` dir, renamed); False when the
+    cache is unwritable. ``tmp`` is gone afterwards either way."""
     try:
         write_pair(d, meta, tmp / MODEL_FILE, tmp / FEATURES_FILE)
         (tmp / DERIVED_FILE).write_text(json.dumps(_record(d, source), indent=2) + "\n")
@@ -718,7 +774,10 @@ def derive_bundle(path, layer: str | None = None, output: str | None = None, inp
     """
     path = Path(path)
     opts = Options.make(path, layer, output, input_size, mean, std, scale, bgr, labels)
-    sha = file_sha256(path)
+    if source is None:
+        source = load_onnx(path, "model")
+    data = data_files(source, path)  # checked: inside the model's folder, present, long enough
+    sha = external.content_sha256(path, data)
     target = cache_root() / sha / opts.key()
     if cache and (target / MODEL_FILE).is_file():
         try:
@@ -732,21 +791,27 @@ def derive_bundle(path, layer: str | None = None, output: str | None = None, inp
             bundle.source = path
             bundle.max_batch = record.get("max_batch")
             return bundle
-    if source is None:
-        try:
-            source = onnx.load(str(path))
-        except Exception as e:
-            raise BundleError(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
-    d = derive_checked(source, opts.layer, opts.output, opts.input_size)
-    meta = make_meta(d, opts, sha)
+    # with external data, the cache entry's own copy of the data files is what every graph reads from now on
+    # (the derivation's checks included), so the entry never depends on the source folder's layout
+    tmp = _staging(target, path, data) if cache else None
+    base = (tmp if tmp is not None else path.parent) if data else None
+    try:
+        d = derive_checked(source, opts.layer, opts.output, opts.input_size, base_dir=base)
+        meta = make_meta(d, opts, sha)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for w in d.prepared.warnings:
         _warn(w)
-    if cache and _write_cache(d, meta, target, path):
+    if tmp is not None and _write_cache(d, meta, target, path, tmp):
         bundle = load_bundle(target)
     else:
-        write_metadata(d.classifier, meta.with_role("classifier", graph_sha256(d.features)))
-        write_metadata(d.features, meta.with_role("features", graph_sha256(d.classifier)))
-        bundle = Bundle(path.parent, path, path, d.classifier, d.features, meta)
+        base = path.parent if data else None  # the staging copy is gone: the source's own files
+        write_metadata(d.classifier, meta.with_role("classifier", graph_sha256(d.features, base)))
+        write_metadata(d.features, meta.with_role("features", graph_sha256(d.classifier, base)))
+        bundle = Bundle(path.parent, path, path, d.classifier, d.features, meta, data_dir=base,
+                        data_files=tuple(data))
     bundle.source = path
     bundle.max_batch = d.max_batch
     return bundle
@@ -794,7 +859,7 @@ def layers_report(model, input_size=None, output: str | None = None) -> str:
     props = read_props(proto)
     opts = Options.make(path, input_size=input_size) if not any(k.startswith(PREFIX) for k in props) \
         else Options(input_size=_size(input_size))
-    text = format_layers(list_layers(proto, opts.input_size, output))
+    text = format_layers(list_layers(proto, opts.input_size, output, base_dir=path.parent))
     if any(k.startswith(PREFIX) for k in props):
         text += f"\n(a bundle: its feature graph is fixed at export, layer {props.get(PREFIX + 'layer', '?')!r})"
     return text

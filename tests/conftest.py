@@ -50,6 +50,14 @@ def toy_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return make_dataset(64, seed=123)
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Mark ``lite0`` every test that uses the real Lite0 bundle (exported with torch, 1280 channels: the slow
+    ones), so a quick pass can leave them out with ``-m 'not lite0'`` (scripts/test-blas-kernels.sh does)."""
+    for item in items:
+        if "lite0_bundle" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.lite0)
+
+
 STRICT_TOOLS_ENV = "SCORECAM_STRICT_TOOLS"
 
 

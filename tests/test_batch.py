@@ -159,7 +159,7 @@ def test_select_mode_and_passes_are_recorded_and_maps_match(bundle, tmp_path, ca
                  "--select", "std"]) == 0
     (row,) = _rows(out)
     want = Explainer(bundle, device="cpu", max_channels=5, select="std").explain(imgs[0])[0]
-    assert (row["select"], row["mode"], row["passes"]) == ("std", "scorecam", want.passes)
+    assert (row["select"], row["fill"], row["mode"], row["passes"]) == ("std", "kernel", "scorecam", want.passes)
     np.testing.assert_allclose(np.load(out / row["map"]), want.saliency, atol=1e-6, rtol=0)
     capsys.readouterr()
     assert main([str(bundle), str(imgs[0]), "--out", str(out), "--max-channels", "5", "--select", "relevance"]) == 2

@@ -98,11 +98,14 @@ def test_machine_slug():
 
 
 def test_contender_names():
-    assert fast_options("int8+mc128") == {"precision": "int8", "max_channels": 128}
-    assert fast_options("mc64") == {"max_channels": 64}
+    # a cap without a fill token is Faster Score-CAM, asked explicitly (the Explainer's default is the kernel fill)
+    assert fast_options("int8+mc128") == {"precision": "int8", "max_channels": 128, "fill": "zero"}
+    assert fast_options("mc64") == {"max_channels": 64, "fill": "zero"}
+    assert fast_options("mc16+kern") == {"max_channels": 16, "fill": "kernel"}
     assert fast_options("paper") is None and fast_options("mcx") is None
-    assert fast_options("mc32+std") == {"max_channels": 32, "select": "std"}
-    assert fast_options("int8+mc16+rel") == {"precision": "int8", "max_channels": 16, "select": "relevance"}
+    assert fast_options("mc32+std") == {"max_channels": 32, "select": "std", "fill": "zero"}
+    assert fast_options("int8+mc16+rel") == {"precision": "int8", "max_channels": 16, "select": "relevance",
+                                             "fill": "zero"}
     assert fast_options("preview") == {"mode": "preview"} and fast_options("std") is None
     assert peer_method("reciprocam") == "reciprocam" and peer_method("rise") == "rise:n=2000"
     assert peer_method("rise500") == "rise:n=500" and peer_method("mc32") is None

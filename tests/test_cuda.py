@@ -126,8 +126,8 @@ def test_fp16_is_faithful(lite0_pair, lite0_bundle):
 
 
 def test_max_channels_matches_the_cpu(lite0_bundle):
-    a = Explainer(lite0_bundle, device="cpu", max_channels=64).explain(CHELSEA, [285])[0]
-    b = Explainer(lite0_bundle, device="cuda", max_channels=64).explain(CHELSEA, [285])[0]
+    a = Explainer(lite0_bundle, device="cpu", max_channels=64, fill="zero").explain(CHELSEA, [285])[0]
+    b = Explainer(lite0_bundle, device="cuda", max_channels=64, fill="zero").explain(CHELSEA, [285])[0]
     assert a.channels_used == b.channels_used == 64
     np.testing.assert_allclose(b.saliency, a.saliency, atol=EXACT)
 
@@ -173,3 +173,38 @@ def test_cli_on_cuda(toy_bundle, toy_data, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "CUDAExecutionProvider" in p.stdout
     assert any(out.glob("*.png"))
+
+
+def test_a_model_with_external_data_on_cuda(tmp_path):
+    """A classifier whose weights sit beside it (model.onnx + model.onnx.data) on the CUDA provider: the fp32
+    map equals the CPU's (ONNX Runtime reads the weights from the model's folder on either device), and fp16,
+    whose converter needs the weights in the graph, reads them in and stays close."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (32, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (64, 32, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (10, 64)).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.zeros(10, np.float32), "fb")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", "fc", "fb"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "ext", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (tmp_path / "m").mkdir()
+    onnx.save_model(model, str(tmp_path / "m" / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    cpu = Explainer(tmp_path / "m" / "model.onnx", device="cpu")
+    gpu = Explainer(tmp_path / "m" / "model.onnx", device="cuda")
+    assert gpu.engine.provider == CUDA and gpu.bundle.data_dir is not None
+    want, got = cpu.explain(CHELSEA, top_k=2), gpu.explain(CHELSEA, top_k=2)
+    for w, g in zip(want, got, strict=True):
+        assert w.class_index == g.class_index
+        np.testing.assert_allclose(g.saliency, w.saliency, atol=EXACT, rtol=0)
+    half = Explainer(tmp_path / "m" / "model.onnx", device="cuda", precision="fp16")
+    h = half.explain(CHELSEA, targets=[want[0].class_index])[0]
+    assert np.isfinite(h.saliency).all() and _pearson(h.saliency, want[0].saliency) > 0.99

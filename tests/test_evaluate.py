@@ -52,8 +52,13 @@ def test_scorecam_presets_and_faster_are_the_explainer(tiny):
         want = Explainer(d, device="cpu", preset=preset).explain_tensor(x, [2])[0].saliency
         np.testing.assert_allclose(run_method(f"scorecam:preset={preset}", ex, x, 2), want, atol=1e-6)
         np.testing.assert_allclose(run_method(f"scorecam-{preset}", ex, x, 2), want, atol=1e-6)
-    want = Explainer(d, device="cpu", max_channels=4).explain_tensor(x, [2])[0].saliency
+    # faster is Faster Score-CAM by name (fill zero); faster:fill=kernel is the Explainer's default with a cap
+    want = Explainer(d, device="cpu", max_channels=4, fill="zero").explain_tensor(x, [2])[0].saliency
     np.testing.assert_allclose(run_method("faster:n=4", ex, x, 2), want, atol=1e-6)
+    fast = Explainer(d, device="cpu", max_channels=4)
+    assert (fast.fill, fast.selection) == ("kernel", "cover")
+    np.testing.assert_allclose(run_method("faster:n=4:fill=kernel", ex, x, 2),
+                               fast.explain_tensor(x, [2])[0].saliency, atol=1e-6)
     assert ex.preset.name == "paper" and ex.max_channels is None  # the explainer itself is untouched
 
 
@@ -61,7 +66,7 @@ def test_baselines():
     x = np.zeros((1, 3, 20, 30), np.float32)
     r = run_method("random", None, x, 0)
     assert r.shape == (20, 30) and 0 <= r.min() and r.max() <= 1
-    np.testing.assert_array_equal(r, run_method("random", None, x, 0))
+    np.testing.assert_array_equal(r, run_method("random", None, x, 0))  # the same seed: the same draws
     c = run_method("center", None, x, 0)
     assert c.max() == pytest.approx(1.0) and np.unravel_index(c.argmax(), c.shape) in {(9, 14), (9, 15), (10, 14),
                                                                                         (10, 15)}
@@ -202,7 +207,7 @@ def test_randomisation_cascade_decorrelates_the_maps(toy, toy_rows, tmp_path):
 
     _, _, samples = toy
     model = build_torch("toy")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}  # compared exactly: copies, never recomputed
     order = default_layer_order(model)
     assert order == ["fc", "conv3", "stage3", "stage2", "stage1"]
     bundles = randomize_cascade(model, order, tmp_path / "cascade", recipe_export_fn("toy"), seed=0)

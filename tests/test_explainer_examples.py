@@ -32,12 +32,12 @@ CASES = [("paper", None, False), ("official", 12, True)]  # preset, max channels
 def reference(bundle_dir: Path, tmp: Path, preset: str, max_channels: int | None, explicit: bool) -> dict:
     """Write the explainer, the photo at the network's size (PNG) and Python's map; return the reference."""
     bundle = load_bundle(bundle_dir)
-    model = build_explainer(bundle, Options(preset, max_channels))
+    model = build_explainer(bundle, Options(preset, max_channels, fill="zero" if max_channels else None))
     name = f"{preset}-{max_channels or 'all'}"
     (tmp / f"{name}.onnx").write_bytes(model.SerializeToString())
     rgb = images.resize_rgb(images.load_image(ROOT / "samples" / "chelsea.png"), bundle.meta.preprocessing.input_size)
     Image.fromarray(rgb).save(tmp / "photo.png")
-    ex = Explainer(bundle_dir, device="cpu", preset=preset, max_channels=max_channels)
+    ex = Explainer(bundle_dir, device="cpu", preset=preset, max_channels=max_channels, fill="zero")  # the graph's
     x = ex.pre.apply(rgb)[None]
     ranked = [int(i) for i in np.argsort(-ex.engine.classify(x)[0], kind="stable")]
     cls = ranked[1] if explicit else ranked[0]

@@ -53,8 +53,10 @@ def assert_parity(bundle_dir, rgb: np.ndarray, preset: str, max_channels: int | 
     each class explained alone (``relevance`` ranks the channels for the classes explained together)."""
     bundle = open_model(bundle_dir, **derive)
     rgb = sized(rgb, bundle)
-    model = build_explainer(bundle, Options(preset, max_channels, chunk, select))
-    ex = Explainer(bundle_dir, device="cpu", preset=preset, max_channels=max_channels, select=select, **derive)
+    fill = "zero" if max_channels is not None else None  # the graph's only fill, asked explicitly with a cap
+    model = build_explainer(bundle, Options(preset, max_channels, chunk, select, fill=fill))
+    ex = Explainer(bundle_dir, device="cpu", preset=preset, max_channels=max_channels, select=select, fill=fill,
+                   **derive)
     x = ex.pre.apply(rgb)[None]
     top2 = [int(i) for i in np.argsort(-ex.engine.classify(x)[0], kind="stable")[:2]]
     classes = top2 if explicit else top2[:1]
@@ -125,9 +127,9 @@ def test_every_channel_constant(tmp_path, preset):
     assert ex.explain_tensor(x)[0].channels_skipped == 16
     for max_channels in (None, 4):
         assert_parity(bundle, photo(32, 32), preset, max_channels, chunk=3)
-        sal, _, _ = run_graph(session(build_explainer(open_model(bundle), Options(preset, max_channels)), "enabled"),
-                              photo(32, 32), -1)
-        assert np.isfinite(sal).all() and float(np.abs(sal).max()) == 0.0
+        graph = build_explainer(open_model(bundle), Options(preset, max_channels, fill="zero"))
+        sal, _, _ = run_graph(session(graph, "enabled"), photo(32, 32), -1)
+        assert np.isfinite(sal).all() and float(np.abs(sal).max()) == 0.0  # by construction: nothing varies
 
 
 def _head_bundle(directory: Path, head: str) -> Path:
@@ -184,13 +186,14 @@ def test_no_linear_head_auto_is_std_and_relevance_is_refused(tmp_path):
     for preset in PRESETS:
         assert_parity(bundle, photo(40, 40, seed=4), preset, 5, chunk=4, levels=("enabled",), resolved="std")
     assert_parity(bundle, photo(40, 40, seed=4), "paper", 5, levels=("disabled",), select="std")
-    assert read_props(build_explainer(open_model(bundle), Options(max_channels=5)))["scorecam.select"] == "std"
+    assert read_props(build_explainer(open_model(bundle), Options(max_channels=5, fill="zero")))["scorecam.select"] == \
+        "std"
     for max_channels in (5, None):
         with pytest.raises(GraphBuildError, match="select 'relevance' needs a global-pooling -> linear head") as e:
-            build_explainer(open_model(bundle), Options(max_channels=max_channels, select="relevance"))
+            build_explainer(open_model(bundle), Options(max_channels=max_channels, select="relevance", fill="zero"))
         assert "\n" not in str(e.value) and "use select 'std'" in str(e.value)
     with pytest.raises(BundleError, match="select 'relevance' needs"):
-        Explainer(bundle, device="cpu", max_channels=5, select="relevance")
+        Explainer(bundle, device="cpu", max_channels=5, select="relevance", fill="zero")
 
 
 def _third_party(path: Path) -> Path:
@@ -223,7 +226,7 @@ def test_graph_contract(tmp_path):
     of the weights (inside the Loop body, not in the main graph)."""
     bundle_dir = make_bundle(tmp_path / "tiny", channels=16)
     bundle = open_model(bundle_dir)
-    model = build_explainer(bundle, Options("torchcam", 5, 4))
+    model = build_explainer(bundle, Options("torchcam", 5, 4, fill="zero"))
     onnx.checker.check_model(model, full_check=True)
     assert model.ir_version == bundle.model.ir_version
     opsets = [(o.domain, o.version) for o in bundle.model.opset_import]
@@ -241,7 +244,9 @@ def test_graph_contract(tmp_path):
     props = read_props(model)
     assert props["scorecam.role"] == "explainer" and props["scorecam.preset"] == "torchcam"
     assert props["scorecam.max_channels"] == "5" and props["scorecam.select"] == "relevance"  # auto, linear head
-    assert read_props(build_explainer(bundle, Options("paper", 5, select="std")))["scorecam.select"] == "std"
+    assert props["scorecam.fill"] == "zero"
+    std = build_explainer(bundle, Options("paper", 5, select="std", fill="zero"))
+    assert read_props(std)["scorecam.select"] == "std"
     assert props["scorecam.chunk"] == "4" and props["scorecam.channels"] == "16"
     assert json.loads(props["scorecam.labels"])[0] == "apple"
     assert json.loads(props["scorecam.mean"]) == [0.5, 0.5, 0.5] and props["scorecam.color_order"] == "RGB"
@@ -252,7 +257,7 @@ def test_graph_contract(tmp_path):
 
 def test_class_out_of_range_is_an_error_not_a_wrong_map(tmp_path):
     bundle = open_model(make_bundle(tmp_path / "tiny"))
-    for options in (Options(), Options(max_channels=5)):  # the latter reads the class's row of W in the Loop
+    for options in (Options(), Options(max_channels=5, fill="zero")):  # the latter reads the class's row of W
         sess = session(build_explainer(bundle, options), "enabled")
         with pytest.raises(Exception, match="(?i)out of (bounds|range)|invalid"):
             run_graph(sess, photo(32, 32), 5)
@@ -266,6 +271,19 @@ def test_build_errors(tmp_path):
         build_explainer(bundle, Options(chunk=0))
     with pytest.raises(GraphBuildError, match="unknown channel selection"):
         build_explainer(bundle, Options(select="magic"))
+
+
+def test_a_channel_cap_needs_fill_zero_asked_explicitly(tmp_path):
+    """The graph has no kernel fill (the Explainer's default with a cap): a cap alone, or another fill, is refused
+    in one line that says what to do; fill zero without a cap is exact Score-CAM."""
+    bundle = open_model(make_bundle(tmp_path / "tiny"))
+    with pytest.raises(GraphBuildError, match="max_channels needs fill='zero' here") as e:
+        build_explainer(bundle, Options(max_channels=5))
+    assert "\n" not in str(e.value) and "drop max_channels for exact" in str(e.value)
+    for fill in ("kernel", "preview"):
+        with pytest.raises(GraphBuildError, match=f"no '{fill}' fill"):
+            build_explainer(bundle, Options(max_channels=5, fill=fill))
+    assert read_props(build_explainer(bundle, Options(fill="zero")))["scorecam.max_channels"] == "all"
 
 
 # ------------------------------------------------------------------------------------ the CLI, without torch
@@ -294,7 +312,7 @@ def test_cli_runs_without_torch_and_writes_triton(tmp_path):
     bundle = make_bundle(tmp_path / "tiny")
     out = tmp_path / "explainer.onnx"
     proc = cli("explainer", str(bundle), "--out", str(out), "--preset", "gradcam", "--max-channels", "6",
-               "--chunk", "4", "--triton", str(tmp_path / "repo"), "--triton-name", "tiny_cam")
+               "--fill", "zero", "--chunk", "4", "--triton", str(tmp_path / "repo"), "--triton-name", "tiny_cam")
     assert proc.returncode == 0, proc.stderr
     assert "TORCH:\n" in proc.stderr + "\n" and "torch is blocked" not in proc.stderr
     assert "wrote" in proc.stdout
@@ -315,6 +333,9 @@ def test_cli_runs_without_torch_and_writes_triton(tmp_path):
     (["{bundle}", "--out", "{tmp}/x.onnx", "--preset", "nope"], "invalid choice"),
     (["{bundle}", "--out", "{tmp}/x.onnx", "--max-channels", "0"], "--max-channels must be >= 1"),
     (["{bundle}", "--out", "{tmp}/x.onnx", "--chunk", "-2"], "--chunk must be >= 1"),
+    (["{bundle}", "--out", "{tmp}/x.onnx", "--max-channels", "8"], "--max-channels needs --fill zero here"),
+    (["{bundle}", "--out", "{tmp}/x.onnx", "--max-channels", "8", "--fill", "kernel"], "has no 'kernel' fill"),
+    (["{bundle}", "--out", "{tmp}/x.onnx", "--fill", "magic"], "invalid choice"),
     (["{notonnx}", "--out", "{tmp}/x.onnx"], "not a valid ONNX model"),
     (["{graph}", "--out", "{tmp}/x.onnx"], "is already an explainer graph"),
 ])

@@ -44,7 +44,8 @@ def _memcpy_of_weights(graph: onnx.GraphProto, weights: set[str]) -> list[str]:
 @pytest.mark.parametrize("max_channels", [None, 64])
 def test_explainer_graph_on_cuda_matches_cpu(lite0_bundle, tmp_path, max_channels):
     bundle = load_bundle(lite0_bundle)
-    data = build_explainer(bundle, Options("paper", max_channels)).SerializeToString()
+    options = Options("paper", max_channels, fill="zero" if max_channels else None)
+    data = build_explainer(bundle, options).SerializeToString()
     rgb = images.resize_rgb(images.load_image(CHELSEA), bundle.meta.preprocessing.input_size)
     feeds = {PIXELS: rgb[None], CLASS_INDEX: np.array([-1], np.int64)}
     cpu = _session(data, ["CPUExecutionProvider"]).run(None, feeds)

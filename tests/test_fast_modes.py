@@ -1,4 +1,5 @@
-"""The fast modes: max_channels (Faster Score-CAM), the int8 classifier (exporter.quantize), fp16 on CPU.
+"""The fast modes: max_channels (cover + kernel fill by default, Faster Score-CAM with fill="zero"), the int8
+classifier (exporter.quantize), fp16 on CPU.
 
 Correctness only: speed belongs to ``python -m bench``.
 """
@@ -45,6 +46,8 @@ def test_max_channels_of_k_or_more_is_exact(toy, n):
     fast = Explainer(toy, device="cpu", max_channels=n).explain(img, top_k=3)
     for e, f in zip(exact, fast, strict=True):
         assert e.class_index == f.class_index
+        # no channel left out: the same passes, scores and numpy as the exact run, so equal by construction
+        assert (f.select, f.fill) == ("all", "zero")
         np.testing.assert_array_equal(e.saliency, f.saliency)
         np.testing.assert_array_equal(e.cam, f.cam)
         assert f.channels_used == e.channels_used
@@ -52,15 +55,15 @@ def test_max_channels_of_k_or_more_is_exact(toy, n):
 
 @pytest.mark.parametrize("n", [1, 4, 8])
 def test_max_channels_scores_n_channels(toy, n):
-    r = Explainer(toy, device="cpu", max_channels=n).explain(photo())[0]
-    assert r.channels_used == n
+    r = Explainer(toy, device="cpu", max_channels=n, fill="zero").explain(photo())[0]  # Faster Score-CAM
+    assert r.channels_used == n and (r.select, r.fill) == ("relevance", "zero")
     assert np.count_nonzero(r.weights) <= n
     assert r.saliency.shape == (32, 32)
     assert np.isfinite(r.saliency).all() and 0.0 <= r.saliency.min() and r.saliency.max() <= 1.0
 
 
 def test_max_channels_keeps_the_largest_spread(toy):
-    ex = Explainer(toy, device="cpu", max_channels=4, select="std")
+    ex = Explainer(toy, device="cpu", max_channels=4, select="std", fill="zero")
     from runtime import images
 
     acts = ex.engine.activations(images.preprocess(photo(), ex.pre))
@@ -96,13 +99,17 @@ def test_int8_loads_and_correlates_with_exact(toy_int8):
         e = exact.explain(img)[0]
         f = q.explain(img, targets=e.class_index)[0]
         assert f.class_index == e.class_index
-        assert f.score == e.score  # the decision and the score come from the fp32 classifier
+        # the decision and the score come from the same fp32 classifier session run on the same input: equal
+        # by construction
+        assert f.score == e.score
         assert pearson(e.saliency, f.saliency) >= 0.9
 
 
 def test_int8_with_max_channels(toy_int8):
-    r = Explainer(toy_int8, device="cpu", precision="int8", max_channels=5).explain(photo())[0]
+    r = Explainer(toy_int8, device="cpu", precision="int8", max_channels=5, fill="zero").explain(photo())[0]
     assert r.channels_used == 5 and np.isfinite(r.saliency).all()
+    r = Explainer(toy_int8, device="cpu", precision="int8", max_channels=5).explain(photo())[0]  # kernel fill
+    assert r.passes <= 5 and (r.select, r.fill) == ("cover", "kernel") and np.isfinite(r.saliency).all()
 
 
 def test_int8_missing_is_a_clean_error(toy):

@@ -216,7 +216,7 @@ def conv_head(tmp_path_factory) -> Path:
 
 
 def test_auto_selects_by_relevance_where_the_head_allows_it(tiny):
-    ex = Explainer(tiny, device="cpu", max_channels=4)
+    ex = Explainer(tiny, device="cpu", max_channels=4, fill="zero")  # Faster Score-CAM: auto is relevance
     assert ex.head is not None and ex.selection == "relevance"
     x = images.preprocess(photo(), ex.pre)
     acts = ex.engine.activations(x)
@@ -231,11 +231,12 @@ def test_auto_selects_by_relevance_where_the_head_allows_it(tiny):
     want = set(np.argsort(-relevance(acts, ex.head.weight, [0, 3]), kind="stable")[:4])
     assert all(set(np.flatnonzero(t.weights)) <= want for t in two)
     assert Explainer(tiny, device="cpu", max_channels=4, select="std").explain(photo())[0].select == "std"
+    assert Explainer(tiny, device="cpu", max_channels=4).explain(photo())[0].select == "cover"  # the kernel fill's
     assert Explainer(tiny, device="cpu").explain(photo())[0].select == "all"
 
 
 def test_without_a_linear_head_auto_is_std_and_the_rest_is_refused(conv_head):
-    ex = Explainer(conv_head, device="cpu", max_channels=3)
+    ex = Explainer(conv_head, device="cpu", max_channels=3, fill="zero")
     assert ex.head is None and ex.selection == "std"
     r = ex.explain(photo())[0]
     assert r.select == "std" and r.channels_used == 3 and np.isfinite(r.saliency).all()
@@ -345,13 +346,18 @@ def test_rise_is_the_probability_weighted_mean_of_its_masks(tiny):
     ex = Explainer(tiny, device="cpu", batch_size=7)
     x = images.preprocess(photo(), ex.pre)
     got = run_method("rise:n=20:cells=4:seed=3", ex, x, 1)
-    rng = np.random.default_rng(3)
-    masks = np.concatenate([rise_masks(rng, n, (32, 32), 4, 0.5) for n in (7, 7, 6)])  # the batches, in order
+    masks = rise_masks(3, 0, 20, (32, 32), 4, 0.5)
     assert masks.shape == (20, 32, 32) and 0 <= masks.min() and masks.max() <= 1
+    # each mask has its own generator: the batches (7, 7, 6 here) draw the same masks; equal by construction
+    np.testing.assert_array_equal(np.concatenate([rise_masks(3, a, b, (32, 32), 4, 0.5)
+                                                  for a, b in ((0, 7), (7, 14), (14, 20))]), masks)
     probs = softmax(ex.engine.classifier.run(None, {ex.engine.input_name: (x * masks[:, None]).astype(np.float32)})[0],
                     axis=1)[:, 1]
     want = minmax((np.tensordot(probs, masks, axes=1) / (20 * 0.5)).astype(np.float32))
     np.testing.assert_allclose(got, want, atol=1e-5)
+    # another batch size: the same masks, so the same map (to ONNX Runtime's and the sums' float rounding)
+    other = run_method("rise:n=20:cells=4:seed=3", Explainer(tiny, device="cpu", batch_size=20), x, 1)
+    np.testing.assert_allclose(other, got, atol=1e-5)
     with pytest.raises(ValueError, match="rise"):
         run_method("rise:n=0", ex, x, 1)
 
@@ -389,7 +395,13 @@ def test_cli_select_mode_fill_and_their_errors(tiny, conv_head, tmp_path, capsys
     assert main([str(tiny), str(img), "--max-channels", "4", "--select", "std", "--json",
                  "--out", str(tmp_path / "a"), "--no-progress"]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[0])
-    assert (rec["select"], rec["passes"], rec["mode"]) == ("std", 4, "scorecam")
+    assert (rec["select"], rec["fill"], rec["passes"], rec["mode"]) == ("std", "kernel", 4, "scorecam")
+    # --max-channels alone: cover + the kernel fill; --fill zero: Faster Score-CAM (auto: relevance here)
+    for extra, want in (([], ("cover", "kernel")), (["--fill", "zero"], ("relevance", "zero"))):
+        assert main([str(tiny), str(img), "--max-channels", "4", *extra, "--json", "--out", str(tmp_path / "d"),
+                     "--no-progress"]) == 0
+        rec = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+        assert (rec["select"], rec["fill"]) == want and rec["passes"] <= 4
     assert main([str(tiny), str(img), "--mode", "preview", "--json", "--out", str(tmp_path / "b"),
                  "--no-progress"]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[0])

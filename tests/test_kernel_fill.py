@@ -13,7 +13,7 @@ import pytest
 
 from runtime import Explainer, images
 from runtime.scorecam import constant_channels, minmax
-from runtime.selection import cover, kernel_fill, normalized_maps, relevance
+from runtime.selection import COVER_POWER, cover, kernel_fill, normalized_maps, relevance
 from tests.bundles import photo
 from tests.test_interactive import _conv_head_bundle
 
@@ -41,7 +41,7 @@ def test_cover_picks_n_distinct_allowed_channels_deterministically():
     assert got[7]  # the start: the heaviest channel
     maps = normalized_maps(acts)[got]
     assert len({m.tobytes() for m in maps.astype(np.float32)}) == 12  # no mask twice
-    np.testing.assert_array_equal(got, cover(acts, w, allowed, 12))
+    np.testing.assert_array_equal(got, cover(acts, w, allowed, 12))  # the same call again: deterministic
     few = np.zeros(acts.shape[0], bool)
     few[[1, 2, 3]] = True
     np.testing.assert_array_equal(cover(acts, w, few, 12), few)  # n >= allowed: all of them
@@ -74,6 +74,7 @@ def test_kernel_fill_keeps_scored_rows_and_predicts_a_smooth_score():
     values = np.where(scored[:, None], y, 0.0)
     values[~allowed] = 7.0
     got = kernel_fill(acts, scored, values, allowed)
+    # exact by construction: scored rows and rows outside allowed are copied, never recomputed
     np.testing.assert_array_equal(got[scored], y[scored])
     np.testing.assert_array_equal(got[~allowed], 7.0)
     todo = allowed & ~scored
@@ -87,7 +88,7 @@ def test_kernel_fill_keeps_scored_rows_and_predicts_a_smooth_score():
     y2 = np.r_[y[:, 0], 0.0][:, None] * np.r_[scored, False][:, None]
     got2 = kernel_fill(twin, s2, y2, np.ones(301, bool))
     assert abs(got2[-1, 0] - y[np.flatnonzero(scored)[0], 0]) < 0.2 * np.ptp(y[:, 0])
-    # nothing scored or nothing left: unchanged
+    # nothing scored or nothing left: unchanged (a copy: exact)
     np.testing.assert_array_equal(kernel_fill(acts, np.zeros(300, bool), values, allowed), values)
     np.testing.assert_array_equal(kernel_fill(acts, np.ones(300, bool), y, allowed), y)
 
@@ -115,7 +116,8 @@ def test_kernel_fill_through_the_explainer(tiny, preset):
     scored = ex.channels_to_score(acts, skipped, [2])
     assert scored.sum() <= 5 and not (scored & skipped).any()
     rank = relevance(acts, ex.head.weight, [2])
-    np.testing.assert_array_equal(scored, cover(acts, np.sqrt(rank), allowed, 5))
+    # the Explainer's own computation, repeated: the same channels by construction
+    np.testing.assert_array_equal(scored, cover(acts, rank ** COVER_POWER, allowed, 5))
     exact = ex.engine.score(x, acts, ex.preset.mask).astype(np.float64)
     cols = slice(None) if preset == "official" else [2]
     want = exact.copy()
@@ -159,7 +161,7 @@ def test_kernel_fill_on_lite0_keeps_the_map_of_a_sample(lite0_bundle):
     assert fast.class_index == exact.class_index and fast.passes <= 16
     r = np.corrcoef(fast.saliency.ravel(), exact.saliency.ravel())[0, 1]
     assert r >= 0.95, r
-    assert minmax(fast.saliency).max() == 1.0
+    assert minmax(fast.saliency).max() == 1.0  # exact: minmax's peak is (max - min) / (max - min)
 
 
 @pytest.mark.parametrize("rule", ["mc5+kern", "mc5+fill", "mc5", "preview"])
@@ -178,3 +180,78 @@ def test_the_fill_study_replays_exactly_what_a_real_run_computes(tiny, rule):
     np.testing.assert_allclose(got.saliency, real.saliency, atol=1e-5)
     assert got.passes == real.passes
     assert ex.engine.scored == real.passes + (ex._zero_scores is not None)  # + the zero input, once per explainer
+
+
+# ------------------------------------------------------------------------------ the default with a channel cap
+def test_a_channel_cap_alone_means_cover_and_the_kernel_fill(tiny):
+    """``max_channels=N`` alone: select cover + fill kernel; ``fill="zero"`` keeps Faster Score-CAM (auto: relevance
+    where the head allows it); an explicit select is kept; without a cap nothing is filled. Results say so."""
+    img = photo()
+    default = Explainer(tiny, device="cpu", max_channels=5)
+    assert (default.fill, default.selection, default.fill_asked) == ("kernel", "cover", None)
+    kernel = Explainer(tiny, device="cpu", max_channels=5, fill="kernel", select="cover")
+    for a, b in zip(default.explain(img, top_k=2), kernel.explain(img, top_k=2), strict=True):
+        assert (a.select, a.fill) == ("cover", "kernel") and a.passes <= 5
+        np.testing.assert_array_equal(a.saliency, b.saliency)  # the same settings, resolved: equal by construction
+    zero = Explainer(tiny, device="cpu", max_channels=5, fill="zero").explain(img)[0]
+    assert (zero.select, zero.fill, zero.channels_used) == ("relevance", "zero", 5)
+    std = Explainer(tiny, device="cpu", max_channels=5, select="std").explain(img)[0]
+    assert (std.select, std.fill) == ("std", "kernel")
+    exact = Explainer(tiny, device="cpu")
+    assert exact.fill == "zero" and exact.explain(img)[0].to_dict()["select"] == "all"
+
+
+def test_a_variant_with_a_cap_gets_the_kernel_fill_unless_one_was_asked(tiny):
+    """methods' and the service's per-request variants resolve the fill from their own cap."""
+    from runtime.methods import _variant
+    from runtime.serve.models import ServedModel
+
+    exact = Explainer(tiny, device="cpu")
+    assert _variant(exact, max_channels=4).fill == "kernel" and _variant(exact).fill == "zero"
+    assert _variant(exact, max_channels=4, fill="zero").fill == "zero"
+    served = ServedModel("tiny", exact, 0.0)
+    assert served.variant(None, 4).fill == "kernel" and served.variant(None, 4).selection == "cover"
+    assert served.variant(None, 4, fill="zero").fill == "zero" and served.variant(None, None) is exact
+    capped = ServedModel("tiny", Explainer(tiny, device="cpu", max_channels=4, fill="zero"), 0.0)
+    assert capped.variant(None, 6).fill == "zero"  # the server asked for zero: kept for other caps
+    assert capped.variant(None, None, fill="kernel").fill == "kernel"
+    assert capped.variant(None, None, exact=True).max_channels is None
+    assert capped.variant(None, None) is capped.explainer
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"mode": "preview"}, {"max_channels": 5, "select": "std"},
+                                    {"max_channels": 5, "select": "std", "fill": "zero"},
+                                    {"max_channels": 5, "select": "std", "fill": "preview"},
+                                    {"max_channels": 5, "select": "std", "preset": "torchcam"}])
+def test_several_classes_at_once_are_bit_for_bit_one_at_a_time(tiny, kwargs):
+    """The promise of one scoring pass for every class: where the channels scored do not depend on the classes
+    (exact, the preview, a class-blind selection), a class's map is the same, bit for bit, alone or with
+    others. By construction: the same ONNX Runtime runs, then per-class numpy of the same shapes (no [n,K]
+    product whose BLAS kernel changes with n). relevance and cover choose for the union of the classes asked,
+    so there the channels, and the maps, differ on purpose."""
+    ex = Explainer(tiny, device="cpu", batch_size=4, **kwargs)
+    together = ex.explain(photo(seed=2), top_k=4)
+    for r in together:
+        (one,) = ex.explain(photo(seed=2), targets=r.class_index)
+        for field in ("saliency", "cam", "weights"):
+            np.testing.assert_array_equal(getattr(r, field), getattr(one, field), err_msg=field)
+
+
+def test_the_fills_and_the_preview_score_each_class_alone():
+    """kernel_fill's columns and feature_scores' classes do not change with the others beside them (bit for bit:
+    the same shapes per column whatever their number)."""
+    from runtime.selection import feature_scores
+
+    acts = smooth_maps(120, seed=7)
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(120, 5))
+    scored = cover(acts, np.ones(120), np.ones(120, bool), 16)
+    every = kernel_fill(acts, scored, values, np.ones(120, bool))
+    for j in range(5):
+        alone = kernel_fill(acts, scored, values[:, j:j + 1], np.ones(120, bool))
+        np.testing.assert_array_equal(alone[:, 0], every[:, j])
+    weight, bias = rng.normal(size=(6, 120)), rng.normal(size=6)
+    three = feature_scores(acts, weight, bias, [4, 0, 2])
+    for i, c in enumerate((4, 0, 2)):
+        np.testing.assert_array_equal(feature_scores(acts, weight, bias, [c])[:, 0], three[:, i])
+    np.testing.assert_allclose(feature_scores(acts, weight, bias)[:, [4, 0, 2]], three, rtol=1e-12, atol=1e-12)

@@ -85,7 +85,7 @@ def test_feature_graph_not_needed_when_the_scorer_gives_a(bundle):
     want = ex.explain(photo(), top_k=2)
     (bundle / FEATURES_FILE).rename(bundle / "gone.onnx")  # the scorer already outputs A: no feature graph read
     got = ex.explain(photo(), top_k=2)
-    for w, g in zip(want, got, strict=True):
+    for w, g in zip(want, got, strict=True):  # the same sessions on the same input: equal by construction
         assert g.class_index == w.class_index and np.array_equal(g.saliency, w.saliency)
     with pytest.raises(BundleError, match="changed since"):
         ex.engine.features_proto  # noqa: B018 - reloading a file that went away is refused, in one line
@@ -108,7 +108,7 @@ def test_two_explainers_share_sessions_and_free_them(bundle):
     two_threads = Explainer(bundle, device="cpu", threads=2)  # other settings: not shared
     assert two_threads.engine.scorer(two_threads.preset.mask) is not a.engine.scorer(a.preset.mask)
     ra, rb = a.explain(photo(), top_k=3), b.explain(photo(), top_k=3)
-    for x, y in zip(ra, rb, strict=True):
+    for x, y in zip(ra, rb, strict=True):  # one shared session, the same input: equal by construction
         assert np.array_equal(x.saliency, y.saliency)
     key = a.engine.key
     del a, b, other, two_threads, ra, rb

@@ -53,7 +53,7 @@ def test_drop_and_increase_by_hand():
 def test_keep_top_keeps_half():
     s = np.arange(16, dtype=np.float32).reshape(4, 4) / 15
     k = M.keep_top(s, 0.5)
-    assert (k > 0).sum() == 8 and np.array_equal(k[2:], s[2:]) and not k[:2].any()
+    assert (k > 0).sum() == 8 and np.array_equal(k[2:], s[2:]) and not k[:2].any()  # kept values are copied
 
 
 def test_energy_of_a_map_equal_to_the_box_is_one():
@@ -241,7 +241,7 @@ def test_average_drop_and_increase_match_torchcam(lite0_case):
         want = metric.summary()
         d, inc = meter.average_drop(x, s, c)
         assert d == pytest.approx(want["avg_drop"], abs=1e-3)
-        assert float(inc) == want["conf_increase"]
+        assert float(inc) == want["conf_increase"]  # a decision, 0 or 1 (did the probability rise?), not a float
 
 
 @pytest.mark.parametrize("substrate", ["zero", "blur"])

@@ -48,6 +48,7 @@ def test_interp_matrix_rows_are_convex_combinations(n_in, n_out, align_corners):
 
 
 def test_interp_matrix_identity_and_corners():
+    # exact by construction: at the identity and at the ends the source index is whole, lam = 0, weights 1 and 0
     np.testing.assert_array_equal(sc.interp_matrix(5, 5, False), np.eye(5))
     np.testing.assert_array_equal(sc.interp_matrix(5, 5, True), np.eye(5))
     w = sc.interp_matrix(4, 10, True)  # align_corners: the end samples are the end inputs
@@ -63,7 +64,7 @@ def test_minmax_constant_maps_are_zeros(eps):
     for value in (0.0, 1.0, -3.5, 6.0):
         m = minmax(np.full((2, 5, 5), value, np.float32), eps)
         assert np.isfinite(m).all()
-        np.testing.assert_array_equal(m, 0)
+        np.testing.assert_array_equal(m, 0)  # exact by construction: minmax writes 0 where the range is 0
 
 
 def test_minmax_range_and_per_map():
@@ -136,7 +137,7 @@ def test_constant_channel_gives_all_zero_mask(key, src, size):
     acts = np.stack([np.full(src, v, np.float32) for v in (0.0, 0.3, 1.7, 6.0, 3.14159)])
     masks = make_masks(acts, size, SPECS[key])
     assert np.isfinite(masks).all()
-    np.testing.assert_array_equal(masks.max(axis=(1, 2)), 0)
+    np.testing.assert_array_equal(masks.max(axis=(1, 2)), 0)  # by construction: constant channels are multiplied by 0
 
 
 # ----------------------------------------------------------------------------- the ONNX mask graph
@@ -208,7 +209,7 @@ def test_mask_graph_constant_channel_gives_zero_mask(key, src, size):
     maps = np.stack([np.full(src, v, np.float32) for v in (0.0, 0.3, 1.7, 6.0)])
     out = _run_scorer(SPECS[key], 17, "flatten", image, maps)
     assert np.isfinite(out).all()
-    np.testing.assert_array_equal(np.abs(out).max(axis=1), 0)
+    np.testing.assert_array_equal(np.abs(out).max(axis=1), 0)  # by construction: the guarded mask is 0, x * 0 = 0
 
 
 def test_mask_graph_batch_is_dynamic_and_keeps_outputs():
@@ -282,7 +283,7 @@ def test_official_weights_are_class_probabilities_and_skip_constant_channels():
     (m,) = maps_from_scores(sc.get_preset("official"), acts, masked, rng.normal(size=4), [1], (16, 16))
     probs = softmax(masked, axis=1)[:, 1]
     np.testing.assert_allclose(m.weights[[0, 1, 3, 5]], probs[[0, 1, 3, 5]], rtol=1e-5)
-    np.testing.assert_array_equal(m.weights[[2, 4]], 0)
+    np.testing.assert_array_equal(m.weights[[2, 4]], 0)  # by construction: skipped channels get weight 0
     # the saliency is ReLU(sum_k s_k up(A_k)), min-maxed
     s = np.tensordot(probs * [1, 1, 0, 1, 0, 1], upsample(acts, (16, 16)), axes=1)
     np.testing.assert_allclose(m.saliency, minmax(np.maximum(s, 0)), atol=1e-5)
@@ -308,6 +309,7 @@ def test_constant_channels_never_give_nan(preset):
 def test_all_channels_skipped_gives_zero_map():
     acts = np.full((4, 3, 3), 2.0, np.float32)
     (m,) = maps_from_scores(sc.get_preset("official"), acts, np.zeros((4, 2)), np.zeros(2), [0], (9, 9))
+    # by construction: no channel scored, every weight is 0, the sum is 0 and minmax of a constant map is 0
     np.testing.assert_array_equal(m.weights, 0)
     np.testing.assert_array_equal(m.saliency, 0)
 
@@ -319,7 +321,7 @@ def test_channel_mask_gives_weight_zero(preset):
     masked = rng.normal(size=(8, 3))
     keep = np.array([1, 0, 1, 1, 0, 1, 1, 1], bool)
     (m,) = maps_from_scores(sc.get_preset(preset), acts, masked, np.zeros(3), [2], (8, 8), channel_mask=keep)
-    np.testing.assert_array_equal(m.weights[~keep], 0)
+    np.testing.assert_array_equal(m.weights[~keep], 0)  # by construction: channels not scored weigh 0
     # same result as dropping those channels outright
     (ref,) = maps_from_scores(sc.get_preset(preset), acts[keep], masked[keep], np.zeros(3), [2], (8, 8))
     np.testing.assert_allclose(m.weights[keep], ref.weights, atol=1e-7)
@@ -334,6 +336,8 @@ def test_many_classes_equal_one_at_a_time(preset):
     base = rng.normal(size=6)
     p = sc.get_preset(preset)
     together = maps_from_scores(p, acts, masked, base, [5, 0, 2], (20, 20))
+    # bit for bit by construction, on any CPU and BLAS kernel: each class's weights and sum are computed on
+    # their own with the same shapes whatever the number of classes (scorecam.weighted_sum, softmax)
     for m in together:
         (one,) = maps_from_scores(p, acts, masked, base, [m.class_index], (20, 20))
         np.testing.assert_array_equal(m.saliency, one.saliency)

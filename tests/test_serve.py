@@ -120,9 +120,11 @@ def test_targets_preset_max_channels_and_overlay(server, models):
     want = Explainer(models / "zoo" / "fruit", preset="gradcam", max_channels=5).explain(PHOTO, targets=[4, "banana"])
     assert [x["class_index"] for x in first["results"]] == [4, 1]
     for got, w in zip(first["results"], want, strict=True):
-        assert got["preset"] == "gradcam" and got["channels_used"] == 5
+        # max_channels alone: the kernel fill, on the server as in the API
+        assert got["preset"] == "gradcam" and (got["select"], got["fill"]) == ("cover", "kernel") and got["passes"] <= 5
+        assert (got["passes"], got["channels_used"]) == (w.passes, w.channels_used)
         np.testing.assert_allclose(decode_saliency(got["saliency"]), w.saliency, atol=1e-6, rtol=0)
-        assert got["overlay"]["format"] == "png"
+        assert got["overlay"]["format"] == "png"  # the same map bit for bit (as below), so the same PNG
         np.testing.assert_array_equal(decode_png(base64.b64decode(got["overlay"]["b64"])),
                                       images.overlay(PHOTO, w.saliency, 0.5))
     assert second["image_size"] == [20, 30] and len(second["results"]) == 1
@@ -134,6 +136,7 @@ def test_targets_preset_max_channels_and_overlay(server, models):
 def test_select_mode_and_fill_pass_through_to_the_explainer(server, models):
     bundle = models / "zoo" / "fruit"
     for params, kw in (({"max_channels": 5, "select": "std"}, {"max_channels": 5, "select": "std"}),
+                       ({"max_channels": 5, "fill": "zero"}, {"max_channels": 5, "fill": "zero"}),
                        ({"max_channels": 5, "select": "relevance", "fill": "preview"},
                         {"max_channels": 5, "select": "relevance", "fill": "preview"}),
                        ({"mode": "preview"}, {"mode": "preview"})):
@@ -163,6 +166,8 @@ def test_raw_image_body_answers_json_or_the_png_itself(server, fruit):
                    headers={"Content-Type": "image/png", "Accept": "image/png"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.headers["x-class-index"] == str(want.class_index) and r.headers["x-label"] == "cherry"
+    # the server runs the same model with the same settings, shapes and threads on this machine: the same map bit for
+    # bit, so the same PNG (by construction)
     np.testing.assert_array_equal(decode_png(r.content), images.overlay(PHOTO, want.saliency, 0.3))
 
     r = httpx.post(url, content=PHOTO_PNG, params={"top_k": "3", "saliency_encoding": "list"},
@@ -433,7 +438,8 @@ def test_sigterm_during_a_request_finishes_it_and_exits_0(models):
         s.stop()
     r = result["r"]
     assert r.status_code == 200, r.text
-    assert r.json()["explanations"][0]["results"][0]["channels_used"] == 64
+    res = r.json()["explanations"][0]["results"][0]  # finished with its own settings: 64 channels, kernel fill
+    assert (res["select"], res["fill"]) == ("cover", "kernel") and 0 < res["passes"] <= 64
     assert code == 0, log
 
 

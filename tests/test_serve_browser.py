@@ -70,6 +70,16 @@ def test_page_explains_an_uploaded_photo(lite0_bundle, samples_dir, tmp_path):
                 page.dispatch_event("#opacity", "input")
                 assert canvas_sum() != plain  # the heat map is drawn over the photo, by the slider's amount
 
+                # the fast mode: 64 channels with the kernel fill, as the page says (the info line tells)
+                page.check("#fast")
+                page.wait_for_function("""() => /(\\d+) masks scored \\(cover \\+ kernel fill\\)/.test(
+                    document.getElementById('info').textContent) && Number(document.getElementById('info')
+                    .textContent.match(/(\\d+) masks scored/)[1]) <= 64""", timeout=120_000)
+                assert "kernel fill" in page.inner_text("label.check")
+                page.uncheck("#fast")  # back to the server's default (--max-channels 256: kernel fill too)
+                page.wait_for_function("""() => { const m = document.getElementById('info').textContent
+                    .match(/(\\d+) masks scored/); return m && Number(m[1]) > 64; }""", timeout=120_000)
+
                 shot = tmp_path / "serve-page.png"
                 page.screenshot(path=str(shot), full_page=True)
                 assert shot.stat().st_size > 10_000

@@ -36,6 +36,8 @@ def _run(ex: Explainer, job):
 
 
 def _same(a, b) -> bool:
+    """Bit for bit: the same settings, sessions and shapes in every thread (numpy's BLAS held to one thread inside
+    an explanation), so equal by construction; a difference would be a race."""
     return len(a) == len(b) and all(x[0] == y[0] and x[4] == y[4] and all(np.array_equal(p, q) for p, q in
                                                                            zip(x[1:4], y[1:4], strict=True))
                                      for x, y in zip(a, b, strict=True))

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import thirdparty
+from ..cliargs import non_negative_float, one_line, positive_float, positive_int
 from ..engine import DEVICES, PRECISIONS, cpu_count
-from ..explain import EXIT_USAGE, UsageError, _one_line, _Parser, _positive_int, add_mode_arguments, parse_cli
+from ..explain import EXIT_USAGE, UsageError, _Parser, add_mode_arguments, parse_cli
 from ..scorecam import PRESETS
 from . import job
 from .inputs import InputError, expand
@@ -31,7 +32,7 @@ EPILOG = """\
 output folder DIR (resumable: run the same command again to finish an interrupted job):
   DIR/results.parquet/        parquet parts, one row per image x class: source, sha256, width, height,
                               class_index, label, probability, score, channels_used, seconds, provider,
-                              preset, map, overlay, error, settings
+                              preset, mode, select, fill, passes, map, overlay, error, settings
   DIR/maps/ab/<sha256>.<class>.npy     saliency, float32 [H,W] in [0,1] at the network's input size
   DIR/overlays/ab/<sha256>.<class>.png with --overlays: the heat map over the image, at its size
   DIR/run.json                settings, versions, and one record per run (done, skipped, failed, time)
@@ -53,21 +54,6 @@ settings that differ from DIR's (use --force), or a cluster that cannot be reach
 """
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = 0.0 if text in ("0", "0.0") else _positive_float(text)
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m runtime.batch",
                 description="Explain a whole dataset with Score-CAM: one row per image and class in a parquet\n"
@@ -78,38 +64,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", metavar="DIR", type=Path, default=None, help="output folder (required)")
     p.add_argument("--target", "-t", metavar="C", nargs="+", action="extend", default=None,
                    help="class(es) to explain in every image, by index or label; default: the top-k classes")
-    p.add_argument("--top-k", "-k", metavar="K", type=_positive_int, default=1,
+    p.add_argument("--top-k", "-k", metavar="K", type=positive_int, default=1,
                    help="without --target, explain each image's K most probable classes (default 1)")
     p.add_argument("--preset", choices=list(PRESETS), default="paper", help="Score-CAM variant (default paper)")
-    p.add_argument("--max-channels", metavar="N", type=_positive_int, default=None,
-                   help="Faster Score-CAM: score only N channels, ranked by --select (default: all, exact)")
     add_mode_arguments(p)
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32 (default), int8 (the bundle's quantized classifier) or fp16 (CUDA only)")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="per worker: auto (CUDA when available, else CPU), cpu or cuda (default auto)")
-    p.add_argument("--batch-size", "-b", metavar="N", type=_positive_int, default=None,
+    p.add_argument("--batch-size", "-b", metavar="N", type=positive_int, default=None,
                    help="masked images per ONNX Runtime call (default: 16 on CPU, 128 on CUDA at 224x224)")
     p.add_argument("--overlays", action="store_true", help="also write overlay PNGs (DIR/overlays/)")
     p.add_argument("--alpha", metavar="A", type=float, default=0.5, help="overlay heat-map opacity (default 0.5)")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: processes on this machine (default); ray: Ray Data actors on a Ray cluster")
-    p.add_argument("--workers", "-w", metavar="N", type=_positive_int, default=None,
+    p.add_argument("--workers", "-w", metavar="N", type=positive_int, default=None,
                    help=f"local: processes (default: {LOCAL_DEFAULT_NOTE}; 1 = one process, all cores); "
                         "ray: actors, each with its own model (default: the cluster's CPUs less one, or its GPUs "
                         "with --gpus-per-worker)")
-    p.add_argument("--threads", metavar="N", type=_positive_int, default=None,
+    p.add_argument("--threads", metavar="N", type=positive_int, default=None,
                    help="ONNX Runtime threads per worker (default: local: cores / workers; ray: CPUs per worker)")
-    p.add_argument("--chunk", metavar="N", type=_positive_int, default=None,
+    p.add_argument("--chunk", metavar="N", type=positive_int, default=None,
                    help="images per task and per parquet part; a crash loses at most one chunk per worker "
                         "(default: up to 16, small enough to keep every worker busy)")
     g = p.add_argument_group("ray engine")
     g.add_argument("--address", metavar="ADDR", default=None,
                    help="an existing Ray cluster (e.g. 10.0.0.1:6379, or 'auto'); default: start a local one")
-    g.add_argument("--cpus-per-worker", metavar="N", type=_positive_float, default=None,
+    g.add_argument("--cpus-per-worker", metavar="N", type=positive_float, default=None,
                    help="Ray CPUs reserved per actor (default: 1, less when the cluster has fewer CPUs than "
                         "workers + 1: Ray Data's own tasks need a CPU slot too)")
-    g.add_argument("--gpus-per-worker", metavar="N", type=_non_negative_float, default=0.0,
+    g.add_argument("--gpus-per-worker", metavar="N", type=non_negative_float, default=0.0,
                    help="Ray GPUs per actor, fractions allowed (e.g. 0.25: four actors share a GPU; default 0)")
     p.add_argument("--force", action="store_true",
                    help="DIR holds results of other settings: discard them and start again (default: refuse)")
@@ -249,11 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args, stdout, stderr)
     except (UsageError, InputError, job.BatchError, *job.USER_ERRORS) as e:
-        print(f"error: {_one_line(e)}", file=stderr)
+        print(f"error: {one_line(e)}", file=stderr)
         return EXIT_USAGE
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or _one_line(e)}", file=stderr)
+        print(f"error: {where}{e.strerror or one_line(e)}", file=stderr)
         return EXIT_USAGE
 
 

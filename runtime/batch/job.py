@@ -33,11 +33,12 @@ import numpy as np
 
 from .. import __version__, images
 from ..bundle import resolve_model_path
+from ..cliargs import one_line
 from ..contract import MODEL_FILE, BundleError
 from ..engine import EngineError
-from ..explainer import Explainer, TargetError
+from ..explainer import Explainer, TargetError, default_fill
 from ..images import ImageError
-from ..thirdparty import file_sha256
+from ..thirdparty import file_sha256, model_sha256
 
 RESULTS = "results.parquet"
 RUN_JSON = "run.json"
@@ -55,12 +56,13 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("label", "string"),
     ("probability", "float64"),    # of that class on the image
     ("score", "float64"),          # its logit
-    ("channels_used", "int32"),    # masks scored (all K when exact; N with --max-channels N)
+    ("channels_used", "int32"),    # channels weighing in the map (all K when exact or filled; N with --fill zero)
     ("seconds", "float64"),        # explanation time of the image (all its classes at once)
     ("provider", "string"),        # the ONNX Runtime execution provider
     ("preset", "string"),
     ("mode", "string"),            # scorecam, or preview (one pass, closed form)
-    ("select", "string"),          # all channels, or how --max-channels ranked them (std, relevance)
+    ("select", "string"),          # all channels, or how --max-channels chose them (cover, relevance, std)
+    ("fill", "string"),            # what the channels left out weighed: kernel, zero or preview (zero: none left out)
     ("passes", "int32"),           # masked inputs actually scored (one per distinct mask)
     ("map", "string"),             # the .npy, relative to DIR
     ("overlay", "string"),         # the overlay .png relative to DIR (null without --overlays)
@@ -101,14 +103,15 @@ class Settings:
     """
 
     model: str                        # the model as resolved (absolute path)
-    model_sha256: str                 # of model.onnx (a bundle's feature graph is pinned to it by hash)
+    model_sha256: str                 # of model.onnx and its external data files, if any (a bundle's feature
+    #                                   graph is pinned to it by hash)
     targets: tuple[str, ...] | None   # as given; None: the top-k classes
     top_k: int = 1
     preset: str = "paper"
     max_channels: int | None = None
     select: str = "auto"
     mode: str = "scorecam"
-    fill: str = "zero"
+    fill: str = "zero"                # as it runs: Settings.make resolves None (kernel with max_channels)
     precision: str = "fp32"
     overlays: bool = False
     alpha: float = 0.5
@@ -122,7 +125,8 @@ class Settings:
             raise BundleError(f"model not found: {onnx_file}")
         tp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in (kw.pop("thirdparty", None) or {}).items()
               if v not in (None, False)}
-        return cls(str(path), file_sha256(onnx_file), tuple(str(t) for t in targets) if targets else None,
+        kw["fill"] = default_fill(kw.get("fill"), kw.get("max_channels"))
+        return cls(str(path), model_sha256(onnx_file), tuple(str(t) for t in targets) if targets else None,
                    thirdparty=tp, **kw)
 
     def to_dict(self) -> dict:
@@ -184,10 +188,6 @@ def _row(source: str, key: str, **values) -> dict:
     return row
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def explain_file(explainer: Explainer, source: str, task: Task) -> list[dict]:
     """Explain one file into rows (one per class) and write its maps: THE function both engines call.
 
@@ -217,11 +217,11 @@ def explain_file(explainer: Explainer, source: str, task: Task) -> list[dict]:
             if not np.isfinite(r.saliency).all():
                 raise ValueError(f"class {r.class_index}: the map is not finite")
     except USER_ERRORS as e:
-        return [_row(source, key, sha256=sha, width=width, height=height, error=_one_line(e))]
+        return [_row(source, key, sha256=sha, width=width, height=height, error=one_line(e))]
     except Exception as e:  # a job over a million files must not stop for one: record, go on
         where = traceback.extract_tb(e.__traceback__)[-1]
         return [_row(source, key, sha256=sha, width=width, height=height,
-                     error=f"internal error {type(e).__name__}: {_one_line(e)} ({Path(where.filename).name}:"
+                     error=f"internal error {type(e).__name__}: {one_line(e)} ({Path(where.filename).name}:"
                            f"{where.lineno})")]
     rows = []
     seconds = time.perf_counter() - t0
@@ -236,7 +236,7 @@ def explain_file(explainer: Explainer, source: str, task: Task) -> list[dict]:
         rows.append(_row(source, key, sha256=sha, width=width, height=height, class_index=r.class_index,
                          label=r.label, probability=r.probability, score=r.score, channels_used=r.channels_used,
                          seconds=seconds, provider=r.provider, preset=r.preset, mode=r.mode, select=r.select,
-                         passes=r.passes, map=rel_map, overlay=rel_png))
+                         fill=r.fill, passes=r.passes, map=rel_map, overlay=rel_png))
     return rows
 
 
@@ -293,7 +293,7 @@ def read_results(out: str | os.PathLike, columns: Sequence[str] | None = None, r
                 with contextlib.suppress(OSError):
                     p.unlink()
                 if warn:
-                    warn(f"removed the unreadable part {p.name} ({_one_line(e)}); its images are explained again")
+                    warn(f"removed the unreadable part {p.name} ({one_line(e)}); its images are explained again")
     return out_parts
 
 
@@ -318,7 +318,7 @@ def read_run_json(out: Path) -> dict | None:
     try:
         return json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise BatchError(f"{p}: cannot read it ({_one_line(e)}); use --force to start the folder afresh") from None
+        raise BatchError(f"{p}: cannot read it ({one_line(e)}); use --force to start the folder afresh") from None
 
 
 def write_run_json(out: Path, doc: dict) -> None:

@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, images
+from ..cliargs import one_line
 from ..explainer import TargetError
 from ..images import ImageError
 from . import protocol as P
@@ -50,7 +51,7 @@ class ServeConfig:
     max_channels: int | None = None
     select: str = "auto"
     mode: str = "scorecam"
-    fill: str = "zero"
+    fill: str | None = None  # None: kernel when channels are capped (runtime.explainer.default_fill)
     batch_size: int | None = None
     threads: int | None = None
     thirdparty: dict = field(default_factory=dict)  # Explainer kwargs for bare .onnx files
@@ -113,7 +114,7 @@ class State:
         try:
             models = self._loader()
         except Exception as e:  # BundleError, EngineError, ...: one line, then the server stops
-            self.load_error = " ".join(str(e).split()) or type(e).__name__
+            self.load_error = one_line(e)
             log.error("error: %s", self.load_error)
             if self._on_fatal:
                 self._on_fatal(self.load_error)

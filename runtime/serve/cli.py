@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import images, thirdparty
+from ..cliargs import non_negative_int, one_line, positive_float, positive_int
 from ..contract import BundleError
 from ..engine import DEVICES
 from ..explain import EXIT_USAGE, UsageError, _Parser, add_mode_arguments
@@ -46,28 +47,6 @@ examples:
 """
 
 
-def _positive(cast):
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m runtime.serve",
                 description="Serve Score-CAM explanations over HTTP: KServe V1 :explain, Open Inference Protocol "
@@ -81,28 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", "--http_port", dest="port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--model_name", "--model-name", dest="model_name", default=None,
                    help="the name of a single served model (default: its bundle folder's name)")
-    p.add_argument("--workers", type=_positive(int), default=1,
+    p.add_argument("--workers", type=positive_int, default=1,
                    help="server processes (each loads every model once; default 1)")
     p.add_argument("--predictor_host", "--predictor-host", dest="predictor_host", default=None,
                    help="accepted for KServe; unused (the model runs inside this process)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--preset", choices=list(PRESETS), default="paper", help="default Score-CAM preset (a request "
                                                                           "may ask for another)")
-    p.add_argument("--max-channels", type=_positive(int), default=None,
-                   help="default Faster Score-CAM channel cap (default: all channels, exact)")
-    add_mode_arguments(p, "; a request may ask for another")
-    p.add_argument("--batch-size", type=_positive(int), default=None, help="masked inputs per ONNX Runtime run")
-    p.add_argument("--threads", type=_positive(int), default=None, help="ONNX Runtime intra-op threads")
-    p.add_argument("--max-concurrency", type=_positive(int), default=1,
+    add_mode_arguments(p, "; a request may ask for another",
+                       "; a request may ask for another (max_channels), or for all channels (max_channels: 0)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="masked inputs per ONNX Runtime run")
+    p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--max-concurrency", type=positive_int, default=1,
                    help="explanations running at once (default 1: one per device; each uses every core)")
-    p.add_argument("--queue-size", type=_non_negative, default=16,
+    p.add_argument("--queue-size", type=non_negative_int, default=16,
                    help="requests waiting for a worker; one more is answered 429 (default 16)")
-    p.add_argument("--timeout", type=_positive(float), default=120.0,
+    p.add_argument("--timeout", type=positive_float, default=120.0,
                    help="seconds per request, queue time included; past it: 504 and the work stops (default 120)")
-    p.add_argument("--max-body-mb", type=_positive(float), default=16.0, help="largest request body (default 16)")
-    p.add_argument("--max-pixels", type=_positive(int), default=images.MAX_PIXELS,
+    p.add_argument("--max-body-mb", type=positive_float, default=16.0, help="largest request body (default 16)")
+    p.add_argument("--max-pixels", type=positive_int, default=images.MAX_PIXELS,
                    help=f"largest image, width x height (default {images.MAX_PIXELS:,}); more is 413")
-    p.add_argument("--max-instances", type=_positive(int), default=8, help="images per request (default 8)")
+    p.add_argument("--max-instances", type=positive_int, default=8, help="images per request (default 8)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     thirdparty.add_arguments(p)
     return p
@@ -200,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return serve(args)
     except (UsageError, BundleError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..bundle import resolve_model_path
 from ..contract import MODEL_FILE, BundleError
-from ..explainer import Explainer
+from ..explainer import Explainer, default_fill
 from ..methods import _variant
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -74,14 +74,16 @@ class ServedModel:
 
     def variant(self, preset: str | None, max_channels: int | None, exact: bool = False, select: str | None = None,
                 mode: str | None = None, fill: str | None = None) -> Explainer:
-        """The explainer for one request (None: the server's setting). A variant shares the engine and its
+        """The explainer for one request (None: the server's setting; a fill neither asked for follows the cap:
+        ``kernel`` with one, :func:`runtime.explainer.default_fill`). A variant shares the engine and its
         sessions; the scorer session of a new mask kind is built here, under a lock, so two requests never
         race to make it. ValueError when the model's head does not allow the mode / selection asked for."""
         ex = self.explainer
         mc = None if exact else (max_channels if max_channels is not None else ex.max_channels)
-        select, mode, fill = select or ex.select, mode or ex.mode, fill or ex.fill
+        # a fill neither the request nor the server asked for follows the cap: kernel when channels are capped
+        select, mode, fill = select or ex.select, mode or ex.mode, fill or ex.fill_asked
         if (preset is None or preset == ex.preset.name) and mc == ex.max_channels and \
-                (select, mode, fill) == (ex.select, ex.mode, ex.fill):
+                (select, mode, default_fill(fill, mc)) == (ex.select, ex.mode, ex.fill):
             return ex
         v = _variant(ex, preset or ex.preset.name, mc, select, mode, fill)
         with self._lock:

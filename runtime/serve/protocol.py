@@ -59,9 +59,9 @@ class Options:
     preset: str | None = None  # None: the server's
     max_channels: int | None = None  # None: the server's
     exact: bool = False  # True: max_channels explicitly off (all channels) even if the server caps them
-    select: str | None = None  # None: the server's (auto, std, relevance: how max_channels ranks channels)
+    select: str | None = None  # None: the server's (auto, cover, relevance, std: how max_channels chooses channels)
     mode: str | None = None  # None: the server's (scorecam, preview)
-    fill: str | None = None  # None: the server's (zero, preview)
+    fill: str | None = None  # None: the server's when it set one, else kernel with max_channels (kernel, zero, preview)
 
 
 @dataclass

@@ -122,7 +122,7 @@ async function explain() {
   const typed = $("label").value.trim();
   const target = typed ? (/^\d+$/.test(typed) ? Number(typed) : typed) : Number($("target").value);
   const params = { preset: $("preset").value, overlay: true, alpha: 1.0 };
-  if ($("fast").checked) params.max_channels = 64;  // unchecked: the server's default (--max-channels)
+  if ($("fast").checked) Object.assign(params, { max_channels: 64, fill: "kernel" });  // unchecked: the server's default
   $("go").disabled = true;
   status("explaining...");
   const t0 = performance.now();
@@ -136,7 +136,8 @@ async function explain() {
     $("shown-class").dataset.classIndex = r.class_index;
     $("info").textContent = `p = ${(100 * r.probability).toFixed(2)}% · ${r.seconds.toFixed(2)} s on the server ` +
       `(${((performance.now() - t0) / 1000).toFixed(2)} s round trip) · ${r.provider} · preset ${r.preset} · ` +
-      `${r.channels_used} channels scored`;
+      (r.select === "all" ? `${r.channels_used} channels scored`
+        : `${r.passes} masks scored (${r.select} + ${r.fill} fill)`);
     $("shown").hidden = false;
     for (const li of $("probs").children) li.classList.toggle("chosen", Number(li.dataset.classIndex) === r.class_index);
     status("");
