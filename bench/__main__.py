@@ -43,13 +43,15 @@ NOTES = [
     "floor: K preprocessed images through the bundle's classifier session at our batch size. paper, gradcam, "
     "torchcam, official: ours, exact, end to end (`Explainer.explain(path)`). top5: five classes from one pass. "
     "torch: torch eager reference of `paper` as peer libraries write it (all K masked inputs at once, batches of "
-    "16, same thread count). mcN: `max_channels=N`; int8: the bundle's QDQ int8 classifier (calibrated on the "
-    "five sample photos and eight package photos, each also mirrored, cropped and zoomed out; last two weighted "
-    "layers in fp32); fp16: CUDA only. bare: a bare ONNX Runtime session of model.onnx running K images at our "
-    "batch size (RSS yardstick); pair: two explainers of the bundle in one process, each explaining once.",
+    "16, same thread count). mcN: `max_channels=N, fill=\"zero\"`; int8: the bundle's QDQ int8 classifier "
+    "(calibrated on the five sample photos and eight package photos, each also mirrored, cropped and zoomed "
+    "out; last two weighted layers in fp32); fp16: CUDA only. bare: a bare ONNX Runtime session of model.onnx "
+    "running K images at our batch size (RSS yardstick); pair: two explainers of the bundle in one process, "
+    "each explaining once.",
     "pass1: one classifier pass over the photo (decode, preprocess, classify). preview: `mode=\"preview\"`. "
     "reciprocam, riseN: the peers on our engine (`runtime.methods`; rise = 2000 masks), end to end from the photo. "
-    "mcN ranks channels by `select=\"auto\"` (relevance on this head); +std forces the spatial-std ranking. "
+    "mcN: Faster Score-CAM (`fill=\"zero\"`, asked explicitly; channels ranked by `select=\"auto\"`, relevance on "
+    "this head); +kern: the kernel fill (the Explainer's default with a cap); +std forces the spatial-std ranking. "
     "passes = masked inputs scored per photo (one per distinct mask; ReciproCAM: h*w through the tail).",
     "x floor = time / floor; torch / this = torch reference time / time; exact / this = paper time / time; "
     "min r = lowest Pearson r, over the five sample photos, of the map to the exact `paper` map (same class); "

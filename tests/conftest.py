@@ -7,10 +7,16 @@ torch is imported only when one of the bundle fixtures is used.
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+#: the Ray auth token of every test that starts a local Ray instance: Ray reads RAY_AUTH_TOKEN once per process
+#: and keeps it, so a second local instance started with another token in the same pytest run fails to connect
+#: to its own GCS ("Failed to start GCS"). Not the machine-wide ~/.ray/auth_token.
+RAY_TEST_TOKEN = secrets.token_hex(32)
 
 TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bundles import make_bundle
-from conftest import ROOT, require_tool
+from conftest import RAY_TEST_TOKEN, ROOT, require_tool
 from PIL import Image
 
 from runtime import Explainer
@@ -281,7 +280,7 @@ def _need_ray():
 def test_ray_engine_local_instance(bundle, tmp_path, capsys, monkeypatch):
     """A local Ray instance (2 CPUs here): 2 actors of 0.5 CPU leave a slot for Ray Data's own tasks."""
     _need_ray()
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))  # not the machine-wide ~/.ray/auth_token
+    monkeypatch.setenv("RAY_AUTH_TOKEN", RAY_TEST_TOKEN)  # one per session: Ray keeps the first in the process
     imgs, corrupt, text = _dataset(tmp_path / "data")
     out = tmp_path / "out"
     args = [str(bundle), str(tmp_path / "data"), "--out", str(out), "--top-k", "2", "--engine", "ray",

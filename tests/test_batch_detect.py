@@ -6,13 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import secrets
 from pathlib import Path
 
 import numpy as np
 import pytest
 from bundles import make_bundle
-from conftest import require_tool
+from conftest import RAY_TEST_TOKEN, require_tool
 from PIL import Image
 
 from runtime.batch import job
@@ -144,7 +143,7 @@ def test_box_on_a_classifier_is_refused(tmp_path, dataset, capsys):
 
 def test_ray_engine_one_row_per_box(toy_detector, dataset, tmp_path, capsys, monkeypatch):
     require_tool(importlib.util.find_spec("ray") is not None, "ray[data] (pip install 'scorecam-onnx[ray]')")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))  # not the machine-wide ~/.ray/auth_token
+    monkeypatch.setenv("RAY_AUTH_TOKEN", RAY_TEST_TOKEN)  # one per session: Ray keeps the first in the process
     root, paths, blank, text = dataset
     out = tmp_path / "out"
     args = [str(toy_detector), str(root), "--out", str(out), "--top-k", "2", "--engine", "ray", "--workers", "2",

@@ -525,16 +525,15 @@ def test_the_batch_job_on_a_dynamo_export_and_a_changed_data_file_is_another_mod
 
 def test_the_ray_engine_on_a_dynamo_export(models, tmp_path, capsys, monkeypatch):
     import importlib.util
-    import secrets
 
-    from conftest import require_tool
+    from conftest import RAY_TEST_TOKEN, require_tool
 
     from runtime.batch import job
     from runtime.batch.cli import main
 
     require_tool(importlib.util.find_spec("ray") is not None, "ray[data] (pip install 'scorecam-onnx[ray]')")
     pq = pytest.importorskip("pyarrow.parquet")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", RAY_TEST_TOKEN)  # one per session: Ray keeps the first in the process
     _dataset(tmp_path / "data")
     out = tmp_path / "out"
     path = models["cnn-dynamo"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
-import secrets
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import require_tool
+from conftest import RAY_TEST_TOKEN, require_tool
 from PIL import Image
 from servers import ServeProcess
 
@@ -136,7 +135,7 @@ def test_batch_job(deit_file, data, tmp_path, capsys, monkeypatch, engine):
 
     if engine == "ray":
         require_tool(importlib.util.find_spec("ray") is not None, "ray[data] (pip install 'scorecam-onnx[ray]')")
-        monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        monkeypatch.setenv("RAY_AUTH_TOKEN", RAY_TEST_TOKEN)  # one per session: Ray keeps the first in the process
     out = tmp_path / "out"
     args = [str(deit_file), str(data), "--out", str(out), "--engine", engine, "--workers", "1", "--no-progress"]
     assert main(args) == 0, capsys.readouterr().err
@@ -149,7 +148,8 @@ def test_batch_job(deit_file, data, tmp_path, capsys, monkeypatch, engine):
         np.testing.assert_allclose(np.load(out / r["map"]), w.saliency, atol=ATOL)
 
 
-@pytest.mark.parametrize("which, flags", [("file", []), ("bundle", ["--max-channels", "24", "--preset", "gradcam"])])
+@pytest.mark.parametrize("which, flags", [("file", []), ("bundle", ["--max-channels", "24", "--fill", "zero",
+                                                                          "--preset", "gradcam"])])
 def test_one_graph_explainer_on_a_vit(deit_file, transformer_bundle, data, tmp_path, which, flags):
     """``python -m exporter explainer`` on a ViT: the token layer sliced and reshaped inside the graph."""
     from exporter.explainer_cli import main
@@ -158,7 +158,7 @@ def test_one_graph_explainer_on_a_vit(deit_file, transformer_bundle, data, tmp_p
     model = deit_file if which == "file" else transformer_bundle("deit")
     out = tmp_path / "explainer.onnx"
     assert main([str(model), "--out", str(out), *flags]) == 0
-    kw = {"max_channels": 24, "preset": "gradcam", "select": "std"} if flags else {}
+    kw = {"max_channels": 24, "preset": "gradcam", "select": "std", "fill": "zero"} if flags else {}
     ex = Explainer(model, device="cpu", **kw)
     rgb = images.resize_rgb(images.load_image(data / "chelsea.png"), ex.input_size)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,11 +54,6 @@ def connect(address: str | None, num_cpus: int | None = None):
     # PYTHONPATH included). A job-level runtime_env would keep Ray from using its prestarted workers: measured
     # 19-28 s against 10-13 s for a tiny job on a busy 2-core machine.
     kwargs = {"logging_level": "ERROR", "log_to_driver": True, "configure_logging": True}
-    # A local instance's GCS gets Ray's port-file budget (120 s) to answer, not its ~20 s connect window:
-    # on a loaded 2-core CI machine the GCS once took longer than 20 s and the job failed to start.
-    wait_var, wait_set = "RAY_gcs_server_port_wait_time_s", False
-    if not address and wait_var not in os.environ:
-        os.environ[wait_var], wait_set = "120", True
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -75,9 +69,6 @@ def connect(address: str | None, num_cpus: int | None = None):
         if any("Authentication" in type(c).__name__ or "InvalidAuthToken" in str(c) for c in chain):
             text += " (the cluster uses token authentication: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH, to its token)"
         raise BatchError(f"cannot connect to {where}: {text}") from None
-    finally:
-        if wait_set:
-            os.environ.pop(wait_var, None)
     try:
         yield ray
     finally:
