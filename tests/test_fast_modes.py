@@ -182,8 +182,8 @@ def test_reduced_precision_overflow_is_scored_again_in_fp32(toy_int8, monkeypatc
     real = Engine._run_chunks
     calls = []
 
-    def overflowing(self, sess, x, maps4, eps, bs, progress):
-        out = real(self, sess, x, maps4, eps, bs, progress)
+    def overflowing(self, sess, x, maps4, eps, bs, progress, *args, **kw):
+        out = real(self, sess, x, maps4, eps, bs, progress, *args, **kw)
         calls.append(maps4.shape[0])
         if len(calls) == 1:  # the int8 pass: two rows overflow
             out[[0, 3]] = np.inf

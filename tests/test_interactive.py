@@ -364,7 +364,8 @@ def test_rise_is_the_probability_weighted_mean_of_its_masks(tiny):
 
 def test_the_new_methods_are_registered_with_their_parameters():
     assert parse_method("faster:n=16:select=relevance:fill=preview")[1] == {
-        "n": 16, "preset": "paper", "select": "relevance", "fill": "preview"}
+        "n": 16, "preset": "paper", "select": "relevance", "fill": "preview", "layers": 1, "fusion": "product",
+        "baseline": "zero"}
     assert parse_method("rise")[1] == {"n": 2000, "cells": 8, "p": 0.5, "seed": 0}
     assert parse_method("reciprocam")[1] == {"gaussian": 1} and parse_method("preview")[1] == {"preset": "paper"}
 

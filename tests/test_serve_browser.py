@@ -82,6 +82,7 @@ def test_page_explains_an_uploaded_photo(lite0_bundle, samples_dir, tmp_path):
                 assert canvas_sum() != before
 
                 # the fast mode: 64 channels with the kernel fill, as the page says (the info line tells)
+                page.uncheck("#fine")  # one layer again: the info line counts the target layer's masks
                 page.check("#fast")
                 page.wait_for_function("""() => /(\\d+) masks scored \\(cover \\+ kernel fill\\)/.test(
                     document.getElementById('info').textContent) && Number(document.getElementById('info')
