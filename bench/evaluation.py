@@ -5,9 +5,9 @@ Drop, the energy pointing game on ``samples/boxes.json``, seconds per map) for :
 EfficientNet-Lite0, each map made once and measured on the zero and the blurred substrate.
 
 Photos (nothing downloaded, nothing here tuned on them): the five samples, then the real photographs that
-installed packages ship (:data:`WILD`: OpenCV's sample photos from Debian's ``opencv-doc``, the photographs
-among Debian's MATE, Plasma and Lomiri wallpapers, scikit-learn's, mahotas' and ultralytics' photos -- the
-list of ``bench.bundles.WILD_PHOTOS`` on branch i21-photos) less :data:`DEV`, the photos the multi-layer rules
+installed packages ship (``bench.bundles.WILD_PHOTOS``, the fast-mode study's: OpenCV's sample photos from
+Debian's ``opencv-doc``, the photographs among Debian's MATE, Plasma and Lomiri wallpapers, scikit-learn's,
+mahotas' and ultralytics' photos) less :data:`DEV`, the photos the multi-layer rules
 were chosen on; ``--photos N`` keeps the samples and N - 5 wild photos evenly spread over the list.
 
 Resumable and splittable: ``--part I/J`` does every J-th photo from the I-th (one process each, one ONNX
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import bundles
 from .bundles import SAMPLES, ensure_bundle, sample_photos
 
 HERE = Path(__file__).resolve().parent
@@ -52,65 +53,21 @@ LABELS = {"scorecam": "exact", "scorecam:layers=3": "3 layers", "scorecam:layers
           "scorecam:baseline=blur": "blur baseline", "faster:n=16:fill=kernel": "16 ch. kernel",
           "faster:n=16:fill=kernel:layers=3": "16 ch. x 3 layers", "reciprocam": "ReciproCAM", "hsic": "HSIC",
           "rise:n=4000": "RISE 4000"}
-OPENCV = "/usr/share/doc/opencv-doc/examples"
-MATE = "/usr/share/backgrounds/mate/nature"
-PLASMA = "/usr/share/wallpapers"
-#: (name, where, path, package): ``deb`` paths are absolute (Debian's ``package``), ``py`` paths are inside the
-#: installed Python package ``package``
-WILD: tuple[tuple[str, str, str, str], ...] = (
-    *((n, "deb", f"{OPENCV}/data/{n}", "opencv-doc") for n in (
-        "aero1.jpg", "aero3.jpg", "aloeL.jpg", "apple.jpg", "baboon.jpg", "basketball1.png", "board.jpg",
-        "box_in_scene.png", "building.jpg", "butterfly.jpg", "chicky_512.png", "ela_original.jpg", "fruits.jpg",
-        "graf1.png", "home.jpg", "leuvenA.jpg", "licenseplate_motion.jpg", "messi5.jpg", "orange.jpg",
-        "rubberwhale1.png", "squirrel_cls.jpg", "starry_night.jpg", "stuff.jpg")),
-    *((n.replace("/", "-").replace("-input_images", "").replace("-data", ""), "deb", f"{OPENCV}/{n}", "opencv-doc")
-      for n in ("alphamat/input_images/plant.jpg", "hfs/data/000.jpg", "hfs/data/001.jpg", "hfs/data/002.jpg",
-                *(f"text/scenetext0{i}.jpg" for i in range(1, 7)), "reg/home.png", "dnn_superres/butterfly.png")),
-    *((f"{n}.jpg", "deb", f"{MATE}/{n}.jpg", "mate-backgrounds") for n in (
-        "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
-        "TwoWings", "Wood", "YellowFlower")),
-    *((f"{n}.jpg", "deb", f"{PLASMA}/{n}/contents/images/{size}.jpg", "plasma-workspace-wallpapers") for n, size in (
-        ("BytheWater", "1920x1080"), ("ColdRipple", "1920x1080"), ("ColorfulCups", "2560x1600"),
-        ("DarkestHour", "1920x1080"), ("EveningGlow", "1920x1080"), ("FallenLeaf", "1920x1080"),
-        ("Grey", "1920x1080"), ("Kite", "1920x1080"), ("OneStandsOut", "1920x1080"), ("Path", "1920x1080"),
-        ("summer_1am", "1920x1080"), ("Volna", "5120x2880"))),
-    ("Kleiber.jpg", "deb", "/usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg", "lomiri-wallpapers-20.04"),
-    ("china.jpg", "py", "datasets/images/china.jpg", "sklearn"),
-    ("flower.jpg", "py", "datasets/images/flower.jpg", "sklearn"),
-    ("luispedro.jpg", "py", "demos/data/luispedro.jpg", "mahotas"),
-    ("bus.jpg", "py", "assets/bus.jpg", "ultralytics"),
-    ("zidane.jpg", "py", "assets/zidane.jpg", "ultralytics"),
-)
 #: the photos the multi-layer rules (a finer layer's weights, the fusion) were chosen on, besides the samples
-#: (grace_hopper.jpg, matplotlib's, is not in :data:`WILD` either): left out of the measurement
+#: (grace_hopper.jpg, matplotlib's, is not in :data:`~bench.bundles.WILD_PHOTOS` either): left out of the measurement
 DEV = ("china.jpg", "flower.jpg", "bus.jpg", "zidane.jpg")
-INSTALL = {"sklearn": "pip install scikit-learn", "mahotas": "pip install mahotas",
-           "ultralytics": "pip install --no-deps ultralytics"}
 
 
 def wild_photos() -> tuple[list[tuple[str, Path]], list[str]]:
-    """``([(name, path)], [install commands])``: the installed :data:`WILD` photos less :data:`DEV`."""
-    import importlib.util
-
-    found, missing = [], {}
-    for name, where, rel, package in WILD:
-        if name in DEV:
-            continue
-        if where == "deb":
-            path = Path(rel)
-        else:
-            spec = importlib.util.find_spec(package)
-            roots = (spec.submodule_search_locations or []) if spec else []
-            path = next((Path(r) / rel for r in roots if (Path(r) / rel).is_file()), Path(package) / rel)
-        if path.is_file():
-            found.append((name, path))
-        else:
-            missing[package] = f"apt-get install {package}" if where == "deb" else INSTALL.get(package, package)
-    return found, list(missing.values())
+    """``([(name, path)], [install commands])``: the installed :data:`bench.bundles.WILD_PHOTOS` less :data:`DEV`,
+    in their order; a name is :func:`bench.bundles.wild_name` with ``/`` as ``-`` (``hfs-001.jpg``: the results
+    are files named after it)."""
+    found, missing = bundles.wild_photos()
+    return [(name.replace("/", "-"), path) for _, name, path in found if name not in DEV], missing
 
 
 def photo_set(n: int | None) -> list[tuple[str, Path]]:
-    """The samples, then ``n - 5`` wild photos spread evenly over :data:`WILD`'s order (None: all of them)."""
+    """The samples, then ``n - 5`` wild photos spread evenly over their order (None: all of them)."""
     wild, missing = wild_photos()
     for cmd in missing:
         print(f"warning: photos missing; to add them: {cmd}", file=sys.stderr)
