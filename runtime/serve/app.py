@@ -169,6 +169,19 @@ def check_task(model: ServedModel, instances: list[P.Instance], opts: P.Options)
                                    "scorecam")
 
 
+def _progress(model: ServedModel, state: State, token: Token):
+    """The ``progress(done, total)`` of one request's explanation: counts the chunk in the metrics and on the
+    token, and stops the work when the token is cancelled or its deadline has passed."""
+    chunks = state.metrics.chunks.labels(model.name)
+
+    def progress(done: int, total: int) -> None:
+        chunks.inc()
+        token.steps += 1
+        token.check()
+
+    return progress
+
+
 def _explain_all(model: ServedModel, instances: list[P.Instance], opts: P.Options, state: State, token: Token,
                  want_png: bool = False):
     """Runs in a worker thread: decode, explain (stopping at the token's deadline), encode."""
@@ -185,13 +198,7 @@ def _explain_all(model: ServedModel, instances: list[P.Instance], opts: P.Option
         raise P.ProtocolError(422, str(e)) from None
     if model.task == "detect":
         return _explain_boxes(model, ex, instances, opts, state, token, want_png)
-    chunks = state.metrics.chunks.labels(model.name)
-
-    def progress(done: int, total: int) -> None:
-        chunks.inc()
-        token.steps += 1
-        token.check()
-
+    progress = _progress(model, state, token)
     out = []
     for i, inst in enumerate(instances):
         token.check()
@@ -214,13 +221,7 @@ def _explain_boxes(model: ServedModel, ex, instances: list[P.Instance], opts: P.
                    want_png: bool):
     """The detector's :func:`_explain_all`: one :class:`runtime.detect.BoxResult` per box; overlays with the box
     drawn."""
-    chunks = state.metrics.chunks.labels(model.name)
-
-    def progress(done: int, total: int) -> None:
-        chunks.inc()
-        token.steps += 1
-        token.check()
-
+    progress = _progress(model, state, token)
     out = []
     for i, inst in enumerate(instances):
         token.check()
