@@ -85,6 +85,13 @@ def export_detector(model: nn.Module, out_dir: str | os.PathLike, input_size: tu
               "labels": list(labels) if labels else None, "versions": {"exporter": __version__, "torch":
               torch.__version__, "onnx": onnx.__version__, "opset": str(opset)},
               "verification": {"tolerance": TOLERANCE, "passed": True, "checks": checks}}
+    write_detector(proto, report, out)
+    return report
+
+
+def write_detector(proto: onnx.ModelProto, report: dict, out: Path) -> None:
+    """``out/model.onnx`` and ``out/export.json``, written into a temporary sibling folder and moved into place:
+    nothing half-written is left behind (ExportError when the folder cannot be written)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -96,7 +103,6 @@ def export_detector(model: nn.Module, out_dir: str | os.PathLike, input_size: tu
         if isinstance(e, OSError):
             raise ExportError(f"cannot write the detector {out}: {e.strerror or e}") from None
         raise
-    return report
 
 
 def export_toy_detector(out_dir: str | os.PathLike, force: bool = False) -> dict:

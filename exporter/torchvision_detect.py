@@ -22,7 +22,6 @@ is written, atomically, with an ``export.json`` report.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -33,11 +32,12 @@ import onnx
 import torch
 from torch import nn
 
-from runtime.contract import MODEL_FILE, REPORT_FILE
+from runtime.contract import MODEL_FILE
 from runtime.detect.model import detection_props
 
 from . import __version__
-from .bundle import _move_into_place, check_destination, make_preprocessing
+from .bundle import check_destination, make_preprocessing
+from .detector import write_detector
 from .errors import ExportError, first_line, root_cause
 from .graphs import _quiet
 from .verify import TOLERANCE, rel_error
@@ -211,15 +211,5 @@ def export_torchvision_detector(model: nn.Module, out_dir, input_size: Sequence[
               "versions": {"exporter": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                            "opset": str(opset)},
               "verification": {"tolerance": TOLERANCE, "passed": True, "checks": checks}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        onnx.save_model(proto, tmp / MODEL_FILE)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        _move_into_place(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise ExportError(f"cannot write the detector {out}: {e.strerror or e}") from None
-        raise
+    write_detector(proto, report, out)
     return report
