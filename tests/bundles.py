@@ -62,6 +62,17 @@ def _graphs(seed: int, size: int, channels: int, classes: int) -> tuple[onnx.Mod
     return model, feat
 
 
+def save_bundle(directory: Path, model: onnx.ModelProto, feat: onnx.ModelProto, meta: BundleMeta) -> Path:
+    """Write a hand-made bundle: ``meta`` into both graphs (each naming the other's sha256), then ``model.onnx`` and
+    ``features.onnx`` into ``directory`` (made if missing); return it."""
+    write_metadata(model, meta.with_role("classifier", graph_sha256(feat)))
+    write_metadata(feat, meta.with_role("features", graph_sha256(model)))
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(directory / MODEL_FILE))
+    onnx.save(feat, str(directory / FEATURES_FILE))
+    return directory
+
+
 def make_bundle(directory: Path, seed: int = 0, size: int = 32, channels: int = 16,
                 labels: tuple[str, ...] | None = LABELS) -> Path:
     """Write ``model.onnx`` + ``features.onnx`` of a tiny net into ``directory``; return it."""
@@ -71,11 +82,7 @@ def make_bundle(directory: Path, seed: int = 0, size: int = 32, channels: int = 
     model, feat = _graphs(seed, size, channels, classes)
     pre = Preprocessing((size, size), "RGB", 1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     meta = BundleMeta("classifier", "body.3", pre, labels=labels, versions={"exporter": "tests"})
-    write_metadata(model, meta.with_role("classifier", graph_sha256(feat)))
-    write_metadata(feat, meta.with_role("features", graph_sha256(model)))
-    onnx.save(model, str(directory / MODEL_FILE))
-    onnx.save(feat, str(directory / FEATURES_FILE))
-    return directory
+    return save_bundle(directory, model, feat, meta)
 
 
 def photo(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:

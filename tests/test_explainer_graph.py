@@ -16,11 +16,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from bundles import make_bundle, photo
+from bundles import make_bundle, photo, save_bundle
 
 from exporter.explainer_graph import CLASS_INDEX, PIXELS, GraphBuildError, Options, build_explainer
 from runtime import Explainer, images
-from runtime.contract import FEATURES_FILE, MODEL_FILE, BundleError, graph_sha256, read_props, write_metadata
+from runtime.contract import FEATURES_FILE, MODEL_FILE, BundleError, read_props
 from runtime.head import linear_head
 from runtime.scorecam import PRESETS
 from runtime.thirdparty import open_model
@@ -111,11 +111,7 @@ def _constant_bundle(directory: Path) -> Path:
             if init.name == "b2":
                 init.CopyFrom(onnx.numpy_helper.from_array(np.full(16, -1e4, np.float32), "b2"))
     meta = open_model(directory).meta
-    write_metadata(model, meta.with_role("classifier", graph_sha256(feat)))
-    write_metadata(feat, meta.with_role("features", graph_sha256(model)))
-    onnx.save(model, str(directory / MODEL_FILE))
-    onnx.save(feat, str(directory / FEATURES_FILE))
-    return directory
+    return save_bundle(directory, model, feat, meta)
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -161,11 +157,7 @@ def _head_bundle(directory: Path, head: str) -> Path:
     g.initializer.extend(inits)
     onnx.checker.check_model(model)
     meta = open_model(directory).meta
-    write_metadata(model, meta.with_role("classifier", graph_sha256(feat)))
-    write_metadata(feat, meta.with_role("features", graph_sha256(model)))
-    onnx.save(model, str(directory / MODEL_FILE))
-    onnx.save(feat, str(directory / FEATURES_FILE))
-    return directory
+    return save_bundle(directory, model, feat, meta)
 
 
 @pytest.mark.parametrize("head", ["matmul", "gemm"])

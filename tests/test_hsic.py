@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from bundles import save_bundle
 from onnx import TensorProto, helper, numpy_helper
 from scipy.stats import qmc
 
 from runtime import Explainer, images
-from runtime.contract import FEATURES_FILE, MODEL_FILE, BundleMeta, Preprocessing, graph_sha256, write_metadata
+from runtime.contract import BundleMeta, Preprocessing
 from runtime.methods import hsic_designs, hsic_scores, run_method
 from runtime.sobol import MAX_DIMENSIONS, sobol
 from tests.bundles import make_bundle, photo
@@ -98,12 +99,7 @@ def _region_bundle(directory, size: int = 32, cell: tuple[int, int] = (1, 2), ce
         onnx.checker.check_model(m)
     pre = Preprocessing((size, size), "RGB", 1 / 255, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     meta = BundleMeta("classifier", "features", pre, labels=("region", "nothing"))
-    write_metadata(model, meta.with_role("classifier", graph_sha256(feat)))
-    write_metadata(feat, meta.with_role("features", graph_sha256(model)))
-    directory.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(directory / MODEL_FILE))
-    onnx.save(feat, str(directory / FEATURES_FILE))
-    return directory
+    return save_bundle(directory, model, feat, meta)
 
 
 @pytest.mark.parametrize("score", ["logit", "probability"])

@@ -13,10 +13,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from bundles import save_bundle
 from onnx import TensorProto, helper, numpy_helper
 
 from runtime import BundleError, Explainer, images
-from runtime.contract import FEATURES_FILE, MODEL_FILE, BundleMeta, Preprocessing, graph_sha256, write_metadata
+from runtime.contract import BundleMeta, Preprocessing
 from runtime.head import linear_head, tail_graph
 from runtime.methods import parse_method, rise_masks, run_method, spatial_masks
 from runtime.scorecam import constant_channels, get_preset, maps_from_scores, minmax, softmax
@@ -202,12 +203,7 @@ def _conv_head_bundle(directory: Path) -> Path:
         m.ir_version = 8
     pre = Preprocessing((32, 32), "RGB", 1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     meta = BundleMeta("classifier", "body.3", pre, versions={"exporter": "tests"})
-    write_metadata(model, meta.with_role("classifier", graph_sha256(feat)))
-    write_metadata(feat, meta.with_role("features", graph_sha256(model)))
-    directory.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(directory / MODEL_FILE))
-    onnx.save(feat, str(directory / FEATURES_FILE))
-    return directory
+    return save_bundle(directory, model, feat, meta)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from bundles import save_bundle
 from onnx import TensorProto, helper, numpy_helper
 
 from runtime import Explainer
@@ -27,7 +28,6 @@ from runtime.contract import (
     BundleMeta,
     Preprocessing,
     graph_sha256,
-    write_metadata,
 )
 from tests.bundles import make_bundle, photo
 
@@ -158,12 +158,7 @@ def heavy_bundle(directory: Path, width: int = 1536, depth: int = 3, channels: i
                               ir_version=8)
     meta = BundleMeta("classifier", "ck", Preprocessing((8, 8), "RGB", 1 / 255, (0.5,) * 3, (0.5,) * 3),
                       labels=None, versions={"exporter": "tests"})
-    write_metadata(model, meta.with_role("classifier", graph_sha256(feat)))
-    write_metadata(feat, meta.with_role("features", graph_sha256(model)))
-    directory.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(directory / MODEL_FILE))
-    onnx.save(feat, str(directory / FEATURES_FILE))
-    return directory
+    return save_bundle(directory, model, feat, meta)
 
 
 PEAK = """
