@@ -52,7 +52,7 @@ REFERENCE = "rise:n=4000"
 LABELS = {"scorecam": "exact", "scorecam:layers=3": "3 layers", "scorecam:layers=3:fusion=poly": "3 layers, poly",
           "scorecam:baseline=blur": "blur baseline", "faster:n=16:fill=kernel": "16 ch. kernel",
           "faster:n=16:fill=kernel:layers=3": "16 ch. x 3 layers", "reciprocam": "ReciproCAM", "hsic": "HSIC",
-          "rise:n=4000": "RISE 4000"}
+          "rise:n=4000": "RISE 4000", "qrise": "qRISE", "qrise:gamma=0": "qRISE, no CAM"}
 #: the photos the multi-layer rules (a finer layer's weights, the fusion) were chosen on, besides the samples
 #: (grace_hopper.jpg, matplotlib's, is not in :data:`~bench.bundles.WILD_PHOTOS` either): left out of the measurement
 DEV = ("china.jpg", "flower.jpg", "bus.jpg", "zidane.jpg")
@@ -77,7 +77,8 @@ def photo_set(n: int | None) -> list[tuple[str, Path]]:
     return [(p.name, p) for p in sample_photos()] + wild
 
 
-def run_part(out: Path, photos: list[tuple[str, Path]], part: tuple[int, int], threads: int | None) -> None:
+def run_part(out: Path, photos: list[tuple[str, Path]], part: tuple[int, int], threads: int | None,
+             methods: tuple[str, ...] = METHODS) -> None:
     """Rows and maps of this part's photos into ``out/raw`` (photos done before are skipped)."""
     from runtime import Explainer, images
     from runtime.evaluate import Sample, evaluate, load_boxes
@@ -94,7 +95,7 @@ def run_part(out: Path, photos: list[tuple[str, Path]], part: tuple[int, int], t
             continue
         t0 = time.perf_counter()
         sample = Sample(name, images.load_image(path), boxes.get(name))
-        rows = evaluate(ex, [sample], METHODS, steps=STEPS, substrate=["zero", "blur"], progress=None)
+        rows = evaluate(ex, [sample], methods, steps=STEPS, substrate=["zero", "blur"], progress=None)
         maps = {r.method: r.saliency.astype(np.float16) for r in rows}
         np.savez_compressed(raw / f"{name}.npz", **{m: s for m, s in maps.items()})
         doc = [{"image": r.image, "method": r.method, "class_index": r.class_index, "label": r.label,
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--photos", type=int, default=None, help="the samples + N-5 wild photos (default: all)")
     ap.add_argument("--part", default="0/1", help="I/J: every J-th photo from the I-th (default 0/1: all)")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: 1 with J > 1)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated runtime.evaluate methods (default: {','.join(METHODS)})")
     ap.add_argument("--report", action="store_true", help="aggregate the parts' results")
     ap.add_argument("--list", action="store_true", help="print the photo set and exit")
     args = ap.parse_args(argv)
@@ -180,7 +183,8 @@ def main(argv=None) -> int:
         print(report(args.out, photos))
         return 0
     i, j = (int(v) for v in args.part.split("/"))
-    run_part(args.out, photos, (i, j), args.threads or (1 if j > 1 else None))
+    methods = tuple(m for m in args.methods.split(",") if m)
+    run_part(args.out, photos, (i, j), args.threads or (1 if j > 1 else None), methods)
     return 0
 
 

@@ -26,6 +26,9 @@ them. A method is named on the command line as ``name[:key=value]...``, e.g. ``s
                  the residual stream it normalises are masked alike, as OpenVINO XAI masks both
 ``rise``         RISE (Petsiuk et al. 2018): ``n`` random binary ``cells`` x ``cells`` grids (keep ``p``),
                  bilinearly upsampled and randomly shifted; map = sum_i softmax(f(x * M_i))_c M_i / (n p)
+``qrise``        quasi-random RISE (:mod:`runtime.qrise`): ``n`` = 320 smooth masks from ``cells`` = 5 x 5
+                 scrambled Sobol' designs, the class probability ridge-regressed on the masks (``k`` = 10),
+                 times the fast Score-CAM map (16 channels, kernel fill) to the power ``gamma`` = 0.5
 ``hsic``         HSIC attribution (Novello et al. 2022): ``n`` binary ``cells`` x ``cells`` masks from a
                  scrambled Sobol' sequence (cell on where the point's coordinate >= 1/2), the input masked
                  (``x * M_i``, nearest-upsampled); map[cell] = HSIC(cell on/off, class score) with the
@@ -425,19 +428,15 @@ def vitreciprocam(explainer, x, class_index, gaussian=1, cls=1):
 def rise_masks(seed: int, start: int, stop: int, size: tuple[int, int], cells: int, p: float) -> np.ndarray:
     """RISE masks number ``start`` .. ``stop - 1`` [stop-start,H,W] of the run seeded ``seed``: binary
     cells x cells grids (1 with probability p), bilinearly upsampled to (cells + 1) * cell size and cropped at a
-    random shift in [0, cell size). Mask i draws from its own generator ``(seed, i)``, so the masks do not
-    depend on how the run is cut into batches."""
-    import cv2
+    random shift in [0, cell size) (:func:`runtime.qrise.smooth_masks`). Mask i draws from its own generator
+    ``(seed, i)``, so the masks do not depend on how the run is cut into batches."""
+    from .qrise import smooth_masks
 
-    hh, ww = size
-    ch, cw = -(-hh // cells), -(-ww // cells)
-    out = np.empty((stop - start, hh, ww), np.float32)
+    out = np.empty((stop - start, *size), np.float32)
     for j, i in enumerate(range(start, stop)):
         rng = np.random.default_rng((int(seed), i))
         grid = (rng.random((cells, cells)) < p).astype(np.float32)
-        big = cv2.resize(grid, ((cells + 1) * cw, (cells + 1) * ch), interpolation=cv2.INTER_LINEAR)
-        dy, dx = int(rng.integers(0, ch)), int(rng.integers(0, cw))
-        out[j] = big[dy:dy + hh, dx:dx + ww]
+        out[j] = smooth_masks(grid[None], size, rng)[0]
     return out
 
 
@@ -506,6 +505,43 @@ def rise(explainer, x, class_index, n=2000, cells=8, p=0.5, seed=0):
         out = sess.run([engine.class_output], {name: np.ascontiguousarray(x * m[:, None], np.float32)})[0]
         total += np.tensordot(_probs(out, explainer)[:, class_index], m, axes=1)
     return minmax((total / (int(n) * float(p))).astype(np.float32))
+
+
+@register("qrise", "quasi-random RISE: n smooth masks from cells x cells Sobol' designs, the class probability "
+          "ridge-regressed on them (k), times the fast Score-CAM (16 channels, kernel fill) ^ gamma",
+          n=320, cells=5, k=10.0, gamma=0.5, seed=0)
+def qrise(explainer, x, class_index, n=320, cells=5, k=10.0, gamma=0.5, seed=0):
+    """:mod:`runtime.qrise`: ``minmax(ridge(p_c(x * M_i) ~ M_i)) * cam16^gamma``, ``n`` passes + the fast
+    Score-CAM's."""
+    import cv2
+
+    from .qrise import refine, ridge_map, smooth_masks, work_size
+    from .sobol import MAX_DIMENSIONS, sobol
+
+    if int(n) < 2 or not 1 <= int(cells) or int(cells) ** 2 > MAX_DIMENSIONS or float(k) <= 0 or float(gamma) < 0:
+        raise ValueError(f"qrise: need n >= 2, 1 <= cells <= 8, k > 0 and gamma >= 0, got n={n}, cells={cells}, "
+                         f"k={k}, gamma={gamma}")
+    engine = explainer.engine
+    sess, name = engine.classifier, engine.input_name
+    size = tuple(np.shape(x)[-2:])
+    small = work_size(size)
+    designs = (sobol(int(n), int(cells) ** 2, scramble=True, seed=int(seed)) >= 0.5).astype(np.float32)
+    designs = designs.reshape(int(n), int(cells), int(cells))
+    bs = max(1, int(explainer.batch_size))
+    low = np.empty((int(n), *small), np.float32)
+    y = []
+    for start in range(0, int(n), bs):  # O(batch) full-size masks; the regression keeps the small copies
+        stop = min(start + bs, int(n))
+        m = np.concatenate([smooth_masks(designs[i:i + 1], size, np.random.default_rng((int(seed), i)))
+                            for i in range(start, stop)])
+        out = sess.run([engine.class_output], {name: np.ascontiguousarray(x * m[:, None], np.float32)})[0]
+        y.append(_probs(out, explainer)[:, class_index])
+        for j, mask in enumerate(m):
+            low[start + j] = cv2.resize(mask, small[::-1], interpolation=cv2.INTER_AREA)
+    w = ridge_map(low, np.concatenate(y), float(k))
+    w = cv2.resize(w.astype(np.float32), size[::-1], interpolation=cv2.INTER_LINEAR)
+    cam = run_method("faster:n=16:fill=kernel", explainer, x, class_index) if float(gamma) else None
+    return refine(w, cam, float(gamma))
 
 
 @register("drise", "D-RISE (detectors): n random masks weighted by their D-RISE similarity to the box", task="detect",

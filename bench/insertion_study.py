@@ -1,0 +1,169 @@
+"""``python -m bench.insertion_study PHOTO_DIR OUT_DIR [--part I/N]``: cheap maps that aim at RISE's insertion.
+
+Development exploration for issue 22's first target (a mode whose insertion and LeRF-MoRF reach RISE(4000)'s at
+a tenth of its time). Per photo: the class = top-1; a pool of random RISE masks is scored once and every
+candidate estimator is made from those scores, so candidates differ only in how scores become a map; the
+candidates that need their own masks (guided by a coarse CAM) score their own. Measured: insertion, deletion,
+LeRF-MoRF on the zero substrate (50 steps), the energy pointing game on the samples' boxes, and the passes.
+Writes ``OUT_DIR/study-PART.json`` after each photo.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from .bundles import SAMPLES, ensure_bundle
+
+STEPS = 50
+
+
+def grid_masks(rng, probs: np.ndarray, n: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` RISE-style masks whose cell j is on with probability ``probs[j]`` ([g,g]); (masks, grids)."""
+    import cv2
+
+    g = probs.shape[0]
+    hh, ww = size
+    ch, cw = -(-hh // g), -(-ww // g)
+    grids = (rng.random((n, g, g)) < probs[None]).astype(np.float32)
+    out = np.empty((n, hh, ww), np.float32)
+    for i in range(n):
+        big = cv2.resize(grids[i], ((g + 1) * cw, (g + 1) * ch), interpolation=cv2.INTER_LINEAR)
+        dy, dx = int(rng.integers(0, ch)), int(rng.integers(0, cw))
+        out[i] = big[dy:dy + hh, dx:dx + ww]
+    return out, grids
+
+
+def sobol_masks(rng, points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """RISE-style smooth masks from binary Sobol' designs (a point's coordinate >= 1/2: cell on)."""
+    import cv2
+
+    g = int(round(points.shape[1] ** 0.5))
+    hh, ww = size
+    ch, cw = -(-hh // g), -(-ww // g)
+    grids = (points >= 0.5).astype(np.float32).reshape(-1, g, g)
+    out = np.empty((len(grids), hh, ww), np.float32)
+    for i, grid in enumerate(grids):
+        big = cv2.resize(grid, ((g + 1) * cw, (g + 1) * ch), interpolation=cv2.INTER_LINEAR)
+        dy, dx = int(rng.integers(0, ch)), int(rng.integers(0, cw))
+        out[i] = big[dy:dy + hh, dx:dx + ww]
+    return out
+
+
+def estimators(m: np.ndarray, y: np.ndarray, p: float) -> dict[str, np.ndarray]:
+    """Maps from masks ``m`` [n,H,W] and their scores ``y`` [n]."""
+    n = y.size
+    flat = m.reshape(n, -1).astype(np.float64)
+    out = {"rise": (y @ flat / (n * p))}
+    on = flat.sum(0) + 1e-6
+    off = (1 - flat).sum(0) + 1e-6
+    out["cond"] = y @ flat / on - y @ (1 - flat) / off
+    yc = y - y.mean()
+    # kernel ridge on the masks themselves: w = M^T (M M^T + lam I)^-1 yc, lam relative to the mean eigenvalue
+    mc = flat - flat.mean(0)
+    gram = mc @ mc.T
+    lam = np.trace(gram) / n
+    for k in (1.0, 10.0, 100.0):
+        alpha = np.linalg.solve(gram + k * lam * np.eye(n), yc)
+        out[f"ridge{k}"] = mc.T @ alpha
+    return {k: v.reshape(m.shape[1:]) for k, v in out.items()}
+
+
+def main(photo_dir: str, out: str, part: tuple[int, int]) -> None:
+    from runtime import Explainer, images
+    from runtime.methods import _probs, run_method
+    from runtime.metrics import Metrics, energy_pointing_game
+    from runtime.scorecam import minmax
+
+    ex = Explainer(ensure_bundle("lite0", 224), device="cpu", batch_size=32)
+    meter = Metrics.of(ex)
+    boxes = {k: v["boxes"] for k, v in json.loads((SAMPLES / "boxes.json").read_text()).items()
+             if not k.startswith("_")}
+    sess, name = ex.engine.classifier, ex.engine.input_name
+
+    def score(x, masks, c):
+        ys, lps = [], []
+        for s in range(0, len(masks), 32):
+            o = sess.run([ex.engine.class_output], {name: np.ascontiguousarray(x * masks[s:s + 32, None])})[0]
+            pr = _probs(o, ex)
+            ys.append(pr[:, c])
+            lps.append(np.log(np.maximum(pr[:, c], 1e-12)))
+        return np.concatenate(ys).astype(np.float64), np.concatenate(lps).astype(np.float64)
+
+    files = sorted(glob.glob(os.path.join(photo_dir, "*")))[part[0]::part[1]]
+    results = []
+    for f in files:
+        im = os.path.basename(f)
+        rgb = images.load_image(f)
+        x = images.preprocess(rgb, ex.pre)
+        c = int(np.argmax(ex.engine.classify(x)[0]))
+        size = tuple(x.shape[-2:])
+        maps, cost = {}, {}
+        t = time.perf_counter()
+        cam = run_method("faster:n=16:fill=kernel", ex, x, c)
+        cost["cam16"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cam3 = run_method("faster:n=16:fill=kernel:layers=3", ex, x, c)
+        cost["cam3"] = time.perf_counter() - t
+        maps["cam16"], maps["cam3"] = cam, cam3
+        ref = os.path.join(out, f"rise4000-{im}.npy")
+        if os.path.exists(ref):
+            maps["rise4000"] = np.load(ref)
+        from runtime.sobol import sobol
+
+        rng = np.random.default_rng(0)
+        n = 320
+        for g in (5, 6, 7):
+            d = f"sobol{g}"
+            m = sobol_masks(rng, sobol(n, g * g, scramble=True, seed=0), size)
+            t = time.perf_counter()
+            y, _ = score(x, m, c)
+            cost[d] = time.perf_counter() - t
+            for k, v in estimators(m, y, 0.5).items():
+                if k not in ("cond", "ridge10.0"):
+                    continue
+                key = f"{d}:{k}"
+                maps[key] = base = minmax(v.astype(np.float32))
+                for gam in (0.25, 0.5):
+                    maps[f"{key}*cam^{gam}"] = minmax(base * np.power(cam, gam))
+                maps[f"{key}*cam3^0.5"] = minmax(base * np.power(cam3, 0.5))
+        for k, sal in maps.items():
+            cur = meter.curves(x, sal, c, steps=STEPS)
+            e = energy_pointing_game(sal, np.asarray(boxes[im]), rgb.shape[:2]) if im in boxes else None
+            results.append({"image": im, "map": k, "ins": cur.insertion_auc, "dele": cur.deletion_auc,
+                            "gap": cur.gap, "epg": e})
+        results.append({"image": im, "map": "_times", **cost})
+        print(im, {k: round(v, 1) for k, v in cost.items()}, flush=True)
+        with open(os.path.join(out, f"study-{part[0]}.json"), "w") as fh:
+            json.dump(results, fh)
+
+
+def report(out: str) -> None:
+    rows = []
+    for f in glob.glob(os.path.join(out, "study-*.json")):
+        rows += json.load(open(f))
+    by = {}
+    for r in rows:
+        if r["map"] != "_times":
+            by.setdefault(r["map"], []).append(r)
+    common = set.intersection(*[{r["image"] for r in rs} for rs in by.values()])
+    by = {k: [r for r in rs if r["image"] in common] for k, rs in by.items()}
+    print(len(common), "photos")
+    print(f"{'map':32s} ins    del    gap    epg")
+    for k, rs in sorted(by.items(), key=lambda kv: -np.mean([r["ins"] for r in kv[1]])):
+        e = [r["epg"] for r in rs if r["epg"] is not None]
+        print(f"{k:32s} {np.mean([r['ins'] for r in rs]):.3f}  {np.mean([r['dele'] for r in rs]):.3f}  "
+              f"{np.mean([r['gap'] for r in rs]):.3f}  {np.mean(e) if e else float('nan'):.3f}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--report":
+        report(sys.argv[2])
+    else:
+        a, b = (sys.argv[4].split("/") if len(sys.argv) > 4 else ("0", "1"))
+        main(sys.argv[1], sys.argv[2], (int(a), int(b)))
