@@ -2,8 +2,9 @@
 
 Development exploration for issue 22's first target (a mode whose insertion and LeRF-MoRF reach RISE(4000)'s at
 a tenth of its time). Per photo: the class = top-1; a pool of random RISE masks is scored once and every
-candidate estimator is made from those scores, so candidates differ only in how scores become a map; the
-candidates that need their own masks (guided by a coarse CAM) score their own. Measured: insertion, deletion,
+candidate estimator is made from those scores, so candidates differ only in how scores become a map. The
+version kept here is the last round (Sobol' designs of 5, 6 and 7 cells, 320 masks; the earlier rounds'
+designs and their numbers are in ``docs/evaluation.md``). Measured: insertion, deletion,
 LeRF-MoRF on the zero substrate (50 steps), the energy pointing game on the samples' boxes, and the passes.
 Writes ``OUT_DIR/study-PART.json`` after each photo.
 """
@@ -23,54 +24,27 @@ from .bundles import SAMPLES, ensure_bundle
 STEPS = 50
 
 
-def grid_masks(rng, probs: np.ndarray, n: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` RISE-style masks whose cell j is on with probability ``probs[j]`` ([g,g]); (masks, grids)."""
-    import cv2
-
-    g = probs.shape[0]
-    hh, ww = size
-    ch, cw = -(-hh // g), -(-ww // g)
-    grids = (rng.random((n, g, g)) < probs[None]).astype(np.float32)
-    out = np.empty((n, hh, ww), np.float32)
-    for i in range(n):
-        big = cv2.resize(grids[i], ((g + 1) * cw, (g + 1) * ch), interpolation=cv2.INTER_LINEAR)
-        dy, dx = int(rng.integers(0, ch)), int(rng.integers(0, cw))
-        out[i] = big[dy:dy + hh, dx:dx + ww]
-    return out, grids
-
-
 def sobol_masks(rng, points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """RISE-style smooth masks from binary Sobol' designs (a point's coordinate >= 1/2: cell on)."""
-    import cv2
+    from runtime.qrise import smooth_masks
 
     g = int(round(points.shape[1] ** 0.5))
-    hh, ww = size
-    ch, cw = -(-hh // g), -(-ww // g)
-    grids = (points >= 0.5).astype(np.float32).reshape(-1, g, g)
-    out = np.empty((len(grids), hh, ww), np.float32)
-    for i, grid in enumerate(grids):
-        big = cv2.resize(grid, ((g + 1) * cw, (g + 1) * ch), interpolation=cv2.INTER_LINEAR)
-        dy, dx = int(rng.integers(0, ch)), int(rng.integers(0, cw))
-        out[i] = big[dy:dy + hh, dx:dx + ww]
-    return out
+    return smooth_masks((points >= 0.5).astype(np.float32).reshape(-1, g, g), size, rng)
 
 
 def estimators(m: np.ndarray, y: np.ndarray, p: float) -> dict[str, np.ndarray]:
-    """Maps from masks ``m`` [n,H,W] and their scores ``y`` [n]."""
+    """Maps from masks ``m`` [n,H,W] and their scores ``y`` [n]: RISE's, the conditional mean difference
+    ``E[y | on] - E[y | off]`` and :func:`runtime.qrise.ridge_map` at three ``k``."""
+    from runtime.qrise import ridge_map
+
     n = y.size
     flat = m.reshape(n, -1).astype(np.float64)
     out = {"rise": (y @ flat / (n * p))}
     on = flat.sum(0) + 1e-6
     off = (1 - flat).sum(0) + 1e-6
     out["cond"] = y @ flat / on - y @ (1 - flat) / off
-    yc = y - y.mean()
-    # kernel ridge on the masks themselves: w = M^T (M M^T + lam I)^-1 yc, lam relative to the mean eigenvalue
-    mc = flat - flat.mean(0)
-    gram = mc @ mc.T
-    lam = np.trace(gram) / n
-    for k in (1.0, 10.0, 100.0):
-        alpha = np.linalg.solve(gram + k * lam * np.eye(n), yc)
-        out[f"ridge{k}"] = mc.T @ alpha
+    for k in (1.0, 10.0, 100.0):  # runtime.qrise's estimator
+        out[f"ridge{k}"] = ridge_map(m, y, k).ravel()
     return {k: v.reshape(m.shape[1:]) for k, v in out.items()}
 
 

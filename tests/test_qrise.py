@@ -47,9 +47,10 @@ def test_bad_parameters_are_refused():
 
 
 def test_qrise_runs_on_a_bundle_bounded_and_deterministic(tmp_path):
+    from bundles import make_bundle
+
     from runtime import Explainer
     from runtime.methods import run_method
-    from bundles import make_bundle
 
     ex = Explainer(make_bundle(tmp_path / "b", size=32, channels=16), device="cpu", batch_size=7)
     x = np.random.default_rng(1).normal(size=(1, 3, 32, 32)).astype(np.float32)
