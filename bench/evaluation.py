@@ -52,10 +52,16 @@ REFERENCE = "rise:n=4000"
 LABELS = {"scorecam": "exact", "scorecam:layers=3": "3 layers", "scorecam:layers=3:fusion=poly": "3 layers, poly",
           "scorecam:baseline=blur": "blur baseline", "faster:n=16:fill=kernel": "16 ch. kernel",
           "faster:n=16:fill=kernel:layers=3": "16 ch. x 3 layers", "reciprocam": "ReciproCAM", "hsic": "HSIC",
-          "rise:n=4000": "RISE 4000", "qrise": "qRISE", "qrise:gamma=0": "qRISE, no CAM"}
+          "rise:n=4000": "RISE 4000", "qrise": "qRISE", "qrise:gamma=0": "qRISE, no CAM",
+          "qrise:cells=5": "qRISE 5x5"}
 #: the photos the multi-layer rules (a finer layer's weights, the fusion) were chosen on, besides the samples
 #: (grace_hopper.jpg, matplotlib's, is not in :data:`~bench.bundles.WILD_PHOTOS` either): left out of the measurement
 DEV = ("china.jpg", "flower.jpg", "bus.jpg", "zidane.jpg")
+#: the held-out wild photos qrise's two scales (5+6) were chosen on (``bench.insertion_study``'s second round):
+#: left out with ``--skip-tuning``
+TUNING = ("aero3.jpg", "board.jpg", "ela_original.jpg", "licenseplate_motion.jpg", "starry_night.jpg",
+          "hfs-002.jpg", "text-scenetext05.jpg", "Blinds.jpg", "LadyBird.jpg", "YellowFlower.jpg", "EveningGlow.jpg",
+          "Path.jpg")
 
 
 def wild_photos() -> tuple[list[tuple[str, Path]], list[str]]:
@@ -66,9 +72,11 @@ def wild_photos() -> tuple[list[tuple[str, Path]], list[str]]:
     return [(name.replace("/", "-"), path) for _, name, path in found if name not in DEV], missing
 
 
-def photo_set(n: int | None) -> list[tuple[str, Path]]:
-    """The samples, then ``n - 5`` wild photos spread evenly over their order (None: all of them)."""
+def photo_set(n: int | None, skip: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
+    """The samples, then ``n - 5`` wild photos spread evenly over their order (None: all of them), less the
+    photos named in ``skip``."""
     wild, missing = wild_photos()
+    wild = [(name, path) for name, path in wild if name not in skip]
     for cmd in missing:
         print(f"warning: photos missing; to add them: {cmd}", file=sys.stderr)
     if n is not None and n - 5 < len(wild):
@@ -168,6 +176,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.evaluation", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--photos", type=int, default=None, help="the samples + N-5 wild photos (default: all)")
+    ap.add_argument("--skip-tuning", action="store_true",
+                    help="leave out the photos qrise's scales were chosen on (TUNING)")
     ap.add_argument("--part", default="0/1", help="I/J: every J-th photo from the I-th (default 0/1: all)")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: 1 with J > 1)")
     ap.add_argument("--methods", default=",".join(METHODS),
@@ -175,7 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--report", action="store_true", help="aggregate the parts' results")
     ap.add_argument("--list", action="store_true", help="print the photo set and exit")
     args = ap.parse_args(argv)
-    photos = photo_set(args.photos)
+    photos = photo_set(args.photos, TUNING if args.skip_tuning else ())
     if args.list:
         print("\n".join(f"{n}\t{p}" for n, p in photos))
         return 0

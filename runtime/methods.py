@@ -507,39 +507,21 @@ def rise(explainer, x, class_index, n=2000, cells=8, p=0.5, seed=0):
     return minmax((total / (int(n) * float(p))).astype(np.float32))
 
 
-@register("qrise", "quasi-random RISE: n smooth masks from cells x cells Sobol' designs, the class probability "
-          "ridge-regressed on them (k), times the fast Score-CAM (16 channels, kernel fill) ^ gamma",
-          n=320, cells=5, k=10.0, gamma=0.5, seed=0)
-def qrise(explainer, x, class_index, n=320, cells=5, k=10.0, gamma=0.5, seed=0):
+@register("qrise", "quasi-random RISE: n smooth masks from Sobol' designs of cells (5+6: half 5 x 5, half 6 x 6), "
+          "the class probability ridge-regressed on them (k), times the fast Score-CAM (16 channels, kernel fill) "
+          "^ gamma", n=320, cells="5+6", k=10.0, gamma=0.5, seed=0)
+def qrise(explainer, x, class_index, n=320, cells="5+6", k=10.0, gamma=0.5, seed=0):
     """:mod:`runtime.qrise`: ``minmax(ridge(p_c(x * M_i) ~ M_i)) * cam16^gamma``, ``n`` passes + the fast
     Score-CAM's."""
-    import cv2
+    from .qrise import parse_cells, refine, regression_maps
 
-    from .qrise import refine, ridge_map, smooth_masks, work_size
-    from .sobol import MAX_DIMENSIONS, sobol
-
-    if int(n) < 2 or not 1 <= int(cells) or int(cells) ** 2 > MAX_DIMENSIONS or float(k) <= 0 or float(gamma) < 0:
-        raise ValueError(f"qrise: need n >= 2, 1 <= cells <= 8, k > 0 and gamma >= 0, got n={n}, cells={cells}, "
-                         f"k={k}, gamma={gamma}")
-    engine = explainer.engine
-    sess, name = engine.classifier, engine.input_name
-    size = tuple(np.shape(x)[-2:])
-    small = work_size(size)
-    designs = (sobol(int(n), int(cells) ** 2, scramble=True, seed=int(seed)) >= 0.5).astype(np.float32)
-    designs = designs.reshape(int(n), int(cells), int(cells))
-    bs = max(1, int(explainer.batch_size))
-    low = np.empty((int(n), *small), np.float32)
-    y = []
-    for start in range(0, int(n), bs):  # O(batch) full-size masks; the regression keeps the small copies
-        stop = min(start + bs, int(n))
-        m = np.concatenate([smooth_masks(designs[i:i + 1], size, np.random.default_rng((int(seed), i)))
-                            for i in range(start, stop)])
-        out = sess.run([engine.class_output], {name: np.ascontiguousarray(x * m[:, None], np.float32)})[0]
-        y.append(_probs(out, explainer)[:, class_index])
-        for j, mask in enumerate(m):
-            low[start + j] = cv2.resize(mask, small[::-1], interpolation=cv2.INTER_AREA)
-    w = ridge_map(low, np.concatenate(y), float(k))
-    w = cv2.resize(w.astype(np.float32), size[::-1], interpolation=cv2.INTER_LINEAR)
+    try:
+        parse_cells(cells)
+    except ValueError as e:
+        raise ValueError(f"qrise: {e}") from None
+    if int(n) < 2 or float(k) <= 0 or float(gamma) < 0:
+        raise ValueError(f"qrise: need n >= 2, k > 0 and gamma >= 0, got n={n}, k={k}, gamma={gamma}")
+    w = regression_maps(explainer, x, [class_index], int(n), cells, float(k), int(seed))[0]
     cam = run_method("faster:n=16:fill=kernel", explainer, x, class_index) if float(gamma) else None
     return refine(w, cam, float(gamma))
 

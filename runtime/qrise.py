@@ -4,11 +4,12 @@ RISE (Petsiuk et al. 2018) scores ``n`` random smooth masks ``M_i`` and takes ``
 error falls as ``1/sqrt(n)``, so it needs thousands of passes. Three changes give RISE(4000)'s insertion and
 LeRF-MoRF at about 1/12 of its passes (``docs/evaluation.md``; what each buys: ``bench.insertion_study``):
 
-1. **Designs**: the ``cells x cells`` on/off grids are the first ``n`` points of a scrambled Sobol' sequence in
-   ``cells^2`` dimensions (a cell is on where its coordinate is >= 1/2), so every cell is on in half the masks
-   and every pair of cells is balanced as well as ``n`` allows; each grid is bilinearly upsampled to
-   ``(cells + 1)`` cells and cropped at a random shift in ``[0, cell)`` (RISE's smooth masks). A coarse grid
-   (5 x 5) has fewer unknowns than RISE's 8 x 8, so ``n = 320`` passes estimate it well.
+1. **Designs**: the on/off grids are the first points of scrambled Sobol' sequences (a cell is on where its
+   coordinate is >= 1/2), so every cell is on in half the masks and every pair of cells is balanced as well
+   as ``n`` allows; each grid is bilinearly upsampled to ``(cells + 1)`` cells and cropped at a random shift
+   in ``[0, cell)`` (RISE's smooth masks). Coarse grids have fewer unknowns than RISE's 8 x 8, so ``n = 320``
+   passes estimate them well; two scales (half the masks 5 x 5, half 6 x 6: :data:`DEFAULT_CELLS`) resolve
+   more than one, since the two lattices of cell edges fall in different places.
 2. **Estimator**: ridge regression of the class probability on the mask values instead of RISE's weighted
    mean: with ``F`` the masks [n, P] (at the working resolution), ``Fc = F - mean_i F``, ``yc = p - mean p``,
    ``G = Fc Fc^T`` and ``lambda = k tr(G) / n``: ``w = Fc^T (G + lambda I)^-1 yc`` (kernel form, an n x n
@@ -28,6 +29,44 @@ import numpy as np
 
 #: the working resolution of the regression (pixels along the longer side)
 WORK = 56
+#: the scales of the default designs (cells per side, ``+``-joined): half the masks on each
+DEFAULT_CELLS = "5+6"
+#: the most cells per side: the Sobol' generator's 64 dimensions
+MAX_CELLS = 8
+
+
+def parse_cells(cells: int | str) -> tuple[int, ...]:
+    """``5`` or ``"5+6"`` -> ``(5,)`` / ``(5, 6)``: the grid sizes of the designs, each in 1..:data:`MAX_CELLS`."""
+    try:
+        out = tuple(int(c) for c in str(cells).split("+"))
+    except ValueError:
+        out = ()
+    if not out or not all(1 <= c <= MAX_CELLS for c in out):
+        raise ValueError(f"cells: grid sizes 1..{MAX_CELLS}, one or '+'-joined (e.g. 5+6), got {cells!r}")
+    return out
+
+
+def designs(n: int, cells: int | str, seed: int = 0) -> list[np.ndarray]:
+    """``n`` on/off grids (float32 0/1), split evenly over the scales of ``cells``: for each scale ``g`` the
+    first points of a scrambled Sobol' sequence in ``g^2`` dimensions (seed ``seed``), a cell on where its
+    coordinate is >= 1/2; the scales one after the other."""
+    from .sobol import sobol
+
+    scales = parse_cells(cells)
+    out: list[np.ndarray] = []
+    for j, g in enumerate(scales):
+        m = n // len(scales) + (j < n % len(scales))
+        if m:
+            pts = sobol(m, g * g, scramble=True, seed=int(seed)) >= 0.5
+            out += list(pts.astype(np.float32).reshape(m, g, g))
+    return out
+
+
+def design_masks(grids: list[np.ndarray], start: int, stop: int, size: tuple[int, int], seed: int) -> np.ndarray:
+    """Masks ``start .. stop - 1`` [stop-start,H,W] of ``grids``: :func:`smooth_masks`, mask ``i`` shifted by
+    its own generator ``(seed, i)`` (so the masks do not depend on how a run is cut into batches)."""
+    return np.concatenate([smooth_masks(grids[i][None], size, np.random.default_rng((int(seed), i)))
+                           for i in range(start, stop)]) if stop > start else np.zeros((0, *size), np.float32)
 
 
 def smooth_masks(grids: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -54,19 +93,60 @@ def work_size(size: tuple[int, int]) -> tuple[int, int]:
 
 
 def ridge_map(masks: np.ndarray, y: np.ndarray, k: float) -> np.ndarray:
-    """``w = Fc^T (Fc Fc^T + k tr(Fc Fc^T) / n I)^-1 (y - mean y)`` over masks [n,h,w] and scores [n]; [h,w].
+    """``w = Fc^T (Fc Fc^T + k tr(Fc Fc^T) / n I)^-1 (y - mean y)`` over masks [n,h,w] and scores ``y`` [n]
+    -> [h,w], or ``y`` [n,m] (m targets, one solve) -> [m,h,w].
 
     Constant scores (or one mask) give a zero map."""
-    n = len(y)
+    yy = np.asarray(y, np.float64)
+    cols = yy.reshape(len(yy), -1)
+    n, shape = len(cols), np.shape(masks)[1:]
     f = np.asarray(masks, np.float64).reshape(n, -1)
     fc = f - f.mean(0)
-    yc = np.asarray(y, np.float64) - np.mean(y)
+    yc = cols - cols.mean(0)
+    yc[:, np.ptp(cols, axis=0) == 0] = 0.0  # a constant score explains nothing
     gram = fc @ fc.T
-    lam = float(k) * np.trace(gram) / n
-    if n < 2 or np.ptp(np.asarray(y, np.float64)) == 0 or lam <= 0:
-        return np.zeros(np.shape(masks)[1:], np.float64)
-    alpha = np.linalg.solve(gram + lam * np.eye(n), yc)
-    return (fc.T @ alpha).reshape(np.shape(masks)[1:])
+    lam = float(k) * np.trace(gram) / n if n else 0.0
+    if n < 2 or lam <= 0:
+        w = np.zeros((cols.shape[1], *shape), np.float64)
+    else:
+        alpha = np.linalg.solve(gram + lam * np.eye(n), yc)
+        w = (fc.T @ alpha).T.reshape(cols.shape[1], *shape)
+    return w[0] if yy.ndim == 1 else w
+
+
+def regression_maps(explainer, x: np.ndarray, classes: list[int], n: int = 320, cells: int | str = DEFAULT_CELLS,
+                    k: float = 10.0, seed: int = 0, progress=None) -> np.ndarray:
+    """The regression half of qrise for every class of ``classes`` from ONE set of ``n`` passes: the
+    classifier's probabilities of ``x * M_i`` for the masks of :func:`designs`, ridge-regressed per class on
+    the masks at the working resolution, upsampled and min-max normalised: [len(classes),H,W] in [0, 1].
+    Memory O(batch x H x W + n x 56^2); ``progress(done, n)`` after each batch."""
+    import cv2
+
+    from .engine import require_finite
+    from .methods import _probs
+    from .scorecam import minmax
+
+    engine = explainer.engine
+    sess, name = engine.classifier, engine.input_name
+    size = tuple(np.shape(x)[-2:])
+    small = work_size(size)
+    grids = designs(int(n), cells, int(seed))
+    bs = max(1, int(explainer.batch_size))
+    low = np.empty((len(grids), *small), np.float32)
+    y = []
+    for start in range(0, len(grids), bs):  # O(batch) full-size masks; the regression keeps the small copies
+        stop = min(start + bs, len(grids))
+        m = design_masks(grids, start, stop, size, int(seed))
+        out = sess.run([engine.class_output], {name: np.ascontiguousarray(x * m[:, None], np.float32)})[0]
+        require_finite(np.asarray(out).reshape(len(m), -1), masked=True)
+        y.append(_probs(out, explainer)[:, list(classes)])
+        for j, mask in enumerate(m):
+            low[start + j] = cv2.resize(mask, small[::-1], interpolation=cv2.INTER_AREA)
+        if progress:
+            progress(stop, len(grids))
+    w = ridge_map(low, np.concatenate(y), float(k))
+    return np.stack([minmax(cv2.resize(c.astype(np.float32), size[::-1], interpolation=cv2.INTER_LINEAR))
+                     for c in w])
 
 
 def refine(w: np.ndarray, cam: np.ndarray, gamma: float) -> np.ndarray:
@@ -80,4 +160,5 @@ def refine(w: np.ndarray, cam: np.ndarray, gamma: float) -> np.ndarray:
     return minmax(base)
 
 
-__all__ = ["WORK", "refine", "ridge_map", "smooth_masks", "work_size"]
+__all__ = ["DEFAULT_CELLS", "MAX_CELLS", "WORK", "design_masks", "designs", "parse_cells", "refine", "regression_maps",
+           "ridge_map", "smooth_masks", "work_size"]
