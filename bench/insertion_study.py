@@ -1,12 +1,15 @@
-"""``python -m bench.insertion_study PHOTO_DIR OUT_DIR [--part I/N]``: cheap maps that aim at RISE's insertion.
+"""``python -m bench.insertion_study PHOTO_DIR OUT_DIR [--part I/N] [--round 1|2]``: cheap maps that aim at
+RISE's insertion (round 2: PHOTO_DIR ``tuning`` is ``bench.evaluation.TUNING``).
 
 Development exploration for issue 22's first target (a mode whose insertion and LeRF-MoRF reach RISE(4000)'s at
-a tenth of its time). Per photo: the class = top-1; a pool of random RISE masks is scored once and every
-candidate estimator is made from those scores, so candidates differ only in how scores become a map. The
-version kept here is the last round (Sobol' designs of 5, 6 and 7 cells, 320 masks; the earlier rounds'
-designs and their numbers are in ``docs/evaluation.md``). Measured: insertion, deletion,
-LeRF-MoRF on the zero substrate (50 steps), the energy pointing game on the samples' boxes, and the passes.
-Writes ``OUT_DIR/study-PART.json`` after each photo.
+a tenth of its time). Per photo: the class = top-1; pools of masks are scored once and every candidate
+estimator is made from those scores, so candidates differ only in how scores become a map. Round 1 (the
+development photos): Sobol' designs of 5, 6 and 7 cells, 320 masks (the earlier rounds' designs and their
+numbers are in ``docs/evaluation.md``). Round 2 (``bench.evaluation.TUNING``, held-out photos the measurement
+leaves out with ``--skip-tuning``): RISE(4000) in the same run, 320-mask pools of 4, 5, 6, 8 and 10 cells,
+the ridge ``k`` and the keep probability, and mixtures of scales (half the masks from each of two pools).
+Measured: insertion, deletion, LeRF-MoRF on the zero substrate (50 steps), the energy pointing game on the
+samples' boxes (round 1), and the passes. Writes ``OUT_DIR/study-PART.json`` after each photo.
 """
 
 from __future__ import annotations
@@ -51,8 +54,10 @@ def estimators(m: np.ndarray, y: np.ndarray, p: float) -> dict[str, np.ndarray]:
 def main(photo_dir: str, out: str, part: tuple[int, int]) -> None:
     from runtime import Explainer, images
     from runtime.methods import _probs, run_method
-    from runtime.metrics import Metrics, energy_pointing_game
+    from runtime.metrics import Metrics
     from runtime.scorecam import minmax
+
+    from .study import measure_maps
 
     ex = Explainer(ensure_bundle("lite0", 224), device="cpu", batch_size=32)
     meter = Metrics.of(ex)
@@ -106,13 +111,68 @@ def main(photo_dir: str, out: str, part: tuple[int, int]) -> None:
                 for gam in (0.25, 0.5):
                     maps[f"{key}*cam^{gam}"] = minmax(base * np.power(cam, gam))
                 maps[f"{key}*cam3^0.5"] = minmax(base * np.power(cam3, 0.5))
-        for k, sal in maps.items():
-            cur = meter.curves(x, sal, c, steps=STEPS)
-            e = energy_pointing_game(sal, np.asarray(boxes[im]), rgb.shape[:2]) if im in boxes else None
-            results.append({"image": im, "map": k, "ins": cur.insertion_auc, "dele": cur.deletion_auc,
-                            "gap": cur.gap, "epg": e})
+        results += measure_maps(meter, x, c, maps, im, STEPS, boxes.get(im), rgb.shape[:2])
         results.append({"image": im, "map": "_times", **cost})
         print(im, {k: round(v, 1) for k, v in cost.items()}, flush=True)
+        with open(os.path.join(out, f"study-{part[0]}.json"), "w") as fh:
+            json.dump(results, fh)
+
+
+def round2(photo_dir: str, out: str, part: tuple[int, int]) -> None:
+    """Round 2: mixtures of scales, ``k`` and the keep probability against RISE(4000), same photos, same run."""
+    import cv2
+
+    from runtime import Explainer, images
+    from runtime.methods import _probs, rise, run_method
+    from runtime.metrics import Metrics
+    from runtime.qrise import design_masks, ridge_map, work_size
+    from runtime.scorecam import minmax
+    from runtime.sobol import MAX_DIMENSIONS, sobol
+
+    from .study import measure_maps
+
+    ex = Explainer(ensure_bundle("lite0", 224), device="cpu", batch_size=32)
+    meter = Metrics.of(ex)
+    sess, name = ex.engine.classifier, ex.engine.input_name
+    pools = {"s4": (4, 0.5), "s5": (5, 0.5), "s6": (6, 0.5), "s8": (8, 0.5), "s10": (10, 0.5), "s5p4": (5, 0.6)}
+    mixes = {"s5": [("s5", 320)], "s5k3": [("s5", 320)], "s5k30": [("s5", 320)], "s6": [("s6", 320)],
+             "s4": [("s4", 320)], "s5p4": [("s5p4", 320)], "s8": [("s8", 320)],
+             "s5+s6": [("s5", 160), ("s6", 160)], "s5+s8": [("s5", 160), ("s8", 160)],
+             "s5+s10": [("s5", 160), ("s10", 160)], "s5+s8 240/80": [("s5", 240), ("s8", 80)],
+             "s4+s6+s8": [("s4", 107), ("s6", 107), ("s8", 106)]}
+    if photo_dir == "tuning":  # bench.evaluation.TUNING, found where the photo packages installed them
+        from .evaluation import TUNING, wild_photos
+
+        files = [(n, str(p)) for n, p in wild_photos()[0] if n in TUNING]
+    else:
+        files = [(os.path.basename(f), f) for f in sorted(glob.glob(os.path.join(photo_dir, "*")))]
+    results = []
+    for im, f in sorted(files)[part[0]::part[1]]:
+        x = images.preprocess(images.load_image(f), ex.pre)
+        c = int(np.argmax(ex.engine.classify(x)[0]))
+        size = tuple(x.shape[-2:])
+        small = work_size(size)
+        t = time.perf_counter()
+        maps = {"rise4000": rise(ex, x, c, n=4000)}
+        trise = time.perf_counter() - t
+        cam = maps["cam16"] = run_method("faster:n=16:fill=kernel", ex, x, c)
+        scored = {}
+        for key, (g, thr) in pools.items():  # 10 x 10 cells: past the Sobol' dimensions, uniform random designs
+            pts = (sobol(320, g * g, scramble=True, seed=0) if g * g <= MAX_DIMENSIONS
+                   else np.random.default_rng(0).random((320, g * g)))
+            m = design_masks(list((pts >= thr).astype(np.float32).reshape(320, g, g)), 0, 320, size, 0)
+            ys = [_probs(sess.run([ex.engine.class_output], {name: np.ascontiguousarray(x * m[s:s + 32, None])})[0],
+                         ex)[:, c] for s in range(0, 320, 32)]
+            scored[key] = (np.stack([cv2.resize(a, small[::-1], interpolation=cv2.INTER_AREA) for a in m]),
+                           np.concatenate(ys))
+        for label, parts in mixes.items():
+            k = 3.0 if label.endswith("k3") else 30.0 if label.endswith("k30") else 10.0
+            w = ridge_map(np.concatenate([scored[p][0][:n] for p, n in parts]),
+                          np.concatenate([scored[p][1][:n] for p, n in parts]), k)
+            maps[label] = minmax(cv2.resize(w.astype(np.float32), size[::-1], interpolation=cv2.INTER_LINEAR))
+            maps[label + "*cam.5"] = minmax(maps[label] * np.sqrt(cam))
+        results += measure_maps(meter, x, c, maps, im, STEPS)
+        print(im, f"RISE(4000) {trise:.1f} s", flush=True)
         with open(os.path.join(out, f"study-{part[0]}.json"), "w") as fh:
             json.dump(results, fh)
 
@@ -139,5 +199,8 @@ if __name__ == "__main__":
     if sys.argv[1] == "--report":
         report(sys.argv[2])
     else:
-        a, b = (sys.argv[4].split("/") if len(sys.argv) > 4 else ("0", "1"))
-        main(sys.argv[1], sys.argv[2], (int(a), int(b)))
+        args = sys.argv[1:]
+        which = args[args.index("--round") + 1] if "--round" in args else "1"
+        part = args[args.index("--part") + 1] if "--part" in args else "0/1"
+        a, b = part.split("/")
+        (round2 if which == "2" else main)(args[0], args[1], (int(a), int(b)))

@@ -77,9 +77,11 @@ def main(photo_dir: str, out: str) -> None:
     from runtime import Explainer, images
     from runtime.fusion import fuse
     from runtime.methods import run_method
-    from runtime.metrics import Metrics, energy_pointing_game
+    from runtime.metrics import Metrics
     from runtime.scorecam import constant_channels, mask_safe, minmax, upsample
     from runtime.selection import distinct_masks
+
+    from .study import measure_maps
 
     ex = Explainer(ensure_bundle("lite0", 224), device="cpu", layers=3, batch_size=32)
     meter = Metrics.of(ex)
@@ -130,11 +132,7 @@ def main(photo_dir: str, out: str) -> None:
             t = time.perf_counter()
             maps[key] = run_method(spec, ex, x, c)
             times[key] = time.perf_counter() - t
-        for m, sal in maps.items():
-            cur = meter.curves(x, sal, c, steps=STEPS)
-            e = energy_pointing_game(sal, np.asarray(boxes[name]), rgb.shape[:2]) if name in boxes else None
-            results.append({"image": name, "map": m, "ins": cur.insertion_auc, "dele": cur.deletion_auc,
-                            "gap": cur.gap, "epg": e})
+        results += measure_maps(meter, x, c, maps, name, STEPS, boxes.get(name), rgb.shape[:2])
         results.append({"image": name, "map": "_times", **times})
         print(name, round(t_layers, 1), round(times["rise4000"], 1), flush=True)
         with open(os.path.join(out, "explore.json"), "w") as fh:

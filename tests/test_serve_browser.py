@@ -2,7 +2,8 @@
 
 Upload a sample photo, wait for the overlay, and compare the class the page shows with the API's
 answer for the same photo; the opacity slider must change the picture; the "fine" toggle must ask for the
-multi-layer map (3 layers) and show it; the page must fetch nothing from outside the server.
+multi-layer map (3 layers) and show it, the "qRISE" toggle for mode qrise (unchecking "fine"); the page must
+fetch nothing from outside the server.
 ``SCORECAM_SCREENSHOT=PATH`` also saves the screenshot there (the README's
 docs/serve-page.png was made so).
 """
@@ -80,6 +81,13 @@ def test_page_explains_an_uploaded_photo(lite0_bundle, samples_dir, tmp_path):
                                        timeout=120_000)
                 assert bodies[-1]["parameters"]["layers"] == 3 and page.inner_text("#error") == ""
                 assert canvas_sum() != before
+
+                page.check("#qrise")  # qRISE: mode qrise on one layer; "fine" is unchecked by it
+                page.wait_for_function("document.getElementById('info').textContent.includes('qRISE')",
+                                       timeout=120_000)
+                assert bodies[-1]["parameters"]["mode"] == "qrise" and bodies[-1]["parameters"]["layers"] == 1
+                assert not page.is_checked("#fine") and page.inner_text("#error") == ""
+                page.uncheck("#qrise")
 
                 # the fast mode: 64 channels with the kernel fill, as the page says (the info line tells)
                 page.uncheck("#fine")  # one layer again: the info line counts the target layer's masks

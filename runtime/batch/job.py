@@ -65,7 +65,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("seconds", "float64"),        # explanation time of the image (all its classes at once)
     ("provider", "string"),        # the ONNX Runtime execution provider
     ("preset", "string"),
-    ("mode", "string"),            # scorecam, or preview (one pass, closed form)
+    ("mode", "string"),            # scorecam, qrise (masks + regression), or preview (one pass, closed form)
     ("select", "string"),          # all channels, or how --max-channels chose them (cover, relevance, std)
     ("fill", "string"),            # what the channels left out weighed: kernel, zero or preview (zero: none left out)
     ("passes", "int32"),           # masked inputs actually scored (one per distinct mask)

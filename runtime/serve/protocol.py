@@ -64,7 +64,7 @@ class Options:
     max_channels: int | None = None  # None: the server's
     exact: bool = False  # True: max_channels explicitly off (all channels) even if the server caps them
     select: str | None = None  # None: the server's (auto, cover, relevance, std: how max_channels chooses channels)
-    mode: str | None = None  # None: the server's (scorecam, preview)
+    mode: str | None = None  # None: the server's (scorecam, qrise, preview)
     fill: str | None = None  # None: the server's when it set one, else kernel with max_channels (kernel, zero, preview)
     layers: int | tuple[str, ...] | None = None  # None: the server's; 1: the target layer alone; N or names
     fusion: str | None = None  # None: the server's (poly, product, sum)

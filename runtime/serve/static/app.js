@@ -112,6 +112,7 @@ async function modelChanged() {
   $("target-label").textContent = isDetector() ? "Detection" : "Class";
   $("probs-title").textContent = isDetector() ? "Detections" : "Probabilities";
   $("fine-label").hidden = isDetector();  // a detector is explained from one level
+  $("qrise-label").hidden = isDetector();  // and with Score-CAM
   $("fast-text").textContent = isDetector() ? "Fast mode (16 masks, kernel fill)" : "Fast mode (64 channels, kernel fill)";
   const data = await api(`/ui/models/${encodeURIComponent(state.model)}/labels`);
   const list = $("labels");
@@ -233,6 +234,7 @@ async function explain() {
   const params = { preset: $("preset").value, overlay: true, alpha: 1.0 };
   if ($("fast").checked) Object.assign(params, { max_channels: 64, fill: "kernel" });  // unchecked: the server's default
   params.layers = $("fine").checked ? 3 : 1;  // fine: multi-layer Score-CAM, the target layer and two finer stages
+  if ($("qrise").checked) params.mode = "qrise";  // one layer: "fine" and "qRISE" exclude each other
   $("go").disabled = true;
   status("explaining...");
   const t0 = performance.now();
@@ -248,7 +250,7 @@ async function explain() {
       `(${((performance.now() - t0) / 1000).toFixed(2)} s round trip) · ${r.provider} · preset ${r.preset} · ` +
       (r.select === "all" ? `${r.channels_used} channels scored`
         : `${r.passes} masks scored (${r.select} + ${r.fill} fill)`)
-      + (r.layers.length > 1 ? ` · ${r.layers.length} layers` : "");
+      + (r.layers.length > 1 ? ` · ${r.layers.length} layers` : "") + (r.mode === "qrise" ? " · qRISE" : "");
     $("shown").hidden = false;
     for (const li of $("probs").children) li.classList.toggle("chosen", Number(li.dataset.classIndex) === r.class_index);
     status("");
@@ -274,7 +276,8 @@ $("target").addEventListener("change", () => { $("label").value = ""; state.box 
 $("label").addEventListener("keydown", (e) => { if (e.key === "Enter") explain(); });
 $("preset").addEventListener("change", explain);
 $("fast").addEventListener("change", explain);
-$("fine").addEventListener("change", explain);
+$("fine").addEventListener("change", () => { if ($("fine").checked) $("qrise").checked = false; explain(); });
+$("qrise").addEventListener("change", () => { if ($("qrise").checked) $("fine").checked = false; explain(); });
 $("go").addEventListener("click", explain);
 $("opacity").addEventListener("input", () => { $("opacity-value").textContent = `${$("opacity").value}%`; draw(); });
 loadModels().catch((err) => showError(err.message));
