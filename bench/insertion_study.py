@@ -51,9 +51,19 @@ def estimators(m: np.ndarray, y: np.ndarray, p: float) -> dict[str, np.ndarray]:
     return {k: v.reshape(m.shape[1:]) for k, v in out.items()}
 
 
+def class_probability(ex, x: np.ndarray, masks: np.ndarray, c: int) -> np.ndarray:
+    """The class-``c`` probability of ``x * M`` for each mask of ``masks`` [n,H,W], 32 per run: [n] float64."""
+    from runtime.methods import _probs
+
+    sess, name = ex.engine.classifier, ex.engine.input_name
+    ys = [_probs(sess.run([ex.engine.class_output], {name: np.ascontiguousarray(x * masks[s:s + 32, None])})[0],
+                 ex)[:, c] for s in range(0, len(masks), 32)]
+    return np.concatenate(ys).astype(np.float64)
+
+
 def main(photo_dir: str, out: str, part: tuple[int, int]) -> None:
     from runtime import Explainer, images
-    from runtime.methods import _probs, run_method
+    from runtime.methods import run_method
     from runtime.metrics import Metrics
     from runtime.scorecam import minmax
 
@@ -63,16 +73,6 @@ def main(photo_dir: str, out: str, part: tuple[int, int]) -> None:
     meter = Metrics.of(ex)
     boxes = {k: v["boxes"] for k, v in json.loads((SAMPLES / "boxes.json").read_text()).items()
              if not k.startswith("_")}
-    sess, name = ex.engine.classifier, ex.engine.input_name
-
-    def score(x, masks, c):
-        ys, lps = [], []
-        for s in range(0, len(masks), 32):
-            o = sess.run([ex.engine.class_output], {name: np.ascontiguousarray(x * masks[s:s + 32, None])})[0]
-            pr = _probs(o, ex)
-            ys.append(pr[:, c])
-            lps.append(np.log(np.maximum(pr[:, c], 1e-12)))
-        return np.concatenate(ys).astype(np.float64), np.concatenate(lps).astype(np.float64)
 
     files = sorted(glob.glob(os.path.join(photo_dir, "*")))[part[0]::part[1]]
     results = []
@@ -101,7 +101,7 @@ def main(photo_dir: str, out: str, part: tuple[int, int]) -> None:
             d = f"sobol{g}"
             m = sobol_masks(rng, sobol(n, g * g, scramble=True, seed=0), size)
             t = time.perf_counter()
-            y, _ = score(x, m, c)
+            y = class_probability(ex, x, m, c)
             cost[d] = time.perf_counter() - t
             for k, v in estimators(m, y, 0.5).items():
                 if k not in ("cond", "ridge10.0"):
@@ -123,7 +123,7 @@ def round2(photo_dir: str, out: str, part: tuple[int, int]) -> None:
     import cv2
 
     from runtime import Explainer, images
-    from runtime.methods import _probs, rise, run_method
+    from runtime.methods import rise, run_method
     from runtime.metrics import Metrics
     from runtime.qrise import design_masks, ridge_map, work_size
     from runtime.scorecam import minmax
@@ -133,7 +133,6 @@ def round2(photo_dir: str, out: str, part: tuple[int, int]) -> None:
 
     ex = Explainer(ensure_bundle("lite0", 224), device="cpu", batch_size=32)
     meter = Metrics.of(ex)
-    sess, name = ex.engine.classifier, ex.engine.input_name
     pools = {"s4": (4, 0.5), "s5": (5, 0.5), "s6": (6, 0.5), "s8": (8, 0.5), "s10": (10, 0.5), "s5p4": (5, 0.6)}
     mixes = {"s5": [("s5", 320)], "s5k3": [("s5", 320)], "s5k30": [("s5", 320)], "s6": [("s6", 320)],
              "s4": [("s4", 320)], "s5p4": [("s5p4", 320)], "s8": [("s8", 320)],
@@ -161,10 +160,8 @@ def round2(photo_dir: str, out: str, part: tuple[int, int]) -> None:
             pts = (sobol(320, g * g, scramble=True, seed=0) if g * g <= MAX_DIMENSIONS
                    else np.random.default_rng(0).random((320, g * g)))
             m = design_masks(list((pts >= thr).astype(np.float32).reshape(320, g, g)), 0, 320, size, 0)
-            ys = [_probs(sess.run([ex.engine.class_output], {name: np.ascontiguousarray(x * m[s:s + 32, None])})[0],
-                         ex)[:, c] for s in range(0, 320, 32)]
             scored[key] = (np.stack([cv2.resize(a, small[::-1], interpolation=cv2.INTER_AREA) for a in m]),
-                           np.concatenate(ys))
+                           class_probability(ex, x, m, c))
         for label, parts in mixes.items():
             k = 3.0 if label.endswith("k3") else 30.0 if label.endswith("k30") else 10.0
             w = ridge_map(np.concatenate([scored[p][0][:n] for p, n in parts]),

@@ -78,8 +78,8 @@ class TargetError(ValueError):
     """A requested class does not exist in the model."""
 
 
-def check_layer_options(layers, mode: str, fill: str, fusion: str, baseline: str) -> None:
-    """ValueError naming the first option that does not go with the others (multi-layer, baseline)."""
+def check_layer_options(layers, mode: str, fill: str, fusion: str, baseline: str, precision: str = "fp32") -> None:
+    """ValueError naming the first option that does not go with the others (multi-layer, baseline, precision)."""
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
     if fusion not in FUSIONS:
@@ -98,6 +98,8 @@ def check_layer_options(layers, mode: str, fill: str, fusion: str, baseline: str
     if baseline == "blur" and mode == "qrise":
         raise ValueError("mode 'qrise' masks the image towards zero (the metric it is measured on); a baseline "
                          "applies to mode 'scorecam'")
+    if mode == "qrise" and precision != "fp32":
+        raise ValueError("mode 'qrise' scores its masks with the fp32 classifier; use precision 'fp32'")
 
 
 @dataclass
@@ -271,9 +273,7 @@ class Explainer:
         self.fill_asked = fill
         self.select, self.mode, self.fill = select, mode, default_fill(fill, self.max_channels)
         wanted = parse_layers(layers)
-        check_layer_options(wanted, mode, self.fill, fusion, baseline)
-        if mode == "qrise" and precision != "fp32":
-            raise ValueError("mode 'qrise' scores its masks with the fp32 classifier; use precision 'fp32'")
+        check_layer_options(wanted, mode, self.fill, fusion, baseline, precision)
         self.fusion, self.baseline = fusion, baseline
         self._zero_scores: np.ndarray | None = None
         try:
@@ -512,15 +512,12 @@ class Explainer:
         from .methods import _variant
         from .qrise import QRISE_MASKS, refine, regression_maps
 
-        logits = self.engine.classify(x)
-        require_finite(logits)
-        base = logits[0].astype(np.float64)
-        classes = self.resolve_targets(targets, base, top_k)
         cap = self.max_channels or QRISE_CHANNELS
-        steps = _Steps(progress, QRISE_MASKS + cap) if progress else None
-        regression = regression_maps(self, x, classes, progress=steps.at(QRISE_MASKS) if steps else None)
+        steps = _Steps(progress, cap + QRISE_MASKS) if progress else None
         fast = _variant(self, max_channels=cap, select=self.select, mode="scorecam", fill=self.fill_asked)
-        cams = fast._explain_tensor(x, classes, len(classes), steps.at(cap) if steps else None)
+        cams = fast._explain_tensor(x, targets, top_k, steps.at(cap) if steps else None)  # resolves the classes
+        classes = [r.class_index for r in cams]
+        regression = regression_maps(self, x, classes, progress=steps.at(QRISE_MASKS) if steps else None)
         if progress:
             progress(QRISE_MASKS + cap, QRISE_MASKS + cap)
         for w, r in zip(regression, cams, strict=True):

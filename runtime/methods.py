@@ -158,12 +158,10 @@ def _variant(explainer, preset: str | None = None, max_channels: int | None = No
         raise ValueError(f"fill {fill!r}: choose kernel, zero, or preview (needs a global-pooling -> linear head)")
     if fill == "preview" and ex.preset.name == "official":
         raise ValueError("fill 'preview' does not apply to the 'official' preset; use fill 'kernel' or 'zero'")
-    if mode == "qrise" and ex.engine.precision != "fp32":
-        raise ValueError("mode 'qrise' scores its masks with the fp32 classifier; use precision 'fp32'")
     ex.select, ex.mode, ex.fill_asked, ex.fill = select, mode, fill, default_fill(fill, ex.max_channels)
     wanted = parse_layers(layers)
     fusion = fusion or explainer.fusion
-    check_layer_options(wanted, mode, ex.fill, fusion, baseline)
+    check_layer_options(wanted, mode, ex.fill, fusion, baseline, ex.engine.precision)
     ex.stages = ex.find_layers(wanted) if wanted else []
     ex.baseline, ex.fusion = baseline, fusion
     return ex
