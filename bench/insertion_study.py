@@ -1,5 +1,6 @@
-"""``python -m bench.insertion_study PHOTO_DIR OUT_DIR [--part I/N] [--round 1|2]``: cheap maps that aim at
-RISE's insertion (round 2: PHOTO_DIR ``tuning`` is ``bench.evaluation.TUNING``).
+"""``python -m bench.insertion_study PHOTO_DIR OUT_DIR [--part I/N] [--round 1|2|3]``: cheap maps that aim at
+RISE's insertion (round 2: PHOTO_DIR ``tuning`` is ``bench.evaluation.TUNING``; round 3: ``held-out`` is the
+measurement's photo set less TUNING). ``--report OUT_DIR``: means, and paired differences to RISE(4000).
 
 Development exploration for issue 22's first target (a mode whose insertion and LeRF-MoRF reach RISE(4000)'s at
 a tenth of its time). Per photo: the class = top-1; pools of masks are scored once and every candidate
@@ -174,6 +175,97 @@ def round2(photo_dir: str, out: str, part: tuple[int, int]) -> None:
             json.dump(results, fh)
 
 
+def zoom_masks(region: np.ndarray, n: int, cells: int, seed: int) -> np.ndarray:
+    """Round 3's second-stage masks [n,H,W]: ``region`` (0/1 [H,W]) times RISE-style smooth masks of ``n``
+    Sobol' ``cells`` x ``cells`` designs laid over the region's bounding box (zero outside the region)."""
+    from runtime.qrise import smooth_masks
+    from runtime.sobol import sobol
+
+    ys, xs = np.nonzero(region)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    pts = (sobol(n, cells * cells, scramble=True, seed=seed) >= 0.5).astype(np.float32).reshape(n, cells, cells)
+    out = np.zeros((n, *region.shape), np.float32)
+    out[:, y0:y1, x0:x1] = smooth_masks(pts, (int(y1 - y0), int(x1 - x0)), np.random.default_rng(seed))
+    return out * region[None]
+
+
+def zoom_combine(s1: np.ndarray, s2: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The region keeps its place above the rest of ``s1``; inside it pixels are ordered by ``s1 * s2``."""
+    from runtime.scorecam import minmax
+
+    thr = float(s1[region > 0].min())
+    inner = minmax(s1 * np.clip(s2, 0, 1))
+    return minmax(np.where(region > 0, thr + (1.0 - thr) * inner + 1e-6, s1).astype(np.float32))
+
+
+def round3(photo_dir: str, out: str, part: tuple[int, int], quantile: float = 0.2, cells: int = 4) -> None:
+    """Round 3: a second, zoomed stage after 200 stage-1 masks (100 of 5 x 5, 100 of 6 x 6, ridge, x cam^0.5):
+    120 masks on the top ``quantile`` of the stage-1 map, ``cells`` x ``cells`` cells over its bounding box,
+    the rest of the image black (``zins``: the insertion's regime), kept (``zdel``: the deletion's) or 60 of
+    each (``zboth``); the region stays first, ordered inside by stage 1 x stage 2. Against qrise (``q``:
+    160 + 160 masks) and RISE(4000). PHOTO_DIR ``held-out``: ``bench.evaluation``'s photo set less TUNING
+    with RISE's maps from ``docs/evaluation-qrise-all/raw`` (same seed); a directory: RISE made here."""
+    import cv2
+
+    from runtime import Explainer, images
+    from runtime.methods import rise, run_method
+    from runtime.metrics import Metrics
+    from runtime.qrise import design_masks, designs, ridge_map, work_size
+    from runtime.scorecam import minmax
+
+    from .study import measure_maps
+
+    ex = Explainer(ensure_bundle("lite0", 224), device="cpu", batch_size=32)
+    meter = Metrics.of(ex)
+    if photo_dir == "held-out":
+        from .evaluation import TUNING, photo_set
+
+        raw = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                           "evaluation-qrise-all", "raw")
+        files = [(n, str(p), os.path.join(raw, f"{n}.npz")) for n, p in photo_set(None, TUNING)]
+    else:
+        files = [(os.path.basename(f), f, None) for f in sorted(glob.glob(os.path.join(photo_dir, "*")))]
+    results = []
+    for im, f, stored in files[part[0]::part[1]]:
+        x = images.preprocess(images.load_image(f), ex.pre)
+        c = int(np.argmax(ex.engine.classify(x)[0]))
+        size = tuple(x.shape[-2:])
+        small = work_size(size)
+
+        def low(m, small=small):
+            return np.stack([cv2.resize(a, small[::-1], interpolation=cv2.INTER_AREA) for a in m])
+
+        def ridge(m, y, size=size):
+            return minmax(cv2.resize(ridge_map(m, y, 10.0).astype(np.float32), size[::-1],
+                                     interpolation=cv2.INTER_LINEAR))
+
+        maps = {"rise4000": (np.load(stored)["rise:n=4000"].astype(np.float32) if stored
+                             else rise(ex, x, c, n=4000))}
+        cam = run_method("faster:n=16:fill=kernel", ex, x, c)
+        pools = {}
+        for g in (5, 6):
+            m = design_masks(designs(160, g, 0), 0, 160, size, 0)
+            pools[g] = (low(m), class_probability(ex, x, m, c))
+
+        def mix(n, pools=pools):
+            return tuple(np.concatenate([pools[5][j][:n], pools[6][j][:n]]) for j in (0, 1))
+
+        maps["q"] = minmax(ridge(*mix(160)) * np.sqrt(cam))
+        s1 = minmax(ridge(*mix(100)) * np.sqrt(cam))
+        region = (s1 >= np.quantile(s1, 1 - quantile)).astype(np.float32)
+        zi = zoom_masks(region, 120, cells, 1)
+        zd = 1.0 - zoom_masks(region, 120, cells, 2)  # the background on, the region's cells off where on
+        yi, yd = class_probability(ex, x, zi, c), class_probability(ex, x, zd, c)
+        maps["zins"] = zoom_combine(s1, ridge(low(zi), yi), region)
+        maps["zdel"] = zoom_combine(s1, ridge(low(zd), yd), region)
+        maps["zboth"] = zoom_combine(s1, minmax(ridge(low(zi[:60]), yi[:60]) + ridge(low(zd[:60]), yd[:60])),
+                                     region)
+        results += measure_maps(meter, x, c, maps, im, STEPS)
+        print(im, flush=True)
+        with open(os.path.join(out, f"study-{part[0]}.json"), "w") as fh:
+            json.dump(results, fh)
+
+
 def report(out: str) -> None:
     rows = []
     for f in glob.glob(os.path.join(out, "study-*.json")):
@@ -185,12 +277,19 @@ def report(out: str) -> None:
     common = set.intersection(*[{r["image"] for r in rs} for rs in by.values()])
     by = {k: [r for r in rs if r["image"] in common] for k, rs in by.items()}
     print(len(common), "photos")
-    print(f"{'map':32s} ins    del    gap    epg")
+    ref = by.get("rise4000")
+    print(f"{'map':32s} ins    del    gap    epg    ins-RISE (s.e.)  gap-RISE (s.e.)  wins")
     for k, rs in sorted(by.items(), key=lambda kv: -np.mean([r["ins"] for r in kv[1]])):
-        e = [r["epg"] for r in rs if r["epg"] is not None]
-        print(f"{k:32s} {np.mean([r['ins'] for r in rs]):.3f}  {np.mean([r['dele'] for r in rs]):.3f}  "
-              f"{np.mean([r['gap'] for r in rs]):.3f}  {np.mean(e) if e else float('nan'):.3f}")
-
+        e = [r["epg"] for r in rs if r.get("epg") is not None]
+        line = (f"{k:32s} {np.mean([r['ins'] for r in rs]):.3f}  {np.mean([r['dele'] for r in rs]):.3f}  "
+                f"{np.mean([r['gap'] for r in rs]):.3f}  {np.mean(e) if e else float('nan'):.3f}")
+        if ref:
+            base = {r["image"]: r for r in ref}
+            d = {m: np.array([r[m] - base[r["image"]][m] for r in rs]) for m in ("ins", "gap")}
+            se = {m: v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0 for m, v in d.items()}
+            line += (f"  {d['ins'].mean():+.3f} ({se['ins']:.3f})   {d['gap'].mean():+.3f} ({se['gap']:.3f})"
+                     f"   {int((d['ins'] > 0).sum())}")
+        print(line)
 
 if __name__ == "__main__":
     if sys.argv[1] == "--report":
@@ -200,4 +299,4 @@ if __name__ == "__main__":
         which = args[args.index("--round") + 1] if "--round" in args else "1"
         part = args[args.index("--part") + 1] if "--part" in args else "0/1"
         a, b = part.split("/")
-        (round2 if which == "2" else main)(args[0], args[1], (int(a), int(b)))
+        {"1": main, "2": round2, "3": round3}[which](args[0], args[1], (int(a), int(b)))
