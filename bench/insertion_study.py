@@ -62,6 +62,25 @@ def class_probability(ex, x: np.ndarray, masks: np.ndarray, c: int) -> np.ndarra
     return np.concatenate(ys).astype(np.float64)
 
 
+def at_work_size(masks: np.ndarray, small: tuple[int, int]) -> np.ndarray:
+    """Masks [n,H,W] area-resized to the regression's working resolution ``small`` (h, w), as
+    :func:`runtime.qrise.regression_maps` keeps them."""
+    import cv2
+
+    return np.stack([cv2.resize(a, small[::-1], interpolation=cv2.INTER_AREA) for a in masks])
+
+
+def ridge_up(masks: np.ndarray, y: np.ndarray, size: tuple[int, int], k: float = 10.0) -> np.ndarray:
+    """:func:`runtime.qrise.ridge_map` of working-size ``masks`` and scores ``y``, upsampled to ``size`` and
+    min-max normalised."""
+    import cv2
+
+    from runtime.qrise import ridge_map
+    from runtime.scorecam import minmax
+
+    return minmax(cv2.resize(ridge_map(masks, y, k).astype(np.float32), size[::-1], interpolation=cv2.INTER_LINEAR))
+
+
 def main(photo_dir: str, out: str, part: tuple[int, int]) -> None:
     from runtime import Explainer, images
     from runtime.methods import run_method
@@ -121,12 +140,11 @@ def main(photo_dir: str, out: str, part: tuple[int, int]) -> None:
 
 def round2(photo_dir: str, out: str, part: tuple[int, int]) -> None:
     """Round 2: mixtures of scales, ``k`` and the keep probability against RISE(4000), same photos, same run."""
-    import cv2
 
     from runtime import Explainer, images
     from runtime.methods import rise, run_method
     from runtime.metrics import Metrics
-    from runtime.qrise import design_masks, ridge_map, work_size
+    from runtime.qrise import design_masks, work_size
     from runtime.scorecam import minmax
     from runtime.sobol import MAX_DIMENSIONS, sobol
 
@@ -161,13 +179,11 @@ def round2(photo_dir: str, out: str, part: tuple[int, int]) -> None:
             pts = (sobol(320, g * g, scramble=True, seed=0) if g * g <= MAX_DIMENSIONS
                    else np.random.default_rng(0).random((320, g * g)))
             m = design_masks(list((pts >= thr).astype(np.float32).reshape(320, g, g)), 0, 320, size, 0)
-            scored[key] = (np.stack([cv2.resize(a, small[::-1], interpolation=cv2.INTER_AREA) for a in m]),
-                           class_probability(ex, x, m, c))
+            scored[key] = (at_work_size(m, small), class_probability(ex, x, m, c))
         for label, parts in mixes.items():
             k = 3.0 if label.endswith("k3") else 30.0 if label.endswith("k30") else 10.0
-            w = ridge_map(np.concatenate([scored[p][0][:n] for p, n in parts]),
-                          np.concatenate([scored[p][1][:n] for p, n in parts]), k)
-            maps[label] = minmax(cv2.resize(w.astype(np.float32), size[::-1], interpolation=cv2.INTER_LINEAR))
+            maps[label] = ridge_up(np.concatenate([scored[p][0][:n] for p, n in parts]),
+                                   np.concatenate([scored[p][1][:n] for p, n in parts]), size, k)
             maps[label + "*cam.5"] = minmax(maps[label] * np.sqrt(cam))
         results += measure_maps(meter, x, c, maps, im, STEPS)
         print(im, f"RISE(4000) {trise:.1f} s", flush=True)
@@ -205,12 +221,11 @@ def round3(photo_dir: str, out: str, part: tuple[int, int], quantile: float = 0.
     each (``zboth``); the region stays first, ordered inside by stage 1 x stage 2. Against qrise (``q``:
     160 + 160 masks) and RISE(4000). PHOTO_DIR ``held-out``: ``bench.evaluation``'s photo set less TUNING
     with RISE's maps from ``docs/evaluation-qrise-all/raw`` (same seed); a directory: RISE made here."""
-    import cv2
 
     from runtime import Explainer, images
     from runtime.methods import rise, run_method
     from runtime.metrics import Metrics
-    from runtime.qrise import design_masks, designs, ridge_map, work_size
+    from runtime.qrise import design_masks, designs, work_size
     from runtime.scorecam import minmax
 
     from .study import measure_maps
@@ -232,33 +247,27 @@ def round3(photo_dir: str, out: str, part: tuple[int, int], quantile: float = 0.
         size = tuple(x.shape[-2:])
         small = work_size(size)
 
-        def low(m, small=small):
-            return np.stack([cv2.resize(a, small[::-1], interpolation=cv2.INTER_AREA) for a in m])
-
-        def ridge(m, y, size=size):
-            return minmax(cv2.resize(ridge_map(m, y, 10.0).astype(np.float32), size[::-1],
-                                     interpolation=cv2.INTER_LINEAR))
-
         maps = {"rise4000": (np.load(stored)["rise:n=4000"].astype(np.float32) if stored
                              else rise(ex, x, c, n=4000))}
         cam = run_method("faster:n=16:fill=kernel", ex, x, c)
         pools = {}
         for g in (5, 6):
             m = design_masks(designs(160, g, 0), 0, 160, size, 0)
-            pools[g] = (low(m), class_probability(ex, x, m, c))
+            pools[g] = (at_work_size(m, small), class_probability(ex, x, m, c))
 
         def mix(n, pools=pools):
             return tuple(np.concatenate([pools[5][j][:n], pools[6][j][:n]]) for j in (0, 1))
 
-        maps["q"] = minmax(ridge(*mix(160)) * np.sqrt(cam))
-        s1 = minmax(ridge(*mix(100)) * np.sqrt(cam))
+        maps["q"] = minmax(ridge_up(*mix(160), size) * np.sqrt(cam))
+        s1 = minmax(ridge_up(*mix(100), size) * np.sqrt(cam))
         region = (s1 >= np.quantile(s1, 1 - quantile)).astype(np.float32)
         zi = zoom_masks(region, 120, cells, 1)
         zd = 1.0 - zoom_masks(region, 120, cells, 2)  # the background on, the region's cells off where on
         yi, yd = class_probability(ex, x, zi, c), class_probability(ex, x, zd, c)
-        maps["zins"] = zoom_combine(s1, ridge(low(zi), yi), region)
-        maps["zdel"] = zoom_combine(s1, ridge(low(zd), yd), region)
-        maps["zboth"] = zoom_combine(s1, minmax(ridge(low(zi[:60]), yi[:60]) + ridge(low(zd[:60]), yd[:60])),
+        li, ld = at_work_size(zi, small), at_work_size(zd, small)
+        maps["zins"] = zoom_combine(s1, ridge_up(li, yi, size), region)
+        maps["zdel"] = zoom_combine(s1, ridge_up(ld, yd, size), region)
+        maps["zboth"] = zoom_combine(s1, minmax(ridge_up(li[:60], yi[:60], size) + ridge_up(ld[:60], yd[:60], size)),
                                      region)
         results += measure_maps(meter, x, c, maps, im, STEPS)
         print(im, flush=True)
@@ -278,18 +287,19 @@ def report(out: str) -> None:
     by = {k: [r for r in rs if r["image"] in common] for k, rs in by.items()}
     print(len(common), "photos")
     ref = by.get("rise4000")
+    base = {r["image"]: r for r in ref} if ref else {}
     print(f"{'map':32s} ins    del    gap    epg    ins-RISE (s.e.)  gap-RISE (s.e.)  wins")
     for k, rs in sorted(by.items(), key=lambda kv: -np.mean([r["ins"] for r in kv[1]])):
         e = [r["epg"] for r in rs if r.get("epg") is not None]
         line = (f"{k:32s} {np.mean([r['ins'] for r in rs]):.3f}  {np.mean([r['dele'] for r in rs]):.3f}  "
                 f"{np.mean([r['gap'] for r in rs]):.3f}  {np.mean(e) if e else float('nan'):.3f}")
         if ref:
-            base = {r["image"]: r for r in ref}
             d = {m: np.array([r[m] - base[r["image"]][m] for r in rs]) for m in ("ins", "gap")}
             se = {m: v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0 for m, v in d.items()}
             line += (f"  {d['ins'].mean():+.3f} ({se['ins']:.3f})   {d['gap'].mean():+.3f} ({se['gap']:.3f})"
                      f"   {int((d['ins'] > 0).sum())}")
         print(line)
+
 
 if __name__ == "__main__":
     if sys.argv[1] == "--report":
