@@ -303,8 +303,11 @@ def test_every_error_is_json_with_its_status_and_the_server_survives(server, mod
     assert "Traceback" not in server.log
 
 
-def test_not_ready_answers_503_while_models_load(models):
-    """In-process uvicorn with a loader that waits: liveness 200, readiness and explain 503, then 200."""
+def test_not_ready_answers_503_while_models_load_and_a_request_waits_for_the_load(models):
+    """In-process uvicorn with a loader that waits: liveness 200, readiness 503; an explain request waits for
+    the load within ``--timeout`` (503 "still loading" past it), then answers 200 once the models are in."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import uvicorn
 
     from runtime.serve.app import ServeConfig, create_app
@@ -319,11 +322,15 @@ def test_not_ready_answers_503_while_models_load(models):
     from servers import free_port
 
     port = free_port()
-    app = create_app(ServeConfig(models=[str(models / "zoo" / "fruit")]), loader=loader)
+    app = create_app(ServeConfig(models=[str(models / "zoo" / "fruit")], timeout=3.0), loader=loader)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
+
+    def explain() -> httpx.Response:
+        return httpx.post(url + "/v1/models/fruit:explain", json={"instances": [b64(PHOTO_PNG)]}, timeout=60)
+
     try:
         for _ in range(200):
             try:
@@ -333,14 +340,20 @@ def test_not_ready_answers_503_while_models_load(models):
                 time.sleep(0.05)
         assert httpx.get(url + "/v2/health/live").status_code == 200
         assert httpx.get(url + "/v2/health/ready").status_code == 503
-        r = httpx.post(url + "/v1/models/fruit:explain", json={"instances": [b64(PHOTO_PNG)]})
-        assert r.status_code == 503 and "loading" in r.json()["error"]
-        gate.set()
-        for _ in range(200):
-            if httpx.get(url + "/v2/health/ready").status_code == 200:
-                break
-            time.sleep(0.05)
-        assert httpx.post(url + "/v1/models/fruit:explain", json={"instances": [b64(PHOTO_PNG)]}).status_code == 200
+        t0 = time.monotonic()
+        r = explain()
+        assert r.status_code == 503 and "still loading" in r.json()["error"], r.text
+        assert time.monotonic() - t0 >= 2.5  # it waited for the load, up to the timeout
+        assert httpx.get(url + "/v2/health/ready").status_code == 503
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(explain)
+            time.sleep(0.5)
+            assert not pending.done()
+            gate.set()
+            r = pending.result(60)
+        assert r.status_code == 200, r.text
+        assert httpx.get(url + "/v2/health/ready").status_code == 200
+        assert explain().status_code == 200
     finally:
         gate.set()
         srv.should_exit = True
@@ -478,7 +491,9 @@ def test_cli_help_and_bad_models(models, tmp_path):
 
 
 def test_workers_processes_serve_and_stop_on_sigterm(models):
-    """``--workers 2``: uvicorn worker processes, each loading the model once; SIGTERM -> exit 0."""
+    """``--workers 2``: uvicorn worker processes, each loading the model once; SIGTERM -> exit 0. The readiness
+    probe answers from whichever process it reaches: a request that reaches the other one while it still
+    loads waits for its load (no 503)."""
     s = ServeProcess(models / "zoo" / "fruit", "--workers", "2")
     try:
         for _ in range(4):

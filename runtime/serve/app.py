@@ -7,6 +7,7 @@ and every refusal is ``{"error": "..."}`` with the status that names its cause.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -130,6 +131,19 @@ class State:
         self.models = models
         self.ready = True
         log.info("ready: %s", ", ".join(models))
+
+    @property
+    def loading(self) -> bool:
+        """The loading thread is still at work (no error yet)."""
+        return not self.ready and self.load_error is None and self._thread is not None and self._thread.is_alive()
+
+    async def loaded_model(self, name: str, timeout: float) -> ServedModel:
+        """:meth:`model` once the loading is over, waiting for it up to ``timeout`` s: with ``--workers N``
+        a request can reach a process still loading after another one has answered the readiness probe."""
+        end = time.monotonic() + timeout
+        while self.loading and not self.closing and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        return self.model(name)
 
     def model(self, name: str) -> ServedModel:
         if self.closing:
@@ -350,7 +364,7 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
 
     @app.post("/v1/models/{name}:explain")
     async def v1_explain(name: str, request: Request):
-        model = state.model(name)
+        model = await state.loaded_model(name, config.timeout)
         instances, opts = await parse_request(request)
         check_task(model, instances, opts)
         accept = request.headers.get("accept", "")
@@ -373,7 +387,7 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
 
     @app.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request):
-        model = state.model(name)
+        model = await state.loaded_model(name, config.timeout)
         instances, opts = await parse_request(request)
         check_task(model, [], opts)
 
@@ -443,7 +457,7 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
 
     @app.post("/v2/models/{name}/infer")
     async def v2_infer(name: str, request: Request):
-        model = state.model(name)
+        model = await state.loaded_model(name, config.timeout)
         instances, opts = await parse_request(request, v2=True)
         check_task(model, instances, opts)
 
