@@ -304,8 +304,9 @@ def test_every_error_is_json_with_its_status_and_the_server_survives(server, mod
 
 
 def test_not_ready_answers_503_while_models_load_and_a_request_waits_for_the_load(models):
-    """In-process uvicorn with a loader that waits: liveness 200, readiness 503; an explain request waits for
-    the load within ``--timeout`` (503 "still loading" past it), then answers 200 once the models are in."""
+    """In-process uvicorn with a loader that waits: liveness 200, readiness 503; an explain request (and the
+    page's model list) waits for the load within ``--timeout`` (503 "still loading" past it), then answers 200
+    once the models are in."""
     from concurrent.futures import ThreadPoolExecutor
 
     import uvicorn
@@ -345,13 +346,16 @@ def test_not_ready_answers_503_while_models_load_and_a_request_waits_for_the_loa
         assert r.status_code == 503 and "still loading" in r.json()["error"], r.text
         assert time.monotonic() - t0 >= 2.5  # it waited for the load, up to the timeout
         assert httpx.get(url + "/v2/health/ready").status_code == 503
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(2) as pool:
             pending = pool.submit(explain)
+            page = pool.submit(httpx.get, url + "/ui/models", timeout=60)  # the page opened early
             time.sleep(0.5)
-            assert not pending.done()
+            assert not pending.done() and not page.done()
             gate.set()
             r = pending.result(60)
+            listed = page.result(60)
         assert r.status_code == 200, r.text
+        assert listed.status_code == 200 and [m["name"] for m in listed.json()["models"]] == ["fruit"], listed.text
         assert httpx.get(url + "/v2/health/ready").status_code == 200
         assert explain().status_code == 200
     finally:

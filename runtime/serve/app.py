@@ -137,12 +137,16 @@ class State:
         """The loading thread is still at work (no error yet)."""
         return not self.ready and self.load_error is None and self._thread is not None and self._thread.is_alive()
 
-    async def loaded_model(self, name: str, timeout: float) -> ServedModel:
-        """:meth:`model` once the loading is over, waiting for it up to ``timeout`` s: with ``--workers N``
-        a request can reach a process still loading after another one has answered the readiness probe."""
+    async def wait_for_load(self, timeout: float) -> None:
+        """Wait while the models load, up to ``timeout`` s: with ``--workers N`` a request can reach a process
+        still loading after another one has answered the readiness probe (and the page may open early)."""
         end = time.monotonic() + timeout
         while self.loading and not self.closing and time.monotonic() < end:
             await asyncio.sleep(0.05)
+
+    async def loaded_model(self, name: str, timeout: float) -> ServedModel:
+        """:meth:`model` after :meth:`wait_for_load`."""
+        await self.wait_for_load(timeout)
         return self.model(name)
 
     def model(self, name: str) -> ServedModel:
@@ -478,6 +482,7 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
 
     @app.get("/ui/models")
     async def ui_models():
+        await state.wait_for_load(config.timeout)
         if not state.ready:
             raise P.ProtocolError(503, state.load_error or "not ready: the models are still loading")
         return {"models": [{"name": m.name, **m.metadata()} for m in state.models.values()],
@@ -485,7 +490,7 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
 
     @app.get("/ui/models/{name}/labels")
     async def ui_labels(name: str):
-        return {"labels": state.model(name).explainer.labels}
+        return {"labels": (await state.loaded_model(name, config.timeout)).explainer.labels}
 
     @app.get("/", include_in_schema=False)
     async def index():
