@@ -346,16 +346,19 @@ def test_not_ready_answers_503_while_models_load_and_a_request_waits_for_the_loa
         assert r.status_code == 503 and "still loading" in r.json()["error"], r.text
         assert time.monotonic() - t0 >= 2.5  # it waited for the load, up to the timeout
         assert httpx.get(url + "/v2/health/ready").status_code == 503
-        with ThreadPoolExecutor(2) as pool:
+        with ThreadPoolExecutor(3) as pool:
             pending = pool.submit(explain)
             page = pool.submit(httpx.get, url + "/ui/models", timeout=60)  # the page opened early
+            v1 = pool.submit(httpx.get, url + "/v1/models", timeout=60)
             time.sleep(0.5)
-            assert not pending.done() and not page.done()
+            assert not pending.done() and not page.done() and not v1.done()
             gate.set()
             r = pending.result(60)
             listed = page.result(60)
+            models_v1 = v1.result(60)
         assert r.status_code == 200, r.text
         assert listed.status_code == 200 and [m["name"] for m in listed.json()["models"]] == ["fruit"], listed.text
+        assert models_v1.json() == {"models": ["fruit"]}
         assert httpx.get(url + "/v2/health/ready").status_code == 200
         assert explain().status_code == 200
     finally:

@@ -364,6 +364,7 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
     # ------------------------------------------------------------------------------ V1
     @app.get("/v1/models")
     async def v1_models():
+        await state.wait_for_load(config.timeout)  # not an empty list from a process still loading
         return {"models": list(state.models)}
 
     @app.post("/v1/models/{name}:explain")
