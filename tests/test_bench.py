@@ -207,3 +207,36 @@ def test_default_plan_is_the_documented_one():
         ("resnet50", 448, ["floor", "paper", "gradcam", "torchcam", "official"])]
     with pytest.raises(SystemExit):
         make_plan(parse_args(["--contenders", "bogus"]))
+
+
+def test_paired_differences_to_the_reference_and_to_the_mean_of_its_seeds(tmp_path, capsys):
+    """bench.paired: two runs on the same photos; a photo missing from one method is left out."""
+    from bench.paired import load, main, paired
+
+    def write(run: str, photo: str, values: dict[str, tuple[float, float]]) -> None:
+        raw = tmp_path / run / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        rows = [{"image": photo, "method": m, "substrate": s, "values": {
+                 "insertion_auc": ins + (s == "blur"), "deletion_auc": dele, "gap": ins - dele}}
+                for m, (ins, dele) in values.items() for s in ("zero", "blur")]
+        (raw / f"{photo}.json").write_text(json.dumps(rows))
+
+    write("a", "p1", {"rise:n=4000": (0.5, 0.1), "qrise": (0.4, 0.1)})
+    write("a", "p2", {"rise:n=4000": (0.3, 0.2), "qrise": (0.5, 0.1)})
+    write("a", "p3", {"rise:n=4000": (0.3, 0.2)})  # qrise missing: p3 is not compared
+    write("b", "p1", {"rise:n=4000:seed=1": (0.3, 0.1), "qrise": (9.0, 9.0)})  # qrise: run a's rows win
+    write("b", "p2", {"rise:n=4000:seed=1": (0.5, 0.2)})
+    rows = load([tmp_path / "a", tmp_path / "b"], "zero")
+    assert rows["qrise"]["p1"]["insertion_auc"] == 0.4 and set(rows["qrise"]) == {"p1", "p2"}
+    mean, se, wins = paired(np.array([0.4, 0.5]), np.array([0.5, 0.3]))
+    assert mean == pytest.approx(0.05) and se == pytest.approx(0.15) and wins == 1
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 photos;") and "mean of 2 seeds" in out
+    one, both = out.split("mean of 2 seeds")
+    qrise_one = next(ln for ln in one.splitlines() if ln.startswith("| qrise |"))
+    qrise_both = next(ln for ln in both.splitlines() if ln.startswith("| qrise |"))
+    assert "| 0.450 | 0.100 | 0.350 | +0.050 (0.150) [1] | -0.050 (0.050) [1] | +0.100 (0.200) [1] |" in qrise_one
+    assert "+0.050 (0.050) [1]" in qrise_both  # against (0.4, 0.4): the seeds' mean per photo
+    with pytest.raises(SystemExit, match="no method 'hsic'"):
+        main([str(tmp_path / "a"), "--ref", "hsic"])
