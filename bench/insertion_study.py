@@ -276,6 +276,8 @@ def round3(photo_dir: str, out: str, part: tuple[int, int], quantile: float = 0.
 
 
 def report(out: str) -> None:
+    from .paired import paired
+
     rows = []
     for f in glob.glob(os.path.join(out, "study-*.json")):
         rows += json.load(open(f))
@@ -294,10 +296,9 @@ def report(out: str) -> None:
         line = (f"{k:32s} {np.mean([r['ins'] for r in rs]):.3f}  {np.mean([r['dele'] for r in rs]):.3f}  "
                 f"{np.mean([r['gap'] for r in rs]):.3f}  {np.mean(e) if e else float('nan'):.3f}")
         if ref:
-            d = {m: np.array([r[m] - base[r["image"]][m] for r in rs]) for m in ("ins", "gap")}
-            se = {m: v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0 for m, v in d.items()}
-            line += (f"  {d['ins'].mean():+.3f} ({se['ins']:.3f})   {d['gap'].mean():+.3f} ({se['gap']:.3f})"
-                     f"   {int((d['ins'] > 0).sum())}")
+            (di, si, wins), (dg, sg, _) = (paired(np.array([r[m] for r in rs]),
+                                                  np.array([base[r["image"]][m] for r in rs])) for m in ("ins", "gap"))
+            line += f"  {di:+.3f} ({si:.3f})   {dg:+.3f} ({sg:.3f})   {wins}"
         print(line)
 
 

@@ -36,11 +36,11 @@ def load(dirs: list[Path], substrate: str) -> dict[str, dict[str, dict[str, floa
     return out
 
 
-def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float, int]:
-    """(mean, s.e., wins) of ``a - b``."""
+def paired(a: np.ndarray, b: np.ndarray, lower_is_better: bool = False) -> tuple[float, float, int]:
+    """(mean, s.e., wins) of ``a - b``; a win is ``a > b`` (``a < b`` with ``lower_is_better``)."""
     d = a - b
     se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-    return float(d.mean()), se, int((d > 0).sum())
+    return float(d.mean()), se, int((d < 0).sum() if lower_is_better else (d > 0).sum())
 
 
 def table(rows: dict[str, dict[str, dict[str, float]]], ref: str) -> str:
@@ -61,8 +61,7 @@ def table(rows: dict[str, dict[str, dict[str, float]]], ref: str) -> str:
         for m in sorted(val, key=lambda m: -val[m]["insertion_auc"].mean()):
             cells = [f"{val[m][k].mean():.3f}" for k, _ in METRICS]
             for k, _ in METRICS:
-                mean, se, wins = paired(val[m][k], r[k])
-                wins = len(photos) - wins - int((val[m][k] == r[k]).sum()) if k == "deletion_auc" else wins
+                mean, se, wins = paired(val[m][k], r[k], lower_is_better=k == "deletion_auc")
                 cells.append(f"{mean:+.3f} ({se:.3f}) [{wins}]")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")

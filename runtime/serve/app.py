@@ -137,16 +137,17 @@ class State:
         """The loading thread is still at work (no error yet)."""
         return not self.ready and self.load_error is None and self._thread is not None and self._thread.is_alive()
 
-    async def wait_for_load(self, timeout: float) -> None:
-        """Wait while the models load, up to ``timeout`` s: with ``--workers N`` a request can reach a process
-        still loading after another one has answered the readiness probe (and the page may open early)."""
-        end = time.monotonic() + timeout
+    async def wait_for_load(self) -> None:
+        """Wait while the models load, up to the request timeout (``--timeout``): with ``--workers N`` a request
+        can reach a process still loading after another one has answered the readiness probe (and the page may
+        open early)."""
+        end = time.monotonic() + self.config.timeout
         while self.loading and not self.closing and time.monotonic() < end:
             await asyncio.sleep(0.05)
 
-    async def loaded_model(self, name: str, timeout: float) -> ServedModel:
+    async def loaded_model(self, name: str) -> ServedModel:
         """:meth:`model` after :meth:`wait_for_load`."""
-        await self.wait_for_load(timeout)
+        await self.wait_for_load()
         return self.model(name)
 
     def model(self, name: str) -> ServedModel:
@@ -364,12 +365,12 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
     # ------------------------------------------------------------------------------ V1
     @app.get("/v1/models")
     async def v1_models():
-        await state.wait_for_load(config.timeout)  # not an empty list from a process still loading
+        await state.wait_for_load()  # not an empty list from a process still loading
         return {"models": list(state.models)}
 
     @app.post("/v1/models/{name}:explain")
     async def v1_explain(name: str, request: Request):
-        model = await state.loaded_model(name, config.timeout)
+        model = await state.loaded_model(name)
         instances, opts = await parse_request(request)
         check_task(model, instances, opts)
         accept = request.headers.get("accept", "")
@@ -392,7 +393,7 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
 
     @app.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request):
-        model = await state.loaded_model(name, config.timeout)
+        model = await state.loaded_model(name)
         instances, opts = await parse_request(request)
         check_task(model, [], opts)
 
@@ -462,7 +463,7 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
 
     @app.post("/v2/models/{name}/infer")
     async def v2_infer(name: str, request: Request):
-        model = await state.loaded_model(name, config.timeout)
+        model = await state.loaded_model(name)
         instances, opts = await parse_request(request, v2=True)
         check_task(model, instances, opts)
 
@@ -483,7 +484,7 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
 
     @app.get("/ui/models")
     async def ui_models():
-        await state.wait_for_load(config.timeout)
+        await state.wait_for_load()
         if not state.ready:
             raise P.ProtocolError(503, state.load_error or "not ready: the models are still loading")
         return {"models": [{"name": m.name, **m.metadata()} for m in state.models.values()],
@@ -491,7 +492,7 @@ def create_app(config: ServeConfig, loader: Callable[[], dict[str, ServedModel]]
 
     @app.get("/ui/models/{name}/labels")
     async def ui_labels(name: str):
-        return {"labels": (await state.loaded_model(name, config.timeout)).explainer.labels}
+        return {"labels": (await state.loaded_model(name)).explainer.labels}
 
     @app.get("/", include_in_schema=False)
     async def index():
