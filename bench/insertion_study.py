@@ -1,6 +1,6 @@
-"""``python -m bench.insertion_study PHOTO_DIR OUT_DIR [--part I/N] [--round 1|2|3]``: cheap maps that aim at
-RISE's insertion (round 2: PHOTO_DIR ``tuning`` is ``bench.evaluation.TUNING``; round 3: ``held-out`` is the
-measurement's photo set less TUNING). ``--report OUT_DIR``: means, and paired differences to RISE(4000).
+"""``python -m bench.insertion_study PHOTO_DIR OUT_DIR [--part I/N] [--round 1|2|3|4]``: cheap maps that aim at
+RISE's insertion (round 2: PHOTO_DIR ``tuning`` is ``bench.evaluation.TUNING``; rounds 3 and 4: ``held-out`` is
+the measurement's photo set less TUNING). ``--report OUT_DIR``: means, and paired differences to RISE(4000).
 
 Development exploration for issue 22's first target (a mode whose insertion and LeRF-MoRF reach RISE(4000)'s at
 a tenth of its time). Per photo: the class = top-1; pools of masks are scored once and every candidate
@@ -275,7 +275,68 @@ def round3(photo_dir: str, out: str, part: tuple[int, int], quantile: float = 0.
             json.dump(results, fh)
 
 
+def round4(photo_dir: str, out: str, part: tuple[int, int]) -> None:
+    """Round 4: the qrise map ``q`` (as the mode makes it) post-processed, with no further passes, by the
+    guided filter with the photo as colour guide (:func:`runtime.qrise.guided_filter`; ``c<r>``: radius r,
+    eps 1e-3, min-max normalised; ``c16(c16)``: twice), alone or combined with ``q`` (``q*c``, ``q^.5*c``: the
+    method's ``edge`` option, ``q+c``). PHOTO_DIR ``held-out`` as round 3 (RISE's metrics: the stored runs,
+    ``python -m bench.paired``), or a directory (RISE(4000) made here)."""
+    from runtime import Explainer, images
+    from runtime.methods import rise, run_method
+    from runtime.metrics import Metrics
+    from runtime.qrise import guide_image, guided_filter
+    from runtime.scorecam import minmax
+
+    from .study import measure_maps
+
+    ex = Explainer(ensure_bundle("lite0", 224), device="cpu", batch_size=32)
+    meter = Metrics.of(ex)
+    if photo_dir == "held-out":
+        from .evaluation import TUNING, photo_set
+
+        files = [(n, str(p), True) for n, p in photo_set(None, TUNING)]
+    else:
+        files = [(os.path.basename(f), f, False) for f in sorted(glob.glob(os.path.join(photo_dir, "*")))]
+    results = []
+    for im, f, stored in files[part[0]::part[1]]:
+        x = images.preprocess(images.load_image(f), ex.pre)
+        c = int(np.argmax(ex.engine.classify(x)[0]))
+        q = run_method("qrise", ex, x, c)
+        guide = guide_image(x)
+        maps = {} if stored else {"rise4000": rise(ex, x, c, n=4000)}
+        maps["q"] = q
+        for r in (16, 24):
+            g = maps[f"c{r}"] = minmax(guided_filter(guide, q, r, 1e-3))
+            maps[f"q*c{r}"] = minmax(q * np.clip(g, 0, 1))
+            maps[f"q^.5*c{r}"] = minmax(np.sqrt(q) * np.clip(g, 0, 1))
+            maps[f"q+c{r}"] = minmax(q + g)
+        maps["c16(c16)"] = minmax(guided_filter(guide, maps["c16"], 16, 1e-3))
+        maps["c8"] = minmax(guided_filter(guide, q, 8, 1e-3))
+        results += measure_maps(meter, x, c, maps, im, STEPS)
+        print(im, flush=True)
+        with open(os.path.join(out, f"study-{part[0]}.json"), "w") as fh:
+            json.dump(results, fh)
+
+
+def stored_rise(seeds: int = 1) -> dict[str, dict[str, float]]:
+    """RISE(4000)'s per-photo insertion / deletion / LeRF-MoRF (zero substrate) from the stored held-out runs
+    (``docs/evaluation-qrise-all``, seeds 1 and 2 in ``docs/evaluation-qrise-seeds/rise``): the mean of the
+    first ``seeds`` draws, as rows ``{photo: {"ins", "dele", "gap"}}``."""
+    from pathlib import Path
+
+    from .paired import load
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    rows = load([docs / "evaluation-qrise-all", docs / "evaluation-qrise-seeds" / "rise"], "zero")
+    names = ["rise:n=4000"] + [f"rise:n=4000:seed={s}" for s in range(1, seeds)]
+    keys = {"ins": "insertion_auc", "dele": "deletion_auc", "gap": "gap"}
+    return {p: {k: float(np.mean([rows[n][p][v] for n in names])) for k, v in keys.items()}
+            for p in rows[names[0]]}
+
+
 def report(out: str) -> None:
+    """Means per map and paired differences to RISE(4000): made in the run (``rise4000``) or, for a held-out
+    run without it, the stored draw of the same seed and the mean of the three stored draws."""
     from .paired import paired
 
     rows = []
@@ -288,18 +349,30 @@ def report(out: str) -> None:
     common = set.intersection(*[{r["image"] for r in rs} for rs in by.values()])
     by = {k: [r for r in rs if r["image"] in common] for k, rs in by.items()}
     print(len(common), "photos")
-    ref = by.get("rise4000")
-    base = {r["image"]: r for r in ref} if ref else {}
-    print(f"{'map':32s} ins    del    gap    epg    ins-RISE (s.e.)  gap-RISE (s.e.)  wins")
-    for k, rs in sorted(by.items(), key=lambda kv: -np.mean([r["ins"] for r in kv[1]])):
-        e = [r["epg"] for r in rs if r.get("epg") is not None]
-        line = (f"{k:32s} {np.mean([r['ins'] for r in rs]):.3f}  {np.mean([r['dele'] for r in rs]):.3f}  "
-                f"{np.mean([r['gap'] for r in rs]):.3f}  {np.mean(e) if e else float('nan'):.3f}")
-        if ref:
-            (di, si, wins), (dg, sg, _) = (paired(np.array([r[m] for r in rs]),
-                                                  np.array([base[r["image"]][m] for r in rs])) for m in ("ins", "gap"))
-            line += f"  {di:+.3f} ({si:.3f})   {dg:+.3f} ({sg:.3f})   {wins}"
-        print(line)
+    refs = ({"RISE(4000) in the run": {r["image"]: r for r in by["rise4000"]}} if "rise4000" in by else
+            {f"RISE(4000), {label} (stored)": stored_rise(n) for label, n in (("seed 0", 1), ("mean of 3 seeds", 3))}
+            if round4_held_out(common) else {})
+    for label, base in refs.items() or [("", {})]:
+        print(f"\nagainst {label}:" if label else "")
+        print(f"{'map':32s} ins    del    gap    epg    ins-RISE (s.e.)  gap-RISE (s.e.)  wins")
+        for k, rs in sorted(by.items(), key=lambda kv: -np.mean([r["ins"] for r in kv[1]])):
+            e = [r["epg"] for r in rs if r.get("epg") is not None]
+            line = (f"{k:32s} {np.mean([r['ins'] for r in rs]):.3f}  {np.mean([r['dele'] for r in rs]):.3f}  "
+                    f"{np.mean([r['gap'] for r in rs]):.3f}  {np.mean(e) if e else float('nan'):.3f}")
+            if base:
+                (di, si, wins), (dg, sg, _) = (paired(np.array([r[m] for r in rs]),
+                                                      np.array([base[r["image"]][m] for r in rs]))
+                                               for m in ("ins", "gap"))
+                line += f"  {di:+.3f} ({si:.3f})   {dg:+.3f} ({sg:.3f})   {wins}"
+            print(line)
+
+
+def round4_held_out(photos: set[str]) -> bool:
+    """Whether every photo of a run has a stored RISE(4000) row (a held-out run of round 3 or 4)."""
+    try:
+        return photos <= set(stored_rise())
+    except SystemExit:  # no stored runs
+        return False
 
 
 if __name__ == "__main__":
@@ -310,4 +383,4 @@ if __name__ == "__main__":
         which = args[args.index("--round") + 1] if "--round" in args else "1"
         part = args[args.index("--part") + 1] if "--part" in args else "0/1"
         a, b = part.split("/")
-        {"1": main, "2": round2, "3": round3}[which](args[0], args[1], (int(a), int(b)))
+        {"1": main, "2": round2, "3": round3, "4": round4}[which](args[0], args[1], (int(a), int(b)))

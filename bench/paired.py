@@ -5,7 +5,9 @@ on the same photos (a method measured in two runs keeps the first run's rows) an
 method has, each method's mean insertion, deletion and LeRF-MoRF and its paired difference to ``--ref``
 (default ``rise:n=4000``): mean, standard error (``sd / sqrt(photos)``) and wins. With several seeds of the
 reference (``rise:n=4000:seed=1`` ...) it also prints the difference to the mean of the seeds, whose noise is
-lower: how far a method is from RISE(4000)'s expected score, not from one draw of its masks.
+lower: how far a method is from RISE(4000)'s expected score, not from one draw of its masks. A method measured
+with several seeds (``qrise``, ``qrise:seed=1`` ...) also gets a row of the photo-wise mean of its seeds.
+``--methods a,b``: only these methods (and the reference's seeds).
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def table(rows: dict[str, dict[str, dict[str, float]]], ref: str) -> str:
     photos = sorted(set.intersection(*(set(v) for v in rows.values())))
     seeds = [m for m in rows if m == ref or m.startswith(ref + ":seed=")]
     val = {m: {k: np.array([rows[m][p][k] for p in photos]) for k, _ in METRICS} for m in rows}
+    for m in [m for m in rows if ":seed=" not in m and m != ref]:  # a method measured with several seeds
+        group = [m] + [s for s in rows if s.startswith(m + ":seed=")]
+        if len(group) > 1:
+            val[f"{m} (mean of {len(group)} seeds)"] = {k: np.mean([val[s][k] for s in group], axis=0)
+                                                         for k, _ in METRICS}
     refs = {"one draw": val[ref]}
     if len(seeds) > 1:
         refs[f"mean of {len(seeds)} seeds"] = {k: np.mean([val[s][k] for s in seeds], axis=0) for k, _ in METRICS}
@@ -73,8 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dirs", nargs="+", type=Path, help="bench.evaluation output folders (with raw/)")
     ap.add_argument("--ref", default="rise:n=4000", help="the reference method (default rise:n=4000)")
     ap.add_argument("--substrate", default="zero", choices=("zero", "blur"))
+    ap.add_argument("--methods", help="comma-separated: compare only these (and the reference's seeds)")
     args = ap.parse_args(argv)
-    print(table(load(args.dirs, args.substrate), args.ref))
+    rows = load(args.dirs, args.substrate)
+    if args.methods:
+        keep = {m.strip() for m in args.methods.split(",") if m.strip()}
+        if keep - set(rows):
+            raise SystemExit(f"error: no method {', '.join(sorted(keep - set(rows)))!r} in the runs")
+        rows = {m: v for m, v in rows.items() if m in keep or m == args.ref or m.startswith(args.ref + ":seed=")}
+    print(table(rows, args.ref))
     return 0
 
 

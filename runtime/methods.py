@@ -28,7 +28,9 @@ them. A method is named on the command line as ``name[:key=value]...``, e.g. ``s
                  bilinearly upsampled and randomly shifted; map = sum_i softmax(f(x * M_i))_c M_i / (n p)
 ``qrise``        quasi-random RISE (:mod:`runtime.qrise`): ``n`` = 320 smooth masks from ``cells`` = 5 x 5
                  scrambled Sobol' designs, the class probability ridge-regressed on the masks (``k`` = 10),
-                 times the fast Score-CAM map (16 channels, kernel fill) to the power ``gamma`` = 0.5
+                 times the fast Score-CAM map (16 channels, kernel fill) to the power ``gamma`` = 0.5;
+                 ``edge`` = r > 0 (0, off, by default; e.g. 24): snapped to the photo's edges by a guided
+                 filter of radius r pixels per 224 (more insertion, worse deletion: docs/evaluation.md)
 ``hsic``         HSIC attribution (Novello et al. 2022): ``n`` binary ``cells`` x ``cells`` masks from a
                  scrambled Sobol' sequence (cell on where the point's coordinate >= 1/2), the input masked
                  (``x * M_i``, nearest-upsampled); map[cell] = HSIC(cell on/off, class score) with the
@@ -509,21 +511,23 @@ def rise(explainer, x, class_index, n=2000, cells=8, p=0.5, seed=0):
 
 @register("qrise", "quasi-random RISE: n smooth masks from Sobol' designs of cells (5+6: half 5 x 5, half 6 x 6), "
           "the class probability ridge-regressed on them (k), times the fast Score-CAM (16 channels, kernel fill) "
-          "^ gamma", n=320, cells="5+6", k=10.0, gamma=0.5, seed=0)
-def qrise(explainer, x, class_index, n=320, cells="5+6", k=10.0, gamma=0.5, seed=0):
-    """:mod:`runtime.qrise`: ``minmax(ridge(p_c(x * M_i) ~ M_i)) * cam16^gamma``, ``n`` passes + the fast
-    Score-CAM's."""
-    from .qrise import parse_cells, refine, regression_maps
+          "^ gamma; edge > 0: snapped to the photo's edges by a guided filter of radius edge per 224 pixels",
+          n=320, cells="5+6", k=10.0, gamma=0.5, seed=0, edge=0.0)
+def qrise(explainer, x, class_index, n=320, cells="5+6", k=10.0, gamma=0.5, seed=0, edge=0.0):
+    """:mod:`runtime.qrise`: ``minmax(ridge(p_c(x * M_i) ~ M_i)) * cam16^gamma`` (then :func:`edge_refine` with
+    ``edge`` > 0), ``n`` passes + the fast Score-CAM's."""
+    from .qrise import edge_refine, parse_cells, refine, regression_maps
 
     try:
         parse_cells(cells)
     except ValueError as e:
         raise ValueError(f"qrise: {e}") from None
-    if int(n) < 2 or float(k) <= 0 or float(gamma) < 0:
-        raise ValueError(f"qrise: need n >= 2, k > 0 and gamma >= 0, got n={n}, k={k}, gamma={gamma}")
+    if int(n) < 2 or float(k) <= 0 or float(gamma) < 0 or not 0 <= float(edge) <= 224:
+        raise ValueError(f"qrise: need n >= 2, k > 0, gamma >= 0 and 0 <= edge <= 224, got n={n}, k={k}, "
+                         f"gamma={gamma}, edge={edge}")
     w = regression_maps(explainer, x, [class_index], int(n), cells, float(k), int(seed))[0]
     cam = run_method("faster:n=16:fill=kernel", explainer, x, class_index) if float(gamma) else None
-    return refine(w, cam, float(gamma))
+    return edge_refine(refine(w, cam, float(gamma)), x, float(edge))
 
 
 @register("drise", "D-RISE (detectors): n random masks weighted by their D-RISE similarity to the box", task="detect",

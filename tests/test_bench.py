@@ -240,3 +240,12 @@ def test_paired_differences_to_the_reference_and_to_the_mean_of_its_seeds(tmp_pa
     assert "+0.050 (0.050) [1]" in qrise_both  # against (0.4, 0.4): the seeds' mean per photo
     with pytest.raises(SystemExit, match="no method 'hsic'"):
         main([str(tmp_path / "a"), "--ref", "hsic"])
+    write("c", "p1", {"qrise:seed=1": (0.6, 0.1), "hsic": (0.1, 0.1)})
+    write("c", "p2", {"qrise:seed=1": (0.3, 0.1), "hsic": (0.1, 0.1)})
+    assert main([str(tmp_path / d) for d in "abc"] + ["--methods", "qrise,qrise:seed=1"]) == 0
+    out = capsys.readouterr().out
+    assert "| hsic |" not in out and "| qrise:seed=1 |" in out
+    mean2 = next(ln for ln in out.splitlines() if ln.startswith("| qrise (mean of 2 seeds) |"))
+    assert mean2.startswith("| qrise (mean of 2 seeds) | 0.450 | 0.100 | 0.350 |")  # (0.5, 0.4) per photo
+    with pytest.raises(SystemExit, match="no method 'bogus'"):
+        main([str(tmp_path / "a"), "--methods", "bogus"])
