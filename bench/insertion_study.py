@@ -214,6 +214,35 @@ def zoom_combine(s1: np.ndarray, s2: np.ndarray, region: np.ndarray) -> np.ndarr
     return minmax(np.where(region > 0, thr + (1.0 - thr) * inner + 1e-6, s1).astype(np.float32))
 
 
+def run_photos(photo_dir: str, out: str, part: tuple[int, int], maps_of) -> None:
+    """The photo loop of rounds 3 and 4: for this part's photos, ``maps_of(ex, x, c, name, held_out)`` ->
+    ``{map: saliency}`` (class ``c`` = top-1), measured (:func:`bench.study.measure_maps`) into
+    ``OUT/study-PART.json`` after each photo. PHOTO_DIR ``held-out``: ``bench.evaluation``'s photo set less
+    TUNING (``held_out`` True: RISE's stored runs cover them); a directory: its files."""
+    from runtime import Explainer, images
+    from runtime.metrics import Metrics
+
+    from .study import measure_maps
+
+    ex = Explainer(ensure_bundle("lite0", 224), device="cpu", batch_size=32)
+    meter = Metrics.of(ex)
+    held_out = photo_dir == "held-out"
+    if held_out:
+        from .evaluation import TUNING, photo_set
+
+        files = [(n, str(p)) for n, p in photo_set(None, TUNING)]
+    else:
+        files = [(os.path.basename(f), f) for f in sorted(glob.glob(os.path.join(photo_dir, "*")))]
+    results = []
+    for im, f in files[part[0]::part[1]]:
+        x = images.preprocess(images.load_image(f), ex.pre)
+        c = int(np.argmax(ex.engine.classify(x)[0]))
+        results += measure_maps(meter, x, c, maps_of(ex, x, c, im, held_out), im, STEPS)
+        print(im, flush=True)
+        with open(os.path.join(out, f"study-{part[0]}.json"), "w") as fh:
+            json.dump(results, fh)
+
+
 def round3(photo_dir: str, out: str, part: tuple[int, int], quantile: float = 0.2, cells: int = 4) -> None:
     """Round 3: a second, zoomed stage after 200 stage-1 masks (100 of 5 x 5, 100 of 6 x 6, ridge, x cam^0.5):
     120 masks on the top ``quantile`` of the stage-1 map, ``cells`` x ``cells`` cells over its bounding box,
@@ -221,33 +250,17 @@ def round3(photo_dir: str, out: str, part: tuple[int, int], quantile: float = 0.
     each (``zboth``); the region stays first, ordered inside by stage 1 x stage 2. Against qrise (``q``:
     160 + 160 masks) and RISE(4000). PHOTO_DIR ``held-out``: ``bench.evaluation``'s photo set less TUNING
     with RISE's maps from ``docs/evaluation-qrise-all/raw`` (same seed); a directory: RISE made here."""
-
-    from runtime import Explainer, images
     from runtime.methods import rise, run_method
-    from runtime.metrics import Metrics
     from runtime.qrise import design_masks, designs, work_size
     from runtime.scorecam import minmax
 
-    from .study import measure_maps
+    raw = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                       "evaluation-qrise-all", "raw")
 
-    ex = Explainer(ensure_bundle("lite0", 224), device="cpu", batch_size=32)
-    meter = Metrics.of(ex)
-    if photo_dir == "held-out":
-        from .evaluation import TUNING, photo_set
-
-        raw = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                           "evaluation-qrise-all", "raw")
-        files = [(n, str(p), os.path.join(raw, f"{n}.npz")) for n, p in photo_set(None, TUNING)]
-    else:
-        files = [(os.path.basename(f), f, None) for f in sorted(glob.glob(os.path.join(photo_dir, "*")))]
-    results = []
-    for im, f, stored in files[part[0]::part[1]]:
-        x = images.preprocess(images.load_image(f), ex.pre)
-        c = int(np.argmax(ex.engine.classify(x)[0]))
+    def maps_of(ex, x, c, im, held_out):
         size = tuple(x.shape[-2:])
         small = work_size(size)
-
-        maps = {"rise4000": (np.load(stored)["rise:n=4000"].astype(np.float32) if stored
+        maps = {"rise4000": (np.load(os.path.join(raw, f"{im}.npz"))["rise:n=4000"].astype(np.float32) if held_out
                              else rise(ex, x, c, n=4000))}
         cam = run_method("faster:n=16:fill=kernel", ex, x, c)
         pools = {}
@@ -269,10 +282,9 @@ def round3(photo_dir: str, out: str, part: tuple[int, int], quantile: float = 0.
         maps["zdel"] = zoom_combine(s1, ridge_up(ld, yd, size), region)
         maps["zboth"] = zoom_combine(s1, minmax(ridge_up(li[:60], yi[:60], size) + ridge_up(ld[:60], yd[:60], size)),
                                      region)
-        results += measure_maps(meter, x, c, maps, im, STEPS)
-        print(im, flush=True)
-        with open(os.path.join(out, f"study-{part[0]}.json"), "w") as fh:
-            json.dump(results, fh)
+        return maps
+
+    run_photos(photo_dir, out, part, maps_of)
 
 
 def round4(photo_dir: str, out: str, part: tuple[int, int]) -> None:
@@ -281,29 +293,14 @@ def round4(photo_dir: str, out: str, part: tuple[int, int]) -> None:
     eps 1e-3, min-max normalised; ``c16(c16)``: twice), alone or combined with ``q`` (``q*c``, ``q^.5*c``: the
     method's ``edge`` option, ``q+c``). PHOTO_DIR ``held-out`` as round 3 (RISE's metrics: the stored runs,
     ``python -m bench.paired``), or a directory (RISE(4000) made here)."""
-    from runtime import Explainer, images
     from runtime.methods import rise, run_method
-    from runtime.metrics import Metrics
     from runtime.qrise import guide_image, guided_filter
     from runtime.scorecam import minmax
 
-    from .study import measure_maps
-
-    ex = Explainer(ensure_bundle("lite0", 224), device="cpu", batch_size=32)
-    meter = Metrics.of(ex)
-    if photo_dir == "held-out":
-        from .evaluation import TUNING, photo_set
-
-        files = [(n, str(p), True) for n, p in photo_set(None, TUNING)]
-    else:
-        files = [(os.path.basename(f), f, False) for f in sorted(glob.glob(os.path.join(photo_dir, "*")))]
-    results = []
-    for im, f, stored in files[part[0]::part[1]]:
-        x = images.preprocess(images.load_image(f), ex.pre)
-        c = int(np.argmax(ex.engine.classify(x)[0]))
+    def maps_of(ex, x, c, im, held_out):
         q = run_method("qrise", ex, x, c)
         guide = guide_image(x)
-        maps = {} if stored else {"rise4000": rise(ex, x, c, n=4000)}
+        maps = {} if held_out else {"rise4000": rise(ex, x, c, n=4000)}
         maps["q"] = q
         for r in (16, 24):
             g = maps[f"c{r}"] = minmax(guided_filter(guide, q, r, 1e-3))
@@ -312,26 +309,32 @@ def round4(photo_dir: str, out: str, part: tuple[int, int]) -> None:
             maps[f"q+c{r}"] = minmax(q + g)
         maps["c16(c16)"] = minmax(guided_filter(guide, maps["c16"], 16, 1e-3))
         maps["c8"] = minmax(guided_filter(guide, q, 8, 1e-3))
-        results += measure_maps(meter, x, c, maps, im, STEPS)
-        print(im, flush=True)
-        with open(os.path.join(out, f"study-{part[0]}.json"), "w") as fh:
-            json.dump(results, fh)
+        return maps
+
+    run_photos(photo_dir, out, part, maps_of)
 
 
-def stored_rise(seeds: int = 1) -> dict[str, dict[str, float]]:
+def stored_rise(photos: set[str]) -> dict[str, dict[str, dict[str, float]]]:
     """RISE(4000)'s per-photo insertion / deletion / LeRF-MoRF (zero substrate) from the stored held-out runs
-    (``docs/evaluation-qrise-all``, seeds 1 and 2 in ``docs/evaluation-qrise-seeds/rise``): the mean of the
-    first ``seeds`` draws, as rows ``{photo: {"ins", "dele", "gap"}}``."""
+    (``docs/evaluation-qrise-all``, seeds 1 and 2 in ``docs/evaluation-qrise-seeds/rise``), as references
+    ``{label: {photo: {"ins", "dele", "gap"}}}``: seed 0 and the mean of the three draws; none (``{}``) when
+    the runs are missing or do not cover ``photos`` (a run that is not a held-out one)."""
     from pathlib import Path
 
     from .paired import load
 
     docs = Path(__file__).resolve().parent.parent / "docs"
-    rows = load([docs / "evaluation-qrise-all", docs / "evaluation-qrise-seeds" / "rise"], "zero")
-    names = ["rise:n=4000"] + [f"rise:n=4000:seed={s}" for s in range(1, seeds)]
+    try:
+        rows = load([docs / "evaluation-qrise-all", docs / "evaluation-qrise-seeds" / "rise"], "zero")
+    except SystemExit:  # no stored runs
+        return {}
+    names = ["rise:n=4000"] + [f"rise:n=4000:seed={s}" for s in (1, 2)]
+    if not photos <= set(rows.get(names[0], {})):
+        return {}
     keys = {"ins": "insertion_auc", "dele": "deletion_auc", "gap": "gap"}
-    return {p: {k: float(np.mean([rows[n][p][v] for n in names])) for k, v in keys.items()}
-            for p in rows[names[0]]}
+    return {f"RISE(4000), {label} (stored)": {p: {k: float(np.mean([rows[n][p][v] for n in use]))
+                                                  for k, v in keys.items()} for p in rows[names[0]]}
+            for label, use in (("seed 0", names[:1]), ("mean of 3 seeds", names))}
 
 
 def report(out: str) -> None:
@@ -349,9 +352,8 @@ def report(out: str) -> None:
     common = set.intersection(*[{r["image"] for r in rs} for rs in by.values()])
     by = {k: [r for r in rs if r["image"] in common] for k, rs in by.items()}
     print(len(common), "photos")
-    refs = ({"RISE(4000) in the run": {r["image"]: r for r in by["rise4000"]}} if "rise4000" in by else
-            {f"RISE(4000), {label} (stored)": stored_rise(n) for label, n in (("seed 0", 1), ("mean of 3 seeds", 3))}
-            if round4_held_out(common) else {})
+    refs = ({"RISE(4000) in the run": {r["image"]: r for r in by["rise4000"]}} if "rise4000" in by
+            else stored_rise(common))
     for label, base in refs.items() or [("", {})]:
         print(f"\nagainst {label}:" if label else "")
         print(f"{'map':32s} ins    del    gap    epg    ins-RISE (s.e.)  gap-RISE (s.e.)  wins")
@@ -365,14 +367,6 @@ def report(out: str) -> None:
                                                for m in ("ins", "gap"))
                 line += f"  {di:+.3f} ({si:.3f})   {dg:+.3f} ({sg:.3f})   {wins}"
             print(line)
-
-
-def round4_held_out(photos: set[str]) -> bool:
-    """Whether every photo of a run has a stored RISE(4000) row (a held-out run of round 3 or 4)."""
-    try:
-        return photos <= set(stored_rise())
-    except SystemExit:  # no stored runs
-        return False
 
 
 if __name__ == "__main__":
