@@ -1,6 +1,8 @@
-"""``python -m bench.insertion_study PHOTO_DIR OUT_DIR [--part I/N] [--round 1|2|3|4]``: cheap maps that aim at
-RISE's insertion (round 2: PHOTO_DIR ``tuning`` is ``bench.evaluation.TUNING``; rounds 3 and 4: ``held-out`` is
-the measurement's photo set less TUNING). ``--report OUT_DIR``: means, and paired differences to RISE(4000).
+"""``python -m bench.insertion_study PHOTO_DIR OUT_DIR [--part I/N] [--round 1|2|3|4|5] [--no-rise]``: cheap maps
+that aim at RISE's insertion (round 2: PHOTO_DIR ``tuning`` is ``bench.evaluation.TUNING``; rounds 3 to 5:
+``held-out`` is the measurement's photo set less TUNING). ``--report OUT_DIR``: means, and paired differences to
+RISE(4000); for round 5 also the self-check rules of :data:`R5_RULES` replayed on the recorded checks.
+``--no-rise`` (round 5, a directory): leave RISE(4000) out (its rows copied from another run of the photos).
 
 Development exploration for issue 22's first target (a mode whose insertion and LeRF-MoRF reach RISE(4000)'s at
 a tenth of its time). Per photo: the class = top-1; pools of masks are scored once and every candidate
@@ -64,7 +66,7 @@ def class_probability(ex, x: np.ndarray, masks: np.ndarray, c: int) -> np.ndarra
 
 def at_work_size(masks: np.ndarray, small: tuple[int, int]) -> np.ndarray:
     """Masks [n,H,W] area-resized to the regression's working resolution ``small`` (h, w), as
-    :func:`runtime.qrise.regression_maps` keeps them."""
+    :func:`runtime.qrise.scored_masks` keeps them."""
     import cv2
 
     return np.stack([cv2.resize(a, small[::-1], interpolation=cv2.INTER_AREA) for a in masks])
@@ -214,7 +216,7 @@ def zoom_combine(s1: np.ndarray, s2: np.ndarray, region: np.ndarray) -> np.ndarr
     return minmax(np.where(region > 0, thr + (1.0 - thr) * inner + 1e-6, s1).astype(np.float32))
 
 
-def run_photos(photo_dir: str, out: str, part: tuple[int, int], maps_of) -> None:
+def run_photos(photo_dir: str, out: str, part: tuple[int, int], maps_of, extra=None) -> None:
     """The photo loop of rounds 3 and 4: for this part's photos, ``maps_of(ex, x, c, name, held_out)`` ->
     ``{map: saliency}`` (class ``c`` = top-1), measured (:func:`bench.study.measure_maps`) into
     ``OUT/study-PART.json`` after each photo. PHOTO_DIR ``held-out``: ``bench.evaluation``'s photo set less
@@ -237,7 +239,8 @@ def run_photos(photo_dir: str, out: str, part: tuple[int, int], maps_of) -> None
     for im, f in files[part[0]::part[1]]:
         x = images.preprocess(images.load_image(f), ex.pre)
         c = int(np.argmax(ex.engine.classify(x)[0]))
-        results += measure_maps(meter, x, c, maps_of(ex, x, c, im, held_out), im, STEPS)
+        rows = measure_maps(meter, x, c, maps_of(ex, x, c, im, held_out), im, STEPS)
+        results += extra(rows) if extra else rows
         print(im, flush=True)
         with open(os.path.join(out, f"study-{part[0]}.json"), "w") as fh:
             json.dump(results, fh)
@@ -314,6 +317,78 @@ def round4(photo_dir: str, out: str, part: tuple[int, int]) -> None:
     run_photos(photo_dir, out, part, maps_of)
 
 
+#: round 5's candidate maps, all from qrise's 336 passes (see :func:`round5`)
+R5_MAPS = ("q", "w", "w*cam", "cam", "cond", "cond*cam^.5", "e", "c24", "we")
+#: round 5's check: insertion and deletion at the interior points of this many steps
+R5_STEPS = 8
+#: round 5's selection rules scored by ``--report`` (label: candidates, steps): the first is ``qrise:check=4``
+#: (:func:`runtime.qrise.check_candidates`), fixed on the held-out photos before the fresh and Scratch runs
+R5_RULES = {"check: q we c24 cond cam, 4 steps (qrise:check=4)": (("q", "we", "c24", "cond", "cam"), 4),
+            "check: q we c24 cond cam, 8 steps": (("q", "we", "c24", "cond", "cam"), 8),
+            "check: all nine, 8 steps": (R5_MAPS, 8),
+            "check: q e cond*cam^.5 (localised), 4 steps": (("q", "e", "cond*cam^.5"), 4)}
+
+
+def selected(rows: list[dict], maps: tuple[str, ...], steps: int) -> list[dict]:
+    """Round 5's self-check replayed on one photo's rows: of ``maps``, the row whose mean check probability
+    with the top pixels kept minus with them deleted, at the ``j / steps`` points (a subset of the recorded
+    ``j / R5_STEPS``), is highest (first on ties)."""
+    by = {r["map"]: r for r in rows}
+    stride = R5_STEPS // steps
+    pick = slice(stride - 1, R5_STEPS - 1, stride)
+
+    def score(m: str) -> float:
+        return float(np.mean(by[m]["pins"][pick]) - np.mean(by[m]["pdel"][pick]))
+
+    return [by[max(maps, key=score)]]
+
+
+def round5(photo_dir: str, out: str, part: tuple[int, int], with_rise: bool = True) -> None:
+    """Round 5: a self-check. Every candidate of :data:`R5_MAPS` comes from qrise's own passes (320 masks and
+    the fast CAM): ``q`` (the mode), ``w`` (the ridge map alone), ``w*cam``, ``cam``, ``cond`` (RISE's
+    conditional-mean estimator over the same masks), ``cond*cam^.5``, ``e`` (``qrise:edge=24``), ``c24``
+    (the guided filter of ``q``) and ``we`` (``w`` snapped by the edge option). For each, the full metrics
+    (50 steps) and the check: class probability with the top ``j / R5_STEPS`` pixels inserted into / deleted
+    from the zero canvas at the interior points (``pins`` / ``pdel``; the end points are the same image for
+    every map). Selection rules over these are scored by ``--report``. A directory: RISE(4000) made here."""
+    from runtime.methods import rise, run_method
+    from runtime.metrics import Metrics, pixel_ranks, step_counts
+    from runtime.qrise import conditional_map, design_masks, designs, edge_refine, guided, upsampled, work_size
+    from runtime.scorecam import minmax
+
+    checks: dict[str, tuple[list, list]] = {}
+
+    def maps_of(ex, x, c, im, held_out):
+        size = tuple(x.shape[-2:])
+        m = design_masks(designs(320, "5+6", 0), 0, 320, size, 0)
+        y = class_probability(ex, x, m, c)
+        low = at_work_size(m, work_size(size))
+        w = ridge_up(low, y, size)
+        cond = upsampled(conditional_map(low, y)[None], size)[0]
+        cam = np.clip(run_method("faster:n=16:fill=kernel", ex, x, c), 0, 1)
+        q = minmax(w * np.sqrt(cam))
+        maps = {"rise4000": rise(ex, x, c, n=4000)} if with_rise and not held_out else {}
+        maps.update({"q": q, "w": w, "w*cam": minmax(w * cam), "cam": minmax(cam), "cond": cond,
+                     "cond*cam^.5": minmax(cond * np.sqrt(cam)), "e": edge_refine(q, x, 24.0),
+                     "c24": guided(q, x, 24.0), "we": edge_refine(w, x, 24.0)})
+        meter = Metrics.of(ex)
+        counts = step_counts(size[0] * size[1], R5_STEPS)[1:-1]
+        zero = np.zeros_like(x)
+        for k in R5_MAPS:
+            ranks = pixel_ranks(maps[k], True)
+            checks[k] = (meter.insertion_curve(x, ranks, c, counts, zero).tolist(),
+                         meter.deletion_curve(x, ranks, c, counts, zero).tolist())
+        return maps
+
+    def extra(rows):
+        for r in rows:
+            if r["map"] in checks:
+                r["pins"], r["pdel"] = checks[r["map"]]
+        return rows
+
+    run_photos(photo_dir, out, part, maps_of, extra)
+
+
 def stored_rise(photos: set[str]) -> dict[str, dict[str, dict[str, float]]]:
     """RISE(4000)'s per-photo insertion / deletion / LeRF-MoRF (zero substrate) from the stored held-out runs
     (``docs/evaluation-qrise-all``, seeds 1 and 2 in ``docs/evaluation-qrise-seeds/rise``), as references
@@ -351,15 +426,22 @@ def report(out: str) -> None:
             by.setdefault(r["map"], []).append(r)
     common = set.intersection(*[{r["image"] for r in rs} for rs in by.values()])
     by = {k: [r for r in rs if r["image"] in common] for k, rs in by.items()}
+    if all(m in by and "pins" in by[m][0] for m in R5_MAPS):  # round 5: the self-check's choices
+        per = {}
+        for m in R5_MAPS:
+            for r in by[m]:
+                per.setdefault(r["image"], []).append(r)
+        for label, (maps, steps) in R5_RULES.items():
+            by[label] = [selected(per[im], maps, steps)[0] for im in sorted(per)]
     print(len(common), "photos")
     refs = ({"RISE(4000) in the run": {r["image"]: r for r in by["rise4000"]}} if "rise4000" in by
             else stored_rise(common))
     for label, base in refs.items() or [("", {})]:
         print(f"\nagainst {label}:" if label else "")
-        print(f"{'map':32s} ins    del    gap    epg    ins-RISE (s.e.)  gap-RISE (s.e.)  wins")
+        print(f"{'map':50s} ins    del    gap    epg    ins-RISE (s.e.)  gap-RISE (s.e.)  wins")
         for k, rs in sorted(by.items(), key=lambda kv: -np.mean([r["ins"] for r in kv[1]])):
             e = [r["epg"] for r in rs if r.get("epg") is not None]
-            line = (f"{k:32s} {np.mean([r['ins'] for r in rs]):.3f}  {np.mean([r['dele'] for r in rs]):.3f}  "
+            line = (f"{k:50s} {np.mean([r['ins'] for r in rs]):.3f}  {np.mean([r['dele'] for r in rs]):.3f}  "
                     f"{np.mean([r['gap'] for r in rs]):.3f}  {np.mean(e) if e else float('nan'):.3f}")
             if base:
                 (di, si, wins), (dg, sg, _) = (paired(np.array([r[m] for r in rs]),
@@ -377,4 +459,7 @@ if __name__ == "__main__":
         which = args[args.index("--round") + 1] if "--round" in args else "1"
         part = args[args.index("--part") + 1] if "--part" in args else "0/1"
         a, b = part.split("/")
-        {"1": main, "2": round2, "3": round3, "4": round4}[which](args[0], args[1], (int(a), int(b)))
+        if which == "5":
+            round5(args[0], args[1], (int(a), int(b)), "--no-rise" not in args)
+        else:
+            {"1": main, "2": round2, "3": round3, "4": round4}[which](args[0], args[1], (int(a), int(b)))

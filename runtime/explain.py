@@ -59,6 +59,7 @@ examples:
   python -m runtime.explain efficientnet_lite0 photo.jpg --max-channels 64   # fast (~8x): cover + kernel fill
   python -m runtime.explain efficientnet_lite0 photo.jpg --layers 3 --max-channels 16   # a finer map, fast
   python -m runtime.explain efficientnet_lite0 photo.jpg --mode qrise   # finer, higher insertion, ~1/2 exact's time
+  python -m runtime.explain efficientnet_lite0 photo.jpg --mode qrise-check   # the most faithful: + a self-check
   python -m runtime.explain yolov8n.onnx photo.jpg --top-k 3          (a detector: one map per box)
   python -m runtime.explain yolov8n.onnx photo.jpg --box 50 40 300 250 --target dog
 
@@ -112,7 +113,9 @@ def add_mode_arguments(p: argparse.ArgumentParser, note: str = "", cap: str = ""
                    help="scorecam (default); qrise: quasi-random RISE refined by the fast Score-CAM, 320 smooth "
                         "input masks ridge-regressed + --max-channels (default 16) channels, a finer map that "
                         "scores higher on insertion than exact Score-CAM at about half its time (fp32, one "
-                        "layer, zero baseline; docs/evaluation.md); or preview: one classifier pass plus numpy, "
+                        "layer, zero baseline; docs/evaluation.md); qrise-check: qrise, then of five maps made "
+                        "from its passes the one whose top pixels the model needs most (30 passes more; the most "
+                        "faithful mode, less localised); or preview: one classifier pass plus numpy, "
                         "each channel's mask applied to the features and scored in closed form (needs a "
                         "global-pooling -> linear head). A rough sketch, not safe for live use: on photos unlike "
                         "the samples its map can be unrelated to Score-CAM's (r 0.01 on retina.jpg); interactive "

@@ -55,7 +55,9 @@ from .selection import (
 from .stages import Stage, as_maps, find_stages, parse_layers
 from .thirdparty import open_model
 
-MODES = ("scorecam", "preview", "qrise")
+MODES = ("scorecam", "preview", "qrise", "qrise-check")
+#: the modes made by :meth:`Explainer._explain_qrise` (``qrise-check``: with the self-check)
+QRISE_MODES = ("qrise", "qrise-check")
 #: the Score-CAM factor's channel cap in mode qrise when ``max_channels`` is not given
 QRISE_CHANNELS = 16
 #: the linear head of each classifier opened in this process (by graph hashes and tensor names): read once
@@ -92,14 +94,14 @@ def check_layer_options(layers, mode: str, fill: str, fusion: str, baseline: str
                          "use fill 'kernel' with layers")
     if baseline == "blur" and mode == "preview":
         raise ValueError("mode 'preview' masks the features, not the image: a baseline does not apply")
-    if layers and mode == "qrise":
-        raise ValueError("mode 'qrise' refines its regression map with the target layer's fast Score-CAM and has "
+    if layers and mode in QRISE_MODES:
+        raise ValueError(f"mode {mode!r} refines its regression map with the target layer's fast Score-CAM and has "
                          "no multi-layer form; use layers with mode 'scorecam'")
-    if baseline == "blur" and mode == "qrise":
-        raise ValueError("mode 'qrise' masks the image towards zero (the metric it is measured on); a baseline "
+    if baseline == "blur" and mode in QRISE_MODES:
+        raise ValueError(f"mode {mode!r} masks the image towards zero (the metric it is measured on); a baseline "
                          "applies to mode 'scorecam'")
-    if mode == "qrise" and precision != "fp32":
-        raise ValueError("mode 'qrise' scores its masks with the fp32 classifier; use precision 'fp32'")
+    if mode in QRISE_MODES and precision != "fp32":
+        raise ValueError(f"mode {mode!r} scores its masks with the fp32 classifier; use precision 'fp32'")
 
 
 @dataclass
@@ -470,7 +472,7 @@ class Explainer:
     def _explain_tensor(self, x: np.ndarray, targets, top_k: int, progress: Progress | None) -> list[Result]:
         """:meth:`explain_tensor` (which sets ``seconds``)."""
         x = self._check_tensor(x)
-        if self.mode == "qrise":
+        if self.mode in QRISE_MODES:
             return self._explain_qrise(x, targets, top_k, progress)
         if self.stages:
             logits, acts, extra = self.engine.classify_and_layers(x, [st.name for st in self.stages])
@@ -507,22 +509,42 @@ class Explainer:
         return out
 
     def _explain_qrise(self, x: np.ndarray, targets, top_k: int, progress: Progress | None) -> list[Result]:
-        """Mode ``qrise``: :func:`runtime.qrise.regression_maps` for every class from one set of passes, each
-        times the fast Score-CAM's map (``max_channels``, default :data:`QRISE_CHANNELS`) ^ 0.5."""
+        """Modes ``qrise`` and ``qrise-check``: one set of :data:`runtime.qrise.QRISE_MASKS` passes for every
+        class (:func:`runtime.qrise.scored_masks`), ridge-regressed per class, times the fast Score-CAM's map
+        (``max_channels``, default :data:`QRISE_CHANNELS`) ^ 0.5; ``qrise-check`` then takes, per class, the map
+        pixel order of the map of :func:`runtime.qrise.check_candidates` that :func:`runtime.qrise.self_check`
+        ranks first (:data:`runtime.qrise.CHECK` steps) with the qrise map's values
+        (:func:`runtime.qrise.transfer_values`)."""
         from .methods import _variant
-        from .qrise import QRISE_MASKS, refine, regression_maps
+        from .qrise import (
+            CHECK,
+            QRISE_MASKS,
+            check_candidates,
+            conditional_map,
+            refine,
+            ridge_map,
+            scored_masks,
+            self_check,
+            transfer_values,
+            upsampled,
+        )
 
         cap = self.max_channels or QRISE_CHANNELS
         steps = _Steps(progress, cap + QRISE_MASKS) if progress else None
         fast = _variant(self, max_channels=cap, select=self.select, mode="scorecam", fill=self.fill_asked)
         cams = fast._explain_tensor(x, targets, top_k, steps.at(cap) if steps else None)  # resolves the classes
         classes = [r.class_index for r in cams]
-        regression = regression_maps(self, x, classes, progress=steps.at(QRISE_MASKS) if steps else None)
+        size = tuple(x.shape[-2:])
+        low, y = scored_masks(self, x, classes, progress=steps.at(QRISE_MASKS) if steps else None)
+        for j, (w, r) in enumerate(zip(upsampled(ridge_map(low, y, 10.0), size), cams, strict=True)):
+            cam, r.saliency = r.saliency, refine(w, r.saliency, 0.5)
+            r.mode, r.passes = self.mode, r.passes + QRISE_MASKS
+            if self.mode == "qrise-check":
+                maps = check_candidates(r.saliency, w, cam, upsampled(conditional_map(low, y[:, j])[None], size)[0], x)
+                r.saliency = transfer_values(maps[self_check(self, x, r.class_index, maps, CHECK)[0]], r.saliency)
+                r.passes += len(maps) * 2 * (CHECK - 1)
         if progress:
             progress(QRISE_MASKS + cap, QRISE_MASKS + cap)
-        for w, r in zip(regression, cams, strict=True):
-            r.saliency = refine(w, r.saliency, 0.5)
-            r.mode, r.passes = "qrise", r.passes + QRISE_MASKS
         return cams
 
     def _plan(self, acts: np.ndarray, classes: list[int], head: LinearHead | None, finer: bool = False) -> _Plan:

@@ -30,7 +30,12 @@ them. A method is named on the command line as ``name[:key=value]...``, e.g. ``s
                  scrambled Sobol' designs, the class probability ridge-regressed on the masks (``k`` = 10),
                  times the fast Score-CAM map (16 channels, kernel fill) to the power ``gamma`` = 0.5;
                  ``edge`` = r > 0 (0, off, by default; e.g. 24): snapped to the photo's edges by a guided
-                 filter of radius r pixels per 224 (more insertion, worse deletion: docs/evaluation.md)
+                 filter of radius r pixels per 224 (more insertion, worse deletion: docs/evaluation.md);
+                 ``check`` = s > 1 (0, off, by default; e.g. 4): a self-check picks, of five maps made from
+                 these passes (this map, the regression map snapped to edges, this map guided-filtered,
+                 RISE's estimator over the same masks, the fast CAM), the one with the highest mean
+                 p_c(top j/s pixels kept) - mean p_c(top j/s pixels zeroed), j = 1..s-1: 10 (s-1) passes;
+                 the result has the chosen map's pixel order and this map's values
 ``hsic``         HSIC attribution (Novello et al. 2022): ``n`` binary ``cells`` x ``cells`` masks from a
                  scrambled Sobol' sequence (cell on where the point's coordinate >= 1/2), the input masked
                  (``x * M_i``, nearest-upsampled); map[cell] = HSIC(cell on/off, class score) with the
@@ -511,23 +516,45 @@ def rise(explainer, x, class_index, n=2000, cells=8, p=0.5, seed=0):
 
 @register("qrise", "quasi-random RISE: n smooth masks from Sobol' designs of cells (5+6: half 5 x 5, half 6 x 6), "
           "the class probability ridge-regressed on them (k), times the fast Score-CAM (16 channels, kernel fill) "
-          "^ gamma; edge > 0: snapped to the photo's edges by a guided filter of radius edge per 224 pixels",
-          n=320, cells="5+6", k=10.0, gamma=0.5, seed=0, edge=0.0)
-def qrise(explainer, x, class_index, n=320, cells="5+6", k=10.0, gamma=0.5, seed=0, edge=0.0):
+          "^ gamma; edge > 0: snapped to the photo's edges by a guided filter of radius edge per 224 pixels; "
+          "check = s > 0: of five maps from these passes, the one whose top pixels the model needs most (insertion "
+          "minus deletion at s - 1 points, 10 (s - 1) passes)",
+          n=320, cells="5+6", k=10.0, gamma=0.5, seed=0, edge=0.0, check=0)
+def qrise(explainer, x, class_index, n=320, cells="5+6", k=10.0, gamma=0.5, seed=0, edge=0.0, check=0):
     """:mod:`runtime.qrise`: ``minmax(ridge(p_c(x * M_i) ~ M_i)) * cam16^gamma`` (then :func:`edge_refine` with
-    ``edge`` > 0), ``n`` passes + the fast Score-CAM's."""
-    from .qrise import edge_refine, parse_cells, refine, regression_maps
+    ``edge`` > 0), ``n`` passes + the fast Score-CAM's; ``check`` > 1: :func:`runtime.qrise.self_check` over
+    :func:`runtime.qrise.check_candidates` at ``check`` steps (``10 (check - 1)`` passes more) picks the
+    order of the pixels, the map keeps its own values (:func:`runtime.qrise.transfer_values`)."""
+    from .qrise import (
+        check_candidates,
+        conditional_map,
+        edge_refine,
+        parse_cells,
+        refine,
+        ridge_map,
+        scored_masks,
+        self_check,
+        transfer_values,
+        upsampled,
+    )
 
     try:
         parse_cells(cells)
     except ValueError as e:
         raise ValueError(f"qrise: {e}") from None
-    if int(n) < 2 or float(k) <= 0 or float(gamma) < 0 or not 0 <= float(edge) <= 224:
-        raise ValueError(f"qrise: need n >= 2, k > 0, gamma >= 0 and 0 <= edge <= 224, got n={n}, k={k}, "
-                         f"gamma={gamma}, edge={edge}")
-    w = regression_maps(explainer, x, [class_index], int(n), cells, float(k), int(seed))[0]
-    cam = run_method("faster:n=16:fill=kernel", explainer, x, class_index) if float(gamma) else None
-    return edge_refine(refine(w, cam, float(gamma)), x, float(edge))
+    if (int(n) < 2 or float(k) <= 0 or float(gamma) < 0 or not 0 <= float(edge) <= 224
+            or int(check) not in (0, *range(2, 65))):
+        raise ValueError(f"qrise: need n >= 2, k > 0, gamma >= 0, 0 <= edge <= 224 and check 0 or 2..64, got n={n}, "
+                         f"k={k}, gamma={gamma}, edge={edge}, check={check}")
+    size = tuple(np.shape(x)[-2:])
+    low, y = scored_masks(explainer, x, [class_index], int(n), cells, int(seed))
+    w = upsampled(ridge_map(low, y, float(k)), size)[0]
+    cam = run_method("faster:n=16:fill=kernel", explainer, x, class_index) if float(gamma) or int(check) else None
+    q = edge_refine(refine(w, cam, float(gamma)), x, float(edge))
+    if not int(check):
+        return q
+    maps = check_candidates(q, w, cam, upsampled(conditional_map(low, y[:, 0])[None], size)[0], x)
+    return transfer_values(maps[self_check(explainer, x, class_index, maps, int(check))[0]], q)
 
 
 @register("drise", "D-RISE (detectors): n random masks weighted by their D-RISE similarity to the box", task="detect",

@@ -10,6 +10,8 @@ import pytest
 
 from runtime.methods import parse_method
 from runtime.qrise import (
+    check_inputs,
+    conditional_map,
     designs,
     edge_refine,
     guide_image,
@@ -138,6 +140,72 @@ def test_edge_refine_radius_scales_and_zero_is_off():
     assert np.isfinite(const).all() and const.max() == 1
 
 
+def test_check_inputs_keep_then_zero_the_top_pixels():
+    """Row j of the insertion half keeps the top j/s pixels of the map (ties in raster order, as the
+    metrics rank them) on a zero canvas; the deletion half is the image less those pixels."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 3, 6, 8)).astype(np.float32)
+    sal = rng.random((6, 8)).astype(np.float32)
+    sal[0, :4] = 1.0  # a tie: the first pixels in raster order go first
+    b = check_inputs(x, sal, 4)
+    assert b.shape == (6, 3, 6, 8)
+    order = np.argsort(-sal.ravel(), kind="stable")
+    for j in range(3):
+        kept = np.zeros(48, bool)
+        kept[order[:12 * (j + 1)]] = True
+        np.testing.assert_array_equal(b[j], x[0] * kept.reshape(6, 8))
+        np.testing.assert_allclose(b[j] + b[3 + j], x[0], atol=1e-6)
+
+
+def test_transfer_values_keeps_the_order_and_takes_the_values():
+    """The metrics' pixel order (ties in raster order) is ``order``'s even where ``values`` is flat (its
+    zeros); the values are ``values``' own, sorted onto that order."""
+    from runtime.metrics import pixel_ranks
+    from runtime.qrise import transfer_values
+
+    rng = np.random.default_rng(3)
+    order = np.round(rng.random((12, 10)), 1).astype(np.float32)  # many ties
+    values = np.where(rng.random((12, 10)) < 0.4, 0.0, rng.random((12, 10))).astype(np.float32)
+    values[0, 0] = 1.0
+    out = transfer_values(order, values)
+    assert out.dtype == np.float32 and out.min() == 0 and out.max() == 1
+    np.testing.assert_array_equal(pixel_ranks(out), pixel_ranks(order))
+    np.testing.assert_allclose(np.sort(out.ravel()), np.sort(values.ravel()), atol=2e-6)
+
+
+def test_conditional_map_finds_the_cells_that_raise_the_score():
+    rng = np.random.default_rng(2)
+    masks = (rng.random((400, 6, 6)) < 0.5).astype(np.float32)
+    y = 0.2 * masks[:, 1, 4] + 0.1 * masks[:, 3, 3] + rng.normal(0, 0.01, 400)
+    c = conditional_map(masks, y)
+    assert c.shape == (6, 6) and np.isfinite(c).all()
+    assert abs(c[1, 4] - 0.2) < 0.03 and abs(c[3, 3] - 0.1) < 0.03
+    rest = np.delete(c.ravel(), [1 * 6 + 4, 3 * 6 + 3])
+    assert np.abs(rest).max() < 0.05
+
+
+def test_self_check_prefers_the_object_to_its_complement(toy_bundle, toy_data):
+    """The toy model's evidence is its object: of the box, the box's complement and a constant map, the
+    self-check ranks the box first on every image; the method with the option gives a bounded map."""
+    from runtime import Explainer, images
+    from runtime.methods import run_method
+    from runtime.metrics import box_mask
+    from runtime.qrise import self_check
+
+    ex = Explainer(toy_bundle, device="cpu")
+    ims, _, boxes = toy_data
+    for i in range(4):
+        x = images.preprocess(ims[i], ex.pre)
+        c = int(np.argmax(ex.engine.classify(x)[0]))
+        box = box_mask(x.shape[-2:], [boxes[i]], ims[i].shape[:2]).astype(np.float32)
+        name, scores = self_check(ex, x, c, {"flat": np.zeros_like(box), "outside": 1 - box, "box": box})
+        assert name == "box" and scores["box"] > scores["outside"] + 0.2, scores
+    with pytest.raises(ValueError, match="steps >= 2"):
+        self_check(ex, x, c, {"box": box}, steps=1)
+    sal = run_method("qrise:n=40:check=3", ex, x, c)
+    assert sal.shape == x.shape[-2:] and np.isfinite(sal).all() and sal.min() == 0 and sal.max() == 1
+
+
 def test_bad_parameters_are_refused():
     method, params = parse_method("qrise:n=8:cells=4")
     assert params["n"] == 8 and params["cells"] == 4
@@ -147,6 +215,8 @@ def test_bad_parameters_are_refused():
         method.fn(None, np.zeros((1, 3, 8, 8), np.float32), 0, cells=9)
     with pytest.raises(ValueError, match="edge"):
         method.fn(None, np.zeros((1, 3, 8, 8), np.float32), 0, edge=-1)
+    with pytest.raises(ValueError, match="check"):
+        method.fn(None, np.zeros((1, 3, 8, 8), np.float32), 0, check=1)
 
 
 def test_qrise_runs_on_a_bundle_bounded_and_deterministic(tmp_path):
@@ -188,18 +258,37 @@ def test_mode_qrise_is_the_method_for_every_class_from_one_set_of_passes(tmp_pat
     assert seen[-1][0] == seen[-1][1] and all(b >= a for (a, _), (b, _) in zip(seen, seen[1:], strict=False))
 
 
+def test_mode_qrise_check_is_the_method_with_the_check_for_every_class(tmp_path):
+    from bundles import make_bundle
+
+    from runtime import Explainer
+    from runtime.methods import run_method
+    from runtime.qrise import CHECK, QRISE_MASKS
+
+    bundle = make_bundle(tmp_path / "b", size=32, channels=16)
+    x = np.random.default_rng(5).normal(size=(1, 3, 32, 32)).astype(np.float32)
+    ex = Explainer(bundle, device="cpu", mode="qrise-check")
+    results = ex.explain_tensor(x, targets=[0, 2])
+    fast = Explainer(bundle, device="cpu", max_channels=16).explain_tensor(x, targets=[0, 2])
+    for r, f in zip(results, fast, strict=True):
+        np.testing.assert_allclose(r.saliency, run_method(f"qrise:check={CHECK}", ex, x, r.class_index), atol=1e-5)
+        assert (r.mode, r.passes) == ("qrise-check", QRISE_MASKS + f.passes + 5 * 2 * (CHECK - 1))
+        assert np.isfinite(r.saliency).all() and r.saliency.min() == 0 and r.saliency.max() == 1
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"layers": 2}, "no multi-layer form"),
     ({"baseline": "blur"}, "a baseline applies to mode 'scorecam'"),
     ({"precision": "int8"}, "use precision 'fp32'"),
 ])
-def test_mode_qrise_refuses_what_does_not_apply(tmp_path, kwargs, message):
+@pytest.mark.parametrize("mode", ["qrise", "qrise-check"])
+def test_mode_qrise_refuses_what_does_not_apply(tmp_path, kwargs, message, mode):
     from bundles import make_bundle
 
     from runtime import Explainer
 
     with pytest.raises(ValueError, match=message):
-        Explainer(make_bundle(tmp_path / "b", size=32, channels=16), device="cpu", mode="qrise", **kwargs)
+        Explainer(make_bundle(tmp_path / "b", size=32, channels=16), device="cpu", mode=mode, **kwargs)
 
 
 def test_qrise_points_at_the_toy_objects_and_beats_the_baselines(toy_bundle, toy_data):

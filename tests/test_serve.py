@@ -139,7 +139,8 @@ def test_select_mode_and_fill_pass_through_to_the_explainer(server, models):
                        ({"max_channels": 5, "fill": "zero"}, {"max_channels": 5, "fill": "zero"}),
                        ({"max_channels": 5, "select": "relevance", "fill": "preview"},
                         {"max_channels": 5, "select": "relevance", "fill": "preview"}),
-                       ({"mode": "preview"}, {"mode": "preview"}), ({"mode": "qrise"}, {"mode": "qrise"})):
+                       ({"mode": "preview"}, {"mode": "preview"}), ({"mode": "qrise"}, {"mode": "qrise"}),
+                       ({"mode": "qrise-check"}, {"mode": "qrise-check"})):
         r = explain_json(server, parameters=params)
         assert r.status_code == 200, r.text
         got = r.json()["explanations"][0]["results"]
