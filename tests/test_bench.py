@@ -249,3 +249,19 @@ def test_paired_differences_to_the_reference_and_to_the_mean_of_its_seeds(tmp_pa
     assert mean2.startswith("| qrise (mean of 2 seeds) | 0.450 | 0.100 | 0.350 |")  # (0.5, 0.4) per photo
     with pytest.raises(SystemExit, match="no method 'bogus'"):
         main([str(tmp_path / "a"), "--methods", "bogus"])
+
+
+def test_round5_replays_the_self_check_on_recorded_probabilities():
+    """bench.insertion_study's round-5 rules choose, per photo, the candidate with the highest mean check
+    probability kept minus deleted at the rule's points (j/4 = the recorded j/8 at j = 2, 4, 6)."""
+    from bench.insertion_study import R5_STEPS, selected
+
+    assert R5_STEPS == 8
+    flat = [0.5] * 7
+    rows = [{"map": "a", "pins": flat, "pdel": flat},
+            {"map": "b", "pins": [0.0, 0.9, 0.0, 0.9, 0.0, 0.9, 0.0], "pdel": flat},  # wins at j/4 only
+            {"map": "c", "pins": [0.9, 0.6, 0.9, 0.6, 0.9, 0.6, 0.9], "pdel": flat}]  # wins at j/8
+    assert selected(rows, ("a", "b", "c"), 4)[0]["map"] == "b"
+    assert selected(rows, ("a", "b", "c"), 8)[0]["map"] == "c"
+    assert selected(rows, ("a", "c"), 4)[0]["map"] == "c"
+    assert selected(rows, ("a",), 2)[0]["map"] == "a"
