@@ -511,23 +511,10 @@ class Explainer:
     def _explain_qrise(self, x: np.ndarray, targets, top_k: int, progress: Progress | None) -> list[Result]:
         """Modes ``qrise`` and ``qrise-check``: one set of :data:`runtime.qrise.QRISE_MASKS` passes for every
         class (:func:`runtime.qrise.scored_masks`), ridge-regressed per class, times the fast Score-CAM's map
-        (``max_channels``, default :data:`QRISE_CHANNELS`) ^ 0.5; ``qrise-check`` then takes, per class, the map
-        pixel order of the map of :func:`runtime.qrise.check_candidates` that :func:`runtime.qrise.self_check`
-        ranks first (:data:`runtime.qrise.CHECK` steps) with the qrise map's values
-        (:func:`runtime.qrise.transfer_values`)."""
+        (``max_channels``, default :data:`QRISE_CHANNELS`) ^ 0.5; ``qrise-check`` then runs the self-check
+        per class (:func:`runtime.qrise.checked`, :data:`runtime.qrise.CHECK` steps)."""
         from .methods import _variant
-        from .qrise import (
-            CHECK,
-            QRISE_MASKS,
-            check_candidates,
-            conditional_map,
-            refine,
-            ridge_map,
-            scored_masks,
-            self_check,
-            transfer_values,
-            upsampled,
-        )
+        from .qrise import QRISE_MASKS, checked, refine, ridge_map, scored_masks, upsampled
 
         cap = self.max_channels or QRISE_CHANNELS
         steps = _Steps(progress, cap + QRISE_MASKS) if progress else None
@@ -540,9 +527,8 @@ class Explainer:
             cam, r.saliency = r.saliency, refine(w, r.saliency, 0.5)
             r.mode, r.passes = self.mode, r.passes + QRISE_MASKS
             if self.mode == "qrise-check":
-                maps = check_candidates(r.saliency, w, cam, upsampled(conditional_map(low, y[:, j])[None], size)[0], x)
-                r.saliency = transfer_values(maps[self_check(self, x, r.class_index, maps, CHECK)[0]], r.saliency)
-                r.passes += len(maps) * 2 * (CHECK - 1)
+                r.saliency, passes = checked(self, x, r.class_index, r.saliency, w, cam, low, y[:, j])
+                r.passes += passes
         if progress:
             progress(QRISE_MASKS + cap, QRISE_MASKS + cap)
         return cams

@@ -525,18 +525,7 @@ def qrise(explainer, x, class_index, n=320, cells="5+6", k=10.0, gamma=0.5, seed
     ``edge`` > 0), ``n`` passes + the fast Score-CAM's; ``check`` > 1: :func:`runtime.qrise.self_check` over
     :func:`runtime.qrise.check_candidates` at ``check`` steps (``10 (check - 1)`` passes more) picks the
     order of the pixels, the map keeps its own values (:func:`runtime.qrise.transfer_values`)."""
-    from .qrise import (
-        check_candidates,
-        conditional_map,
-        edge_refine,
-        parse_cells,
-        refine,
-        ridge_map,
-        scored_masks,
-        self_check,
-        transfer_values,
-        upsampled,
-    )
+    from .qrise import checked, edge_refine, parse_cells, refine, ridge_map, scored_masks, upsampled
 
     try:
         parse_cells(cells)
@@ -553,8 +542,7 @@ def qrise(explainer, x, class_index, n=320, cells="5+6", k=10.0, gamma=0.5, seed
     q = edge_refine(refine(w, cam, float(gamma)), x, float(edge))
     if not int(check):
         return q
-    maps = check_candidates(q, w, cam, upsampled(conditional_map(low, y[:, 0])[None], size)[0], x)
-    return transfer_values(maps[self_check(explainer, x, class_index, maps, int(check))[0]], q)
+    return checked(explainer, x, class_index, q, w, cam, low, y[:, 0], int(check))[0]
 
 
 @register("drise", "D-RISE (detectors): n random masks weighted by their D-RISE similarity to the box", task="detect",

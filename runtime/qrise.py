@@ -276,6 +276,18 @@ def transfer_values(order: np.ndarray, values: np.ndarray) -> np.ndarray:
     return minmax(v[ranks].astype(np.float32))
 
 
+def checked(explainer, x: np.ndarray, class_index: int, q: np.ndarray, w: np.ndarray, cam: np.ndarray,
+            masks: np.ndarray, y: np.ndarray, steps: int = CHECK) -> tuple[np.ndarray, int]:
+    """qrise's self-check for one class: :func:`check_candidates` from its map ``q``, ridge map ``w``, fast CAM
+    ``cam`` and RISE's estimator over its working-resolution ``masks`` and that class's scores ``y`` [n];
+    :func:`self_check` at ``steps``; the winner's pixel order with ``q``'s values (:func:`transfer_values`).
+    -> (the map [H,W], the passes the check took)."""
+    cond = upsampled(conditional_map(masks, y)[None], tuple(np.shape(x)[-2:]))[0]
+    maps = check_candidates(q, w, cam, cond, x)
+    best = self_check(explainer, x, class_index, maps, steps)[0]
+    return transfer_values(maps[best], q), len(maps) * 2 * (int(steps) - 1)
+
+
 def check_inputs(x: np.ndarray, sal: np.ndarray, steps: int = CHECK) -> np.ndarray:
     """The self-check's inputs for one map [2 (steps - 1), C, H, W]: ``x`` with only its top ``j / steps``
     pixels (ranked by ``sal`` as :func:`runtime.metrics.pixel_ranks`: ties in raster order) kept, the rest 0,
@@ -326,6 +338,6 @@ def refine(w: np.ndarray, cam: np.ndarray, gamma: float) -> np.ndarray:
 
 
 __all__ = ["CHECK", "DEFAULT_CELLS", "EDGE", "EDGE_EPS", "MAX_CELLS", "QRISE_MASKS", "WORK", "check_candidates",
-           "check_inputs", "conditional_map", "design_masks", "designs", "edge_refine", "guide_image", "guided",
-           "guided_filter", "parse_cells", "refine", "ridge_map", "scored_masks", "self_check",
+           "check_inputs", "checked", "conditional_map", "design_masks", "designs", "edge_refine", "guide_image",
+           "guided", "guided_filter", "parse_cells", "refine", "ridge_map", "scored_masks", "self_check",
            "smooth_masks", "transfer_values", "upsampled", "work_size"]

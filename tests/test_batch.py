@@ -169,18 +169,13 @@ def test_select_mode_and_passes_are_recorded_and_maps_match(bundle, tmp_path, ca
     want = Explainer(bundle, device="cpu", mode="preview").explain(imgs[0])[0]
     assert (row["mode"], row["passes"]) == ("preview", 0)
     np.testing.assert_allclose(np.load(out2 / row["map"]), want.saliency, atol=1e-6, rtol=0)
-    out3 = tmp_path / "qrise"
-    assert main([str(bundle), str(imgs[0]), "--out", str(out3), "--workers", "1", "--mode", "qrise"]) == 0
-    (row,) = _rows(out3)
-    want = Explainer(bundle, device="cpu", mode="qrise").explain(imgs[0])[0]
-    assert (row["mode"], row["passes"]) == ("qrise", want.passes)
-    np.testing.assert_allclose(np.load(out3 / row["map"]), want.saliency, atol=1e-5, rtol=0)
-    out4 = tmp_path / "qrise-check"
-    assert main([str(bundle), str(imgs[0]), "--out", str(out4), "--workers", "1", "--mode", "qrise-check"]) == 0
-    (row,) = _rows(out4)
-    want = Explainer(bundle, device="cpu", mode="qrise-check").explain(imgs[0])[0]
-    assert (row["mode"], row["passes"]) == ("qrise-check", want.passes)
-    np.testing.assert_allclose(np.load(out4 / row["map"]), want.saliency, atol=1e-5, rtol=0)
+    for mode in ("qrise", "qrise-check"):
+        out3 = tmp_path / mode
+        assert main([str(bundle), str(imgs[0]), "--out", str(out3), "--workers", "1", "--mode", mode]) == 0
+        (row,) = _rows(out3)
+        want = Explainer(bundle, device="cpu", mode=mode).explain(imgs[0])[0]
+        assert (row["mode"], row["passes"]) == (mode, want.passes)
+        np.testing.assert_allclose(np.load(out3 / row["map"]), want.saliency, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("argv, message", [
